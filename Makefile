@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (the end-to-end DeViT demo)  and  `make test`.
+# Both create .venv/ when missing, install requirements.txt and Debian's Fashion-MNIST when its files are absent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo demo-quick test bench setup data clean
+
+setup: $(STAMP) $(FMNIST)
+
+$(STAMP): requirements.txt
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	PYTHON=$(PY) bash demo.sh
+
+demo-quick: setup
+	PYTHON=$(PY) bash demo.sh --quick
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf output

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# DeViT end to end on the embedded Fashion-MNIST (Debian's dataset-fashion-mnist), from nothing:
+#   0. train a small teacher from scratch on all 60k training images (no pretrained weights offline);
+#   1. split the classes into 4 disjoint divisions and fine-tune a sub-teacher per division  (train_subdata.py);
+#   2. distil a smaller student per division: hard KD + q/k/v relations, gama 0.2 0.1 0.3   (distill_sub.py);
+#   3. train the ensemble head (and backbones) against the full teacher                      (ensemble.py);
+#   4. baseline: one student of the same size, KD on all classes for as many epochs as stages 2+3;
+#   then evaluate everything on the 10,000 test images and write OUT/results.json.
+# Every stage runs through `python -m torch.distributed.launch ... --use_env`, as the seed's commands do.
+#
+#   bash demo.sh            full demo (about 15 minutes on 2 CPU cores)
+#   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
+# Environment: PYTHON (default python3), OUT (default output/demo), NPROC (processes per stage, default 1),
+# PORT (default 29531), DATA (default /usr/share/datasets/fashion-mnist).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $arg (use --quick)" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-output/demo}
+NPROC=${NPROC:-1}
+PORT=${PORT:-29531}
+DATA=${DATA:-/usr/share/datasets/fashion-mnist}
+N=4
+
+if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+  echo "error: Fashion-MNIST not found in $DATA (install it: sudo apt-get install dataset-fashion-mnist)" >&2
+  exit 2
+fi
+
+# Model shapes: the teacher is timm's DeiT (distilled) and the students are `dedeit`, sized for 28x28 images
+# (patch 4: 49 patches + cls + dist tokens; teacher and students share the token count for the relation loss).
+TEACHER=deit_tiny_distilled_patch16_224
+TEACHER_KW=(img_size=28 patch_size=4 in_chans=1 embed_dim=192 depth=6 num_heads=3 mlp_ratio=2)
+STUDENT=dedeit
+STUDENT_KW=(img_size=28 patch_size=4 in_chans=1 embed_dim=96 depth=3 num_heads=3 mlp_ratio=2)
+# Epochs per stage; stage 4 (baseline) gets E2 + E3 so it trains as long as a student does in total.
+E0=${E0:-5}; E1=${E1:-1}; E2=${E2:-2}; E3=${E3:-2}
+# Plain transforms and no mixup: tiny models on 28x28 images, a few epochs on CPU.
+COMMON=(--dataset fashion_mnist --tiny-transforms --mixup 0 --cutmix 0 --smoothing 0 --drop-path 0
+        --batch-size 128 --eval-batch-size 500 --unscale-lr --warmup-epochs 0.3 --min-lr 1e-5 --weight-decay 0.05
+        --overwrite --no-progress)
+if [ "$QUICK" = 1 ]; then
+  E0=1; E1=1; E2=1; E3=1
+  TEACHER_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=64 depth=2 num_heads=2 mlp_ratio=2)
+  STUDENT_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=32 depth=2 num_heads=2 mlp_ratio=2)
+  COMMON+=(--limit-train 4000 --limit-val 1000)
+fi
+
+launch() {
+  "$PYTHON" -m torch.distributed.launch --nproc_per_node="$NPROC" --master_addr=127.0.0.1 --master_port="$PORT" \
+    --use_env "$@"
+}
+stage() { echo; echo "=== $* ($(date +%T))"; }
+
+START=$(date +%s)
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+stage "split: all classes as one division (the teacher's data) and $N class-disjoint divisions"
+"$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division 1 --output_path "$OUT/split1"
+"$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division $N --output_path "$OUT/split$N"
+
+stage "0. teacher from scratch: $TEACHER ${TEACHER_KW[*]}, $E0 epochs"
+launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 2e-3 \
+  --epochs "$E0" --data-path "$OUT/split1" --num_division 1 --start-division 0 --output_dir "$OUT/teacher"
+TEACHER_CKPT="$OUT/teacher/sub-dataset0/checkpoint.pth"
+
+stage "1. sub-teachers: fine-tune the teacher on each division, $E1 epoch(s)"
+launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 5e-4 \
+  --model-path "$TEACHER_CKPT" --epochs "$E1" --data-path "$OUT/split$N" --num_division $N --all-divisions \
+  --output_dir "$OUT/stage1"
+
+stage "2. decompose: distil a $STUDENT student per division (hard KD, gama 0.2 0.1 0.3), $E2 epochs"
+launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_KW[@]}" --lr 2e-3 \
+  --epochs "$E2" --data-path "$OUT/split$N" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+  --teacher-path "$OUT/stage1" --distillation-type hard --gama 0.2 0.1 0.3 --num_division $N --all-divisions \
+  --output_dir "$OUT/stage2"
+
+stage "3. ensemble: $N students + head against the full teacher, $E3 epochs"
+launch ensemble.py "${COMMON[@]}" --model $STUDENT --model-path "$OUT/stage2" --lr 1e-3 --epochs "$E3" \
+  --data-path "$DATA" --num_division $N --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+  --teacher-path "$TEACHER_CKPT" --output_dir "$OUT/stage3"
+
+stage "4. baseline: one $STUDENT student, KD from the teacher on all classes, $((E2 + E3)) epochs"
+launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_KW[@]}" --lr 2e-3 \
+  --epochs $((E2 + E3)) --data-path "$OUT/split1" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+  --teacher-path "$OUT/teacher" --distillation-type hard --gama 0.2 0.1 0.3 --num_division 1 --start-division 0 \
+  --output_dir "$OUT/baseline"
+
+stage "results"
+"$PYTHON" demo_report.py --out "$OUT" --seconds $(( $(date +%s) - START ))

@@ -1,0 +1,96 @@
+"""Collect the demo's results (accuracy, params, FLOPs of every model) into one table and ``results.json``.
+
+    python demo_report.py --out output/demo --seconds 812
+
+Accuracies are those of the checkpoints each stage hands to the next (``checkpoint.pth``), as fractions 0..1:
+the teacher, the ensemble and the baseline on the 10,000 test images (all classes), each sub-teacher and student
+on the test images of its own division's classes.
+"""
+import argparse
+import json
+import os
+
+import utils
+from models.checkpoint import read_checkpoint
+from models.ensemble import load_ensemble
+from models.stats import count_params, ensemble_stats, teacher_stats
+
+BEST = 'checkpoint.pth'
+
+
+def checkpoint_summary(path):
+    """(test accuracy as a fraction, params, MACs per image) of a stage-1/2 checkpoint."""
+    state = read_checkpoint(path)
+    args = state['args']
+    kwargs = dict(args.get('model_kwargs') or {})
+    stats = teacher_stats(args['model'], nb_classes=state['num_classes'], input_size=kwargs.pop('img_size', 224),
+                          model_kwargs=kwargs)
+    return {'acc': state['test_acc1'] / 100.0, 'params': stats['params'], 'flops': stats['flops']}
+
+
+def division_summaries(folder, num_division):
+    return [checkpoint_summary(os.path.join(utils.division_dir(folder, i), BEST)) for i in range(num_division)]
+
+
+def build_report(out, seconds):
+    teacher = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'teacher'), 0), BEST))
+    baseline = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'baseline'), 0), BEST))
+    manifest = utils.read_manifest(os.path.join(out, 'stage2'))
+    num_division = manifest['num_division']
+    sub_teachers = division_summaries(os.path.join(out, 'stage1'), num_division)
+    students = division_summaries(os.path.join(out, 'stage2'), num_division)
+    ensemble_path = os.path.join(out, 'stage3', BEST)
+    ensemble_state = read_checkpoint(ensemble_path)
+    ensemble = load_ensemble(ensemble_state)
+    ens_stats = ensemble_stats(ensemble)
+    return {
+        'teacher_acc': teacher['acc'],
+        'ensemble_acc': ensemble_state['test_acc1'] / 100.0,
+        'baseline_acc': baseline['acc'],
+        'sub_teacher_acc': [s['acc'] for s in sub_teachers],
+        'student_acc': [s['acc'] for s in students],
+        'seconds': seconds,
+        'ensemble_checkpoint': os.path.abspath(ensemble_path),
+        'params': {'teacher': teacher['params'], 'sub_teacher': sub_teachers[0]['params'],
+                   'student': students[0]['params'], 'ensemble': count_params(ensemble),
+                   'baseline': baseline['params']},
+        'flops': {'teacher': teacher['flops'], 'sub_teacher': sub_teachers[0]['flops'],
+                  'student': students[0]['flops'], 'ensemble': ens_stats['flops'], 'baseline': baseline['flops']},
+        'bytes_per_device_fp32': ens_stats['bytes_per_device_fp32'],
+        'flops_convention': 'MACs per image (the paper/DeiT convention)',
+        'num_division': num_division,
+    }
+
+
+def format_table(report):
+    p, f = report['params'], report['flops']
+    rows = [('teacher (all 10 classes)', f'{100 * report["teacher_acc"]:.2f}', p['teacher'], f['teacher']),
+            ('ensemble of students (all classes)', f'{100 * report["ensemble_acc"]:.2f}', p['ensemble'],
+             f['ensemble']),
+            ('baseline: one student, KD on all classes', f'{100 * report["baseline_acc"]:.2f}', p['baseline'],
+             f['baseline'])]
+    for i, (t, s) in enumerate(zip(report['sub_teacher_acc'], report['student_acc'])):
+        rows.append((f'sub-teacher {i} (own classes)', f'{100 * t:.2f}', p['sub_teacher'], f['sub_teacher']))
+        rows.append((f'student {i} (own classes)', f'{100 * s:.2f}', p['student'], f['student']))
+    lines = [f'{"model":<42} {"top-1 %":>8} {"params":>10} {"MACs":>12}', '-' * 75]
+    lines += [f'{name:<42} {acc:>8} {params:>10,} {flops:>12,}' for name, acc, params, flops in rows]
+    lines.append(f'total time: {report["seconds"]:.0f} s; ensemble checkpoint: {report["ensemble_checkpoint"]}')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser('Summarise the DeViT demo')
+    parser.add_argument('--out', default='output/demo')
+    parser.add_argument('--seconds', type=float, default=0.0, help='wall time of the whole demo')
+    args = parser.parse_args(argv)
+    report = build_report(args.out, args.seconds)
+    table = format_table(report)
+    utils.write_json_atomic(os.path.join(args.out, 'results.json'), report)
+    utils.write_text_atomic(os.path.join(args.out, 'results.txt'), table + '\n')
+    print(table)
+    print(json.dumps({k: report[k] for k in ('teacher_acc', 'ensemble_acc', 'baseline_acc')}))
+    return report
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

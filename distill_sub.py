@@ -1,0 +1,78 @@
+"""Stage 2 of DeViT: decompose -- distil a small student from each sub-teacher on its sub-dataset.
+
+Loss: (1-α)·base + α·KD(dist head, sub-teacher) + (γq·Lq + γk·Lk + γv·Lv) / depth, the relations taken on the
+mapped student/teacher layers (``--layer-map``). ``--teacher-path`` is stage 1's output folder (division i uses
+``sub-dataset{i}/checkpoint.pth``) or one checkpoint file.
+
+    python -m torch.distributed.launch --nproc_per_node=4 --master_addr=127.0.0.1 --master_port=29500 --use_env \\
+        distill_sub.py --batch-size 256 --eval-batch-size 512 --epochs 100 --model dedeit --model-path ./ckpt.pth \\
+        --model-ema --lr 8e-5 --data-path ./sub_datasets --dataset cifar100 \\
+        --teacher-model deit_base_distilled_patch16_224 --teacher-path ./teacher_ckpt.pth \\
+        --distillation-type hard --gama 0.2 0.1 0.3 --num_division 4 --start-division 0 --output_dir ./output
+Writes OUTPUT/sub-dataset{i}/{checkpoint.pth, checkpoint_last.pth, log.txt}, the input of ensemble.py.
+"""
+import argparse
+import os
+
+import engine
+import utils
+from losses import DistillationLoss, build_base_criterion
+from models.adapter import layer_pairs
+from models.checkpoint import load_weights
+
+
+def get_parser():
+    return argparse.ArgumentParser('DeViT stage 2: distil students from sub-teachers', parents=[utils.get_args_parser()])
+
+
+def teacher_file(teacher_path, division):
+    """``--teacher-path`` may be stage 1's output folder or a single checkpoint file."""
+    if teacher_path is None:
+        raise utils.UsageError('--teacher-path is required: the stage-1 output folder or a checkpoint file')
+    if os.path.isdir(teacher_path):
+        path = os.path.join(utils.division_dir(teacher_path, division), engine.CHECKPOINT_BEST)
+        if not os.path.isfile(path):
+            raise utils.UsageError(f'--teacher-path {teacher_path} has no sub-teacher for division {division} '
+                                   f'(missing {path})')
+        return path
+    if not os.path.isfile(teacher_path):
+        raise utils.UsageError(f'--teacher-path {teacher_path} does not exist')
+    return teacher_path
+
+
+def check_token_counts(student, teacher):
+    """The relation loss compares N×N token relations, so student and teacher must see the same token count."""
+    counts = [m.patch_embed.num_patches + m.num_prefix_tokens for m in (student, teacher)]
+    if counts[0] != counts[1]:
+        raise utils.UsageError(f'student and teacher token counts differ ({counts[0]} vs {counts[1]}): give both the '
+                               f'same img_size/patch_size (and both a distillation token or neither)')
+
+
+def main(argv=None):
+    args = utils.parse_args(get_parser(), argv)
+    utils.init_distributed(args)
+    manifest = utils.read_manifest(args.data_path)
+    for division in utils.divisions_to_run(args, manifest):  # every teacher file exists before anything trains
+        teacher_file(args.teacher_path, division)
+
+    def make_task(division, num_classes):
+        student = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
+                                     drop_path_rate=args.drop_path)
+        if args.model_path:
+            load_weights(student, args.model_path, reset_head=True)
+        if hasattr(student, 'set_distilled_training'):
+            student.set_distilled_training(True)  # both heads in training, their mean at eval (as DeiT)
+        teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
+        load_weights(teacher, teacher_file(args.teacher_path, division), reset_head=False)
+        check_token_counts(student, teacher)
+        mixup_active = engine.build_mixup(args, num_classes) is not None
+        loss = DistillationLoss(build_base_criterion(mixup_active, args.smoothing), args.distillation_type,
+                                args.distillation_alpha, args.distillation_tau)
+        pairs = layer_pairs(len(student.blocks), len(teacher.blocks), args.layer_map)
+        return engine.DecomposeTask(student, teacher, loss, pairs, args.gama)
+
+    return engine.run_divisions(args, make_task, stage=2)
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

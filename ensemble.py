@@ -1,0 +1,102 @@
+"""Stage 3 of DeViT: ensemble -- fuse the N students with an ensemble head, trained against the full teacher.
+
+Loss: (1-α)·base + α·KD(ensemble logits, teacher) + MSE(ensemble cls feature, teacher cls token)
++ MSE(ensemble dist feature, teacher dist token). Backbones and head are trained together on the full dataset.
+``--model-path`` is stage 2's output folder (students ``sub-dataset{i}/checkpoint.pth``); ``--teacher-path`` is the
+full teacher's checkpoint.
+
+    python -m torch.distributed.launch --nproc_per_node=4 --master_addr=127.0.0.1 --master_port=29500 --use_env \\
+        ensemble.py --batch-size 128 --eval-batch-size 256 --epochs 50 --model dedeit --model-path ./model_path \\
+        --model-ema --lr 3e-4 --data-path ./datasets --dataset cifar100 --num_division 4 --output_dir ./output \\
+        --teacher-model deit_base_distilled_patch16_224 --teacher-path ./teacher_ckpt.pth --sub_classes 25 25 25 25
+Writes OUTPUT/{checkpoint.pth, checkpoint_last.pth, log.txt}; the checkpoint's ``ensemble_config`` lets
+``collab_infer.py`` rebuild the model on N devices.
+"""
+import argparse
+import os
+
+import datasets
+import engine
+import utils
+from losses import DistillationLoss, build_base_criterion
+from models.checkpoint import load_weights, read_checkpoint
+from models.ensemble import load_students
+
+
+def get_parser():
+    parser = argparse.ArgumentParser('DeViT stage 3: ensemble of the students', parents=[utils.get_args_parser()])
+    group = parser.add_argument_group('ensemble')
+    group.add_argument('--device-dropout', type=utils.probability, default=0.0,
+                       help='training probability of zeroing one device\'s tokens (robust to a missing device)')
+    parser.set_defaults(distillation_type='hard')  # stage 3 always learns from the full teacher (seed omits the flag)
+    return parser
+
+
+def teacher_checkpoint(teacher_path):
+    """The full teacher: a checkpoint file, or a stage-1 style folder of one division (as the demo's teacher)."""
+    if teacher_path is None:
+        raise utils.UsageError('--teacher-path is required: the full teacher checkpoint')
+    if os.path.isdir(teacher_path):
+        for candidate in (os.path.join(teacher_path, engine.CHECKPOINT_BEST),
+                          os.path.join(utils.division_dir(teacher_path, 0), engine.CHECKPOINT_BEST)):
+            if os.path.isfile(candidate):
+                return candidate
+        raise utils.UsageError(f'--teacher-path {teacher_path} holds no {engine.CHECKPOINT_BEST}')
+    if not os.path.isfile(teacher_path):
+        raise utils.UsageError(f'--teacher-path {teacher_path} does not exist')
+    return teacher_path
+
+
+def check_teacher_classes(path, num_classes):
+    """A teacher trained through the split must have kept the global class order (one division, classes 0..K-1)."""
+    classes = read_checkpoint(path).get('classes')
+    if classes is not None and list(classes) != list(range(num_classes)):
+        raise utils.UsageError(f'teacher {path} was trained on classes {classes[:8]}..., not on all {num_classes} '
+                               f'classes in their global order')
+
+
+def main(argv=None):
+    args = utils.parse_args(get_parser(), argv)
+    utils.init_distributed(args)
+    if not args.model_path or not os.path.isdir(args.model_path):
+        raise utils.UsageError(f'--model-path {args.model_path} must be the output folder of distill_sub.py')
+    manifest = utils.read_manifest(args.model_path)
+    utils.divisions_to_run(args, manifest)  # checks --num_division and --sub_classes against the manifest
+    engine.check_output_dir(args, args.output_dir)
+    num_classes = manifest['num_classes']
+    teacher_path = teacher_checkpoint(args.teacher_path)
+    check_teacher_classes(teacher_path, num_classes)
+
+    utils.seed_everything(args.seed)  # same initial head on every rank and in every rerun
+    teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
+    load_weights(teacher, teacher_path, reset_head=False)
+    ensemble = load_students(args.model_path, args.num_division, num_classes=num_classes,
+                             embed_dim=teacher.num_features, model=args.model, model_kwargs=args.model_kwargs,
+                             device_dropout=args.device_dropout)
+    size, chans = utils.input_spec(ensemble.backbones[0])
+    if utils.input_spec(teacher) != (size, chans):
+        raise utils.UsageError(f'teacher input {utils.input_spec(teacher)} differs from the students\' {(size, chans)}'
+                               f' (size, channels): pass --teacher-kwargs img_size=... in_chans=...')
+    data = {split: datasets.build_dataset(args.dataset, args.data_path, split, input_size=size, in_chans=chans,
+                                          tiny=args.tiny_transforms, args=args) for split in ('train', 'val')}
+    if data['train'].num_classes != num_classes:
+        raise utils.UsageError(f'{args.data_path} has {data["train"].num_classes} classes but the students\' split '
+                               f'manifest has {num_classes}')
+    if utils.is_main_process():
+        print(f'ensemble of {ensemble.num_devices} students (widths {ensemble.widths}) -> {num_classes} classes; '
+              f'{len(data["train"])} train / {len(data["val"])} val images', flush=True)
+
+    distill_loss = DistillationLoss(build_base_criterion(engine.build_mixup(args, num_classes) is not None,
+                                                         args.smoothing),
+                                    args.distillation_type, args.distillation_alpha, args.distillation_tau)
+    task = engine.EnsembleTask(ensemble, teacher, distill_loss)
+    extra = {'stage': 3, 'ensemble_config': ensemble.config, 'num_classes': num_classes}
+    result = engine.fit(args, task, data['train'], data['val'], args.output_dir, extra_checkpoint=extra,
+                        num_classes=num_classes)
+    if utils.is_main_process():
+        print(f'ensemble: best test acc1 {result["best_acc1"]:.2f}%', flush=True)
+    return result
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

@@ -1,0 +1,166 @@
+"""Size, compute and traffic of an ensemble of N students (+ its head).
+
+    python -m models.stats --model dedeit --num_division 4 --nb-classes 1000 --input-size 224 --json
+
+FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on one image. `flops` follows the paper's (and
+DeiT's "1.3G for DeiT-Tiny") convention, which is multiply-accumulates (MACs); `flops_2x` is 2×MACs, what
+FlopCounterMode itself reports. Matmuls and convolutions are counted (attention included: the fused kernel is
+switched off while counting so its matmuls are visible); norms, softmax and GELU are not, as in fvcore.
+"""
+import argparse
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from timm.utils import ParseKwargs
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .ensemble import DeViTEnsemble, create_backbone
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_macs(module: nn.Module, *inputs: Any, call: Callable[..., Any] | None = None) -> int:
+    """Multiply-accumulates of `call(*inputs)` (default: module) as FlopCounterMode's count / 2, with the fused
+    attention of `module`'s submodules off."""
+    fused = [(m, m.fused_attn) for m in module.modules() if hasattr(m, 'fused_attn')]
+    for m, _ in fused:
+        m.fused_attn = False  # the CPU fused kernel has no flop formula; its math path is plain matmuls
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            (call or module)(*inputs)
+    finally:
+        for m, f in fused:
+            m.fused_attn = f
+    return counter.get_total_flops() // 2
+
+
+def _input_shape(backbone: nn.Module, input_size: int | None, in_chans: int | None) -> tuple[int, int, int]:
+    pe = getattr(backbone, 'patch_embed', None)
+    if pe is not None and getattr(pe, 'img_size', None) is not None:
+        h, w = pe.img_size
+        return pe.proj.in_channels, h, w
+    return in_chans or 3, input_size or 224, input_size or 224
+
+
+def ensemble_stats(ensemble: DeViTEnsemble, input_size: int | None = None,
+                   in_chans: int | None = None) -> dict[str, Any]:
+    """Params, MACs per image and bytes sent per device of an ensemble (all backbones + head)."""
+    was_training = ensemble.training
+    ensemble.eval()
+    widths = ensemble.token_widths()
+    student_params = [count_params(b) for b in ensemble.backbones]
+    student_macs = []
+    for b in ensemble.backbones:
+        x = torch.zeros(1, *_input_shape(b, input_size, in_chans))
+        student_macs.append(count_macs(b, x))
+    tokens = [torch.zeros(1, w) for w in widths]
+    head_macs = count_macs(ensemble, tokens, call=ensemble.head_forward)
+    head_params = count_params(ensemble) - sum(student_params)
+    ensemble.train(was_training)
+    flops = sum(student_macs) + head_macs
+    return {
+        'num_division': ensemble.num_devices,
+        'params': count_params(ensemble),
+        'params_per_student': student_params,
+        'params_head': head_params,
+        'flops': flops,
+        'flops_2x': 2 * flops,
+        'flops_convention': 'flops = MACs (paper / DeiT convention); flops_2x = 2*MACs',
+        'flops_per_student': student_macs,
+        'flops_head': head_macs,
+        'floats_per_device': widths,
+        'bytes_per_device_fp32': widths[0] * 4 if len(set(widths)) == 1 else [w * 4 for w in widths],
+        'bytes_per_device_fp16': widths[0] * 2 if len(set(widths)) == 1 else [w * 2 for w in widths],
+        'bytes_total_fp32': 4 * sum(widths),
+        'bytes_total_fp16': 2 * sum(widths),
+    }
+
+
+def model_stats(
+        model: str = 'dedeit',
+        num_division: int = 4,
+        nb_classes: int = 1000,
+        input_size: int = 224,
+        model_kwargs: Mapping[str, Any] | None = None,
+        embed_dim_teacher: int = 768,
+) -> dict[str, Any]:
+    """Stats of N identical `model` students (img_size=input_size unless model_kwargs sets it) + ensemble head."""
+    kwargs = {'img_size': input_size, **dict(model_kwargs or {})}
+    backbones = [create_backbone(model, kwargs) for _ in range(num_division)]
+    ensemble = DeViTEnsemble(backbones, nb_classes, embed_dim_teacher)
+    stats = {'model': model, 'model_kwargs': kwargs, 'nb_classes': nb_classes, 'embed_dim_teacher': embed_dim_teacher}
+    stats.update(ensemble_stats(ensemble, input_size))
+    return stats
+
+
+def teacher_stats(model: str, nb_classes: int = 1000, input_size: int = 224,
+                  model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Params and MACs of a monolithic teacher, for comparison."""
+    import timm
+    m = timm.create_model(model, num_classes=nb_classes, **{'img_size': input_size, **dict(model_kwargs or {})})
+    m.eval()
+    return {'model': model, 'params': count_params(m),
+            'flops': count_macs(m, torch.zeros(1, *_input_shape(m, input_size, None)))}
+
+
+def _human(n: float) -> str:
+    for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(n) >= scale:
+            return f'{n / scale:.2f}{unit}'
+    return str(n)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('DeViT ensemble size, FLOPs and traffic', add_help=False)
+    parser.add_argument('--model', default='dedeit', type=str)
+    parser.add_argument('--num_division', '--num-division', dest='num_division', default=4, type=int)
+    parser.add_argument('--nb-classes', '--nb_classes', dest='nb_classes', default=1000, type=int)
+    parser.add_argument('--input-size', default=224, type=int)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--embed-dim-teacher', default=768, type=int,
+                        help='width of the ensemble head projection (the teacher width; 768 for DeiT-B)')
+    parser.add_argument('--teacher-model', default=None, type=str, help='also report this monolithic teacher')
+    parser.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--json', action='store_true', help='print one JSON object')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    stats = model_stats(args.model, args.num_division, args.nb_classes, args.input_size, args.model_kwargs,
+                        args.embed_dim_teacher)
+    if args.teacher_model:
+        stats['teacher'] = teacher_stats(args.teacher_model, args.nb_classes, args.input_size, args.teacher_kwargs)
+    if args.json:
+        print(json.dumps(stats))
+        return stats
+    n = stats['num_division']
+    rows = [
+        ('students', f'{n} x {args.model} {stats["model_kwargs"]}'),
+        ('params (all)', _human(stats['params'])),
+        ('  per student', ', '.join(_human(p) for p in stats['params_per_student'])),
+        ('  ensemble head', _human(stats['params_head'])),
+        ('FLOPs (MACs, paper convention)', _human(stats['flops'])),
+        ('  per student', ', '.join(_human(f) for f in stats['flops_per_student'])),
+        ('  ensemble head', _human(stats['flops_head'])),
+        ('FLOPs (2 x MACs)', _human(stats['flops_2x'])),
+        ('floats sent per device', ', '.join(map(str, stats['floats_per_device']))),
+        ('bytes per device fp32 / fp16', f'{stats["bytes_per_device_fp32"]} / {stats["bytes_per_device_fp16"]}'),
+    ]
+    if 'teacher' in stats:
+        t = stats['teacher']
+        rows += [(f'teacher {t["model"]} params', _human(t['params'])), ('teacher FLOPs (MACs)', _human(t['flops']))]
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f'{k:<{width}}  {v}')
+    return stats
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,55 @@
+"""Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST)."""
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny models shared by the pipeline tests: 28×28 grey images, patch 7 -> 16 patches (+ cls + dist).
+TEACHER = 'deit_tiny_distilled_patch16_224'
+TEACHER_KW = ['img_size=28', 'patch_size=7', 'in_chans=1', 'embed_dim=32', 'depth=2', 'num_heads=2']
+STUDENT_KW = ['img_size=28', 'patch_size=7', 'in_chans=1', 'embed_dim=16', 'depth=2', 'num_heads=2']
+TINY = ['--dataset', 'fashion_mnist', '--tiny-transforms', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
+        '--batch-size', '32', '--eval-batch-size', '100', '--limit-train', '256', '--limit-val', '100',
+        '--no-progress', '--warmup-epochs', '0']
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def env():
+    """One thread per process: several ranks share this machine's cores."""
+    e = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, PYTHONUNBUFFERED='1')
+    e.pop('DEVIT_DEBUG', None)
+    return e
+
+
+def launch_cmd(script, *args, nproc=2, launcher='launch'):
+    """The seed's launcher form (``torch.distributed.launch --use_env``), ``torchrun``, or plain python (nproc=0)."""
+    script = os.path.join(ROOT, script)
+    if launcher == 'python' or nproc == 0:
+        return [sys.executable, script, *args]
+    port = str(free_port())
+    if launcher == 'torchrun':
+        return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
+                f'--master_port={port}', script, *args]
+    return [sys.executable, '-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
+            f'--master_port={port}', '--use_env', script, *args]
+
+
+def run(cmd, timeout=300, check=True):
+    """Run ``cmd``; on failure show its output in the assertion message."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n'
+                             f'--- stderr\n{proc.stderr[-4000:]}')
+    return proc
+
+
+def error_lines(stderr):
+    """Lines our scripts print for bad input (``error: ...``), ignoring launcher noise."""
+    return [line for line in stderr.splitlines() if 'error:' in line]
