@@ -10,6 +10,10 @@ or across hosts with torchrun (host 0 runs the aggregator and maybe some workers
     torchrun --nnodes=2 --node_rank=K --nproc_per_node=... --master_addr=HOST0 --master_port=29500 \\
         collab_infer.py --model-path ENSEMBLE_CKPT ...
 
+(ranks are numbered node by node, so rank 0 runs on node 0; set GLOO_SOCKET_IFNAME when the hosts have several
+network interfaces). Each host may pass its own --model-path: a worker takes backbone r-1 from it, and rank 0
+refuses a worker whose tokens do not fit the head.
+
 Baselines on the same images: `--mode layer-split` (the teacher's blocks cut into N consecutive stages, random
 weights unless --teacher-path; same N+1 processes) and `--mode monolithic` (the teacher, or the whole ensemble,
 in one process: plain `python collab_infer.py --mode monolithic ...`). `--images a.png b.png` predicts files.
@@ -32,7 +36,7 @@ def get_parser():
     group = parser.add_argument_group('collaborative inference')
     group.add_argument('--mode', default='collab', choices=MODES,
                        help='collab (DeViT), layer-split (teacher cut into N stages) or monolithic (one process)')
-    group.add_argument('--limit', type=utils.non_negative_int, default=None, help='first K images of the test set')
+    group.add_argument('--limit', type=utils.positive_int, default=None, help='first K images of the test set')
     group.add_argument('--images', nargs='+', default=None, metavar='FILE',
                        help='predict these image files instead of evaluating a dataset')
     group.add_argument('--timeout', type=utils.positive_float, default=30.0,

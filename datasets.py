@@ -21,10 +21,12 @@ small fixtures in the same format would not load; the readers here parse the sam
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -408,14 +410,15 @@ def read_manifest(path: str) -> dict | None:
     try:
         with open(f) as fh:
             manifest = json.load(fh)
-        manifest['divisions'][0]['classes']
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise DatasetError(f'{f} is not a split manifest written by splite_dataset.py ({e!r})') from e
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'cannot read split manifest {f}: {e}') from e
+    if not isinstance(manifest, dict) or not {'dataset', 'source_path', 'divisions'} <= manifest.keys():
+        raise DatasetError(f'{f} is not a split manifest written by splite_dataset.py')
     return manifest
 
 
 def read_division(manifest: dict, path: str, division: int, split: str) -> Samples:
-    """Division `division` of the split in `path`: labels 0..k-1 in manifest order."""
+    """Division `division` of the split in `path`: labels 0..k-1 in manifest order, checked against the manifest."""
     n = len(manifest['divisions'])
     if not 0 <= division < n:
         raise DatasetError(f'division {division} is out of range: {path}/{MANIFEST} has {n} divisions (0..{n - 1})')
@@ -426,13 +429,33 @@ def read_division(manifest: dict, path: str, division: int, split: str) -> Sampl
         source = manifest['source_path']
         if not os.path.isdir(source):
             raise DatasetError(f'{path}/{MANIFEST} indexes {source}, which no longer exists; split again')
-        with open(indices_file) as fh:
-            indices = json.load(fh)[split]
+        try:
+            with open(indices_file) as fh:
+                indices = np.asarray(json.load(fh)[split], dtype=np.int64)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f'cannot read {indices_file} ({e!r}); split again') from e
         full = read_samples(manifest['dataset'], source, split)
-        label_map = {g: k for k, g in enumerate(div['classes'])}
-        return replace(full.select(indices, label_map), class_names=list(div['class_names']))
-    _require_dir(sub, f'division {division} of split')
-    return read_image_folder(sub, split, class_names=div['class_names'])
+        bad = [g for g in div['classes'] if not 0 <= int(g) < len(full.class_names)]
+        if bad:
+            raise DatasetError(f'{path}/{MANIFEST}: division {division} lists class ids {bad[:5]}, but {source} has '
+                               f'{len(full.class_names)} classes; split again')
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(full)):
+            raise DatasetError(f'{indices_file} holds {split} row numbers outside 0..{len(full) - 1} of {source}; '
+                               f'split again')
+        label_map = {int(g): k for k, g in enumerate(div['classes'])}
+        samples = replace(full.select(indices, label_map), class_names=list(div['class_names']))
+    else:
+        _require_dir(sub, f'division {division} of split')
+        samples = read_image_folder(sub, split, class_names=div['class_names'])
+    expected = div.get(f'{split}_count')
+    if expected is not None and len(samples) != expected:
+        raise DatasetError(f'{sub} has {len(samples)} {split} images but {path}/{MANIFEST} lists {expected}: the '
+                           f'split was changed after it was written; split again')
+    k = len(div['classes'])
+    if len(samples) and not (0 <= samples.targets.min() and samples.targets.max() < k):
+        raise DatasetError(f'{sub}: {split} labels fall outside 0..{k - 1} (rows of classes that are not in division '
+                           f'{division}); split again')
+    return samples
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -621,16 +644,41 @@ class ArrayDataset(_Base):
 
 
 class FileDataset(_Base):
-    """Images read from files (ImageFolder trees, Flowers102, StanfordCars). `self.loader` opens one image."""
+    """Images read from files (ImageFolder trees, Flowers102, StanfordCars). `self.loader` opens one image.
 
-    def __init__(self, samples: Samples, transform: Callable, local_to_global: list, loader: Callable = load_image):
+    skip_bad: an unreadable file is logged once and replaced by the next readable one (so batches keep their size
+    and DDP ranks their step count) instead of raising; `skipped_files()` lists them. The flags live in shared
+    memory, so DataLoader worker processes report to the main process.
+    """
+
+    def __init__(self, samples: Samples, transform: Callable, local_to_global: list, loader: Callable = load_image,
+                 skip_bad: bool = False):
         super().__init__(samples, local_to_global)
         self.files = samples.files
         self.transform = transform
         self.loader = loader
+        self.bad = multiprocessing.RawArray('b', len(self.files)) if skip_bad else None
 
     def __getitem__(self, i):
-        return self.transform(self.loader(self.files[i])), int(self.targets[i])
+        if self.bad is None:
+            return self.transform(self.loader(self.files[i])), int(self.targets[i])
+        n = len(self.files)
+        for j in (k % n for k in range(i, i + n)):
+            if self.bad[j]:
+                continue
+            try:
+                image = self.loader(self.files[j])
+            except DatasetError as e:
+                self.bad[j] = 1
+                print(f'warning: skipping an unreadable image (--skip-bad-images): {e}', file=sys.stderr, flush=True)
+                continue
+            return self.transform(image), int(self.targets[j])
+        raise DatasetError(f'none of the {n} images of this dataset is readable')
+
+    def skipped_files(self) -> list:
+        if self.bad is None:
+            return []
+        return [self.files[j] for j in np.flatnonzero(np.frombuffer(self.bad, dtype=np.int8))]
 
 
 def _is_tiny(t) -> bool:
@@ -671,4 +719,4 @@ def build_dataset(name: str, path: str | None, split: str, *, division: int | No
     transform = build_transform(split == 'train', size, in_chans, tiny, args)
     if samples.images is not None:
         return ArrayDataset(samples, transform, l2g)
-    return FileDataset(samples, transform, l2g)
+    return FileDataset(samples, transform, l2g, skip_bad=bool(getattr(args, 'skip_bad_images', False)))

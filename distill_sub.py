@@ -19,10 +19,17 @@ import utils
 from losses import DistillationLoss, build_base_criterion
 from models.adapter import layer_pairs
 from models.checkpoint import load_weights
+from models.shrink import load_shrunk
 
 
 def get_parser():
-    return argparse.ArgumentParser('DeViT stage 2: distil students from sub-teachers', parents=[utils.get_args_parser()])
+    parser = argparse.ArgumentParser('DeViT stage 2: distil students from sub-teachers',
+                                     parents=[utils.get_args_parser()])
+    parser.add_argument('--load-shrink', default=None, metavar='POLICY',
+                        help='distil a shrunk student again: shrink.py\'s output folder (division i: '
+                             'sub-dataset{i}/pruned.pth), a pruned checkpoint, or a shrink.json policy applied to '
+                             'the --model-path weights')
+    return parser
 
 
 def teacher_file(teacher_path, division):
@@ -40,6 +47,18 @@ def teacher_file(teacher_path, division):
     return teacher_path
 
 
+def check_teacher(path, division, classes):
+    """A sub-teacher is a stage-1 checkpoint of this division's classes (or an outside checkpoint without either)."""
+    info = utils.checkpoint_info(path)
+    stage = info.get('stage')
+    if stage is not None and stage != 1:
+        raise utils.UsageError(f'teacher {path} is a stage-{stage} checkpoint; stage 2 distils from a stage-1 '
+                               f'sub-teacher (the output of train_subdata.py)')
+    if info.get('classes') is not None and list(info['classes']) != list(classes):
+        raise utils.UsageError(f'teacher {path} was trained on classes {list(info["classes"])[:8]}, but division '
+                               f'{division} has classes {list(classes)[:8]}')
+
+
 def check_token_counts(student, teacher):
     """The relation loss compares N×N token relations, so student and teacher must see the same token count."""
     counts = [m.patch_embed.num_patches + m.num_prefix_tokens for m in (student, teacher)]
@@ -52,14 +71,16 @@ def main(argv=None):
     args = utils.parse_args(get_parser(), argv)
     utils.init_distributed(args)
     manifest = utils.read_manifest(args.data_path)
-    for division in utils.divisions_to_run(args, manifest):  # every teacher file exists before anything trains
-        teacher_file(args.teacher_path, division)
+    for division in utils.divisions_to_run(args, manifest):  # every teacher is checked before anything trains
+        check_teacher(teacher_file(args.teacher_path, division), division, manifest['divisions'][division]['classes'])
 
     def make_task(division, num_classes):
         student = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
                                      drop_path_rate=args.drop_path)
         if args.model_path:
             load_weights(student, args.model_path, reset_head=True)
+        if args.load_shrink:
+            load_shrunk(student, args.load_shrink, division)
         if hasattr(student, 'set_distilled_training'):
             student.set_distilled_training(True)  # both heads in training, their mean at eval (as DeiT)
         teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)

@@ -14,8 +14,11 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -165,6 +168,28 @@ def build_mixup(args, num_classes):
 # The loops
 # ----------------------------------------------------------------------------------------------------------------
 
+def injected_fault(step):
+    """Test hook, inert unless ``DEVIT_FAULT=KIND@STEP[:RANK]`` is set (tests/test_faults_*.py set it).
+
+    At global optimizer step STEP (counted from the run's start, resumed steps included) on rank RANK (default:
+    every rank): ``crash`` SIGKILLs the process (as an OOM kill would), ``hang`` blocks it forever, ``nan`` returns
+    'nan' so that the caller turns the loss into NaN. A line ``fault injected: ...`` goes to stderr first.
+    """
+    spec = os.environ.get('DEVIT_FAULT')
+    if not spec:
+        return None
+    kind, _, where = spec.partition('@')
+    at, _, rank = where.partition(':')
+    if int(at) != step or (rank and int(rank) != int(os.environ.get('RANK', '0'))):
+        return None
+    print(f'fault injected: {kind} at global step {step}', file=sys.stderr, flush=True)
+    if kind == 'crash':
+        os.kill(os.getpid(), signal.SIGKILL)
+    while kind == 'hang':
+        time.sleep(60)
+    return kind
+
+
 def train_one_epoch(task, loader, optimizer, epoch, *, params, device, lr_scheduler=None, mixup_fn=None,
                     model_ema=None, clip_grad=None, scaler=None, start_update=0, progress=True):
     """One pass over ``loader``; returns averaged loss parts and the number of optimizer updates done so far."""
@@ -179,10 +204,12 @@ def train_one_epoch(task, loader, optimizer, epoch, *, params, device, lr_schedu
             samples, targets = mixup_fn(samples, targets)
         with amp:
             loss, parts = task(samples, targets)
+        if injected_fault(num_updates) == 'nan':
+            loss = loss * float('nan')
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch} step {step}; stopping before any '
-                                     f'update is saved (the last good checkpoint is kept)')
+            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch} step {step} (global step {num_updates}); '
+                                     f'stopping before any update is saved (the last good checkpoint is kept)')
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler(loss, optimizer, clip_grad=clip_grad, parameters=params)
@@ -283,6 +310,8 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
     device = torch.device(args.device)
     main = utils.is_main_process()
     progress = main and not args.no_progress
+    check_labels(train_set, val_set, num_classes)
+    full_sets = (train_set, val_set)
     train_set = limit(train_set, args.limit_train)
     val_set = limit(val_set, args.limit_val)
     train_loader, val_loader = build_loaders(args, train_set, val_set)
@@ -305,7 +334,7 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
     path = resume_path(args, output_dir)
     if path:
         start_epoch, best_acc1, num_updates = load_training_state(path, model, optimizer, lr_scheduler, model_ema,
-                                                                  scaler)
+                                                                  scaler, expect=extra_checkpoint)
         if main:
             print(f'resumed from {path}: epoch {start_epoch}, best acc1 {best_acc1:.2f}', flush=True)
 
@@ -315,6 +344,8 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
     writer = tensorboard_writer(args, output_dir) if main else None
     if main:
         os.makedirs(output_dir, exist_ok=True)
+        for stale in utils.remove_stale_temp_files(output_dir, (CHECKPOINT_BEST, CHECKPOINT_LAST)):
+            print(f'removed {stale}, an unfinished checkpoint write of a killed run', flush=True)
         utils.write_json_atomic(os.path.join(output_dir, 'args.json'), utils.args_to_dict(args))
     test_stats = ema_stats = {}
     for epoch in range(start_epoch, args.epochs):
@@ -335,6 +366,9 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
                   **{f'test_{k}': v for k, v in test_stats.items()},
                   **{f'test_ema_{k}': v for k, v in ema_stats.items()},
                   'best_acc1': best_acc1, 'num_updates': num_updates, 'epoch_seconds': time.time() - started}
+        if args.skip_bad_images:
+            record['skipped_images'] = len(skipped_images(full_sets))
+        check_finite(model, model_ema, epoch)  # never overwrite the last good checkpoints with NaN weights
         if main:
             state = {'model': model.state_dict(),
                      'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
@@ -342,9 +376,11 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
                      'scaler': scaler.state_dict() if scaler is not None else None,
                      'epoch': epoch, 'num_updates': num_updates, 'best_acc1': best_acc1,
                      'test_acc1': test_stats['acc1'], 'args': utils.args_to_dict(args), **(extra_checkpoint or {})}
-            utils.save_checkpoint(state, os.path.join(output_dir, CHECKPOINT_LAST))
+            # Best first: a kill between the two saves then resumes from the previous epoch and redoes this one,
+            # where last-first would resume past a best epoch whose checkpoint.pth was never written.
             if is_best:
                 utils.save_checkpoint(state, os.path.join(output_dir, CHECKPOINT_BEST))
+            utils.save_checkpoint(state, os.path.join(output_dir, CHECKPOINT_LAST))
             utils.append_log(os.path.join(output_dir, 'log.txt'), record)
             if writer is not None:
                 for key, value in record.items():
@@ -353,15 +389,56 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
         utils.barrier()
     if writer is not None:
         writer.close()
-    return {'best_acc1': best_acc1, 'test': test_stats, 'test_ema': ema_stats}
+    summary = {'best_acc1': best_acc1, 'test': test_stats, 'test_ema': ema_stats}
+    if args.skip_bad_images:
+        summary['skipped_images'] = skipped = skipped_images(full_sets)
+        if main and skipped:
+            print(f'skipped {len(skipped)} unreadable image file(s): {", ".join(skipped[:5])}'
+                  f'{" ..." if len(skipped) > 5 else ""}', flush=True)
+    return summary
 
 
-def load_training_state(path, model, optimizer, lr_scheduler, model_ema, scaler):
-    """Restore everything ``fit`` saved; returns (next epoch, best acc1, optimizer updates so far)."""
+def check_labels(train_set, val_set, num_classes):
+    """Labels outside 0..num_classes-1 would fail deep inside the loss, or train a wrong head silently."""
+    for what, dataset in (('training', train_set), ('test', val_set)):
+        targets = getattr(dataset, 'targets', None)
+        if num_classes is None or targets is None or len(targets) == 0:
+            continue
+        targets = np.asarray(targets)
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            raise utils.UsageError(f'{what} labels range over {low}..{high} but the model has {num_classes} classes '
+                                   f'(0..{num_classes - 1}): the data does not match the split manifest')
+
+
+def check_finite(model, model_ema, epoch):
+    """Stop, without saving, when an update made any weight NaN/Inf although every loss was finite."""
+    for what, module in (('model', model), ('EMA model', model_ema.module if model_ema is not None else None)):
+        bad = [] if module is None else [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(f'{what} weights became non-finite in epoch {epoch} ({", ".join(bad[:3])}); '
+                                     f'not saving them (the checkpoints of the last good epoch are kept)')
+
+
+def skipped_images(datasets):
+    """Unreadable files skipped so far by ``--skip-bad-images`` datasets, on every rank (a collective call)."""
+    local = sorted({f for d in datasets for f in getattr(d, 'skipped_files', list)()})
+    return sorted(set().union(*utils.all_gather_object(local)))
+
+
+def load_training_state(path, model, optimizer, lr_scheduler, model_ema, scaler, expect=None):
+    """Restore everything ``fit`` saved; returns (next epoch, best acc1, optimizer updates so far).
+
+    ``expect``: entries (``stage``, ``division``, ``classes``) the checkpoint must match when it has them.
+    """
     state = read_checkpoint(path)
     missing = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch') if k not in state]
     if missing:
         raise utils.CheckpointError(f'{path} is not a training checkpoint of this project (no {", ".join(missing)})')
+    for key in ('stage', 'division', 'classes'):
+        if key in (expect or {}) and state.get(key) is not None and state[key] != expect[key]:
+            raise utils.CheckpointError(f'{path} was written with {key} {state[key]}, this run has {key} '
+                                        f'{expect[key]}: resume a run with the script and division that wrote it')
     try:
         model.load_state_dict(state['model'])
     except RuntimeError as err:

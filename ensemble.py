@@ -47,9 +47,22 @@ def teacher_checkpoint(teacher_path):
     return teacher_path
 
 
+def check_students(model_path, num_division):
+    """The students must be stage-2 checkpoints (distill_sub.py's), not e.g. stage 1's sub-teachers."""
+    for division in range(num_division):
+        path = os.path.join(utils.division_dir(model_path, division), engine.CHECKPOINT_BEST)
+        stage = utils.checkpoint_info(path).get('stage') if os.path.isfile(path) else None
+        if stage is not None and stage != 2:
+            raise utils.UsageError(f'student {path} is a stage-{stage} checkpoint; --model-path must be the output '
+                                   f'folder of distill_sub.py (stage 2)')
+
+
 def check_teacher_classes(path, num_classes):
     """A teacher trained through the split must have kept the global class order (one division, classes 0..K-1)."""
-    classes = read_checkpoint(path).get('classes')
+    checkpoint = read_checkpoint(path)
+    if checkpoint.get('stage') in (2, 3):
+        raise utils.UsageError(f'teacher {path} is a stage-{checkpoint["stage"]} checkpoint, not a full teacher')
+    classes = checkpoint.get('classes')
     if classes is not None and list(classes) != list(range(num_classes)):
         raise utils.UsageError(f'teacher {path} was trained on classes {classes[:8]}..., not on all {num_classes} '
                                f'classes in their global order')
@@ -62,6 +75,7 @@ def main(argv=None):
         raise utils.UsageError(f'--model-path {args.model_path} must be the output folder of distill_sub.py')
     manifest = utils.read_manifest(args.model_path)
     utils.divisions_to_run(args, manifest)  # checks --num_division and --sub_classes against the manifest
+    check_students(args.model_path, args.num_division)
     engine.check_output_dir(args, args.output_dir)
     num_classes = manifest['num_classes']
     teacher_path = teacher_checkpoint(args.teacher_path)

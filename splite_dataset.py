@@ -1,15 +1,15 @@
 """Stage 0 of DeViT: split a dataset into N class-disjoint sub-datasets.
 
     python3 splite_dataset.py --dataset cifar100 --data_path ./your_datasets --num_division 4 \\
-        --output_path ./sub_datasets [--sub_classes 25 25 25 25] [--seed 0] [--overwrite]
+        --output_path ./sub_datasets [--sub_classes 25 25 25 25] [--seed 0] [--overwrite] [--copy]
 
 The class ids are shuffled with `--seed` and cut into `--num_division` groups (even sizes, or `--sub_classes`); each
 group is kept in ascending id order, so `--num_division 1` labels classes exactly as the full dataset does.
 Output: `OUT/split.json` and `OUT/sub-dataset{i}/`, which `datasets.build_dataset(name, OUT, split, division=i)`
 reads with labels 0..k-1. ImageFolder sources become `sub-dataset{i}/{train,val}/<class>/` trees of hard links
-(copies where the output is on another filesystem); array and annotation-file sources (CIFAR-100 pickles,
-Fashion-MNIST, Flowers102, StanfordCars) become `sub-dataset{i}/indices.json` = {"train": [...], "val": [...]},
-row numbers into the source split named by `source_path`.
+(copies with `--copy`, or where the output is on another filesystem); array and annotation-file sources (CIFAR-100
+pickles, Fashion-MNIST, Flowers102, StanfordCars) become `sub-dataset{i}/indices.json` = {"train": [...], "val":
+[...]}, row numbers into the source split named by `source_path`.
 Everything is written into a temporary folder beside OUT and renamed at the end, so a failed run leaves nothing.
 """
 import argparse
@@ -45,6 +45,8 @@ class SplitError(ValueError):
 
 def plan_groups(num_classes: int, num_division: int, sub_classes=None, seed: int = 0) -> list:
     """Seeded shuffle of range(num_classes) cut into groups; each group sorted. Returns list of lists of ids."""
+    if seed < 0:
+        raise SplitError(f'--seed must be non-negative, got {seed}')
     if num_division < 1:
         raise SplitError(f'--num_division must be at least 1, got {num_division}')
     if num_division > num_classes:
@@ -122,8 +124,6 @@ def split_dataset(dataset: str, data_path: str, num_division: int, output_path: 
     src, out = _check_paths(data_path, output_path, overwrite)
     samples = {s: read_samples(name, src, s) for s in SPLITS}
     class_names = samples['train'].class_names
-    if samples['val'].class_names != class_names:
-        raise SplitError(f'train and val of {data_path} have different classes')
     groups = plan_groups(len(class_names), num_division, sub_classes, seed)
     storage = samples['train'].storage
     if samples['train'].files is not None:  # fail on an unreadable image now, not in the middle of training

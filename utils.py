@@ -4,8 +4,11 @@ Every stage script builds its parser as ``argparse.ArgumentParser(parents=[get_a
 its own flags, so the seed's four commands are accepted flag for flag by all of them.
 """
 import argparse
+import ast
 import datetime
+import glob
 import json
+import math
 import os
 import random
 import sys
@@ -14,7 +17,6 @@ import tempfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import ParseKwargs
 
 from models.checkpoint import CheckpointError, read_checkpoint  # noqa: F401  (one error type, one reader)
 
@@ -43,15 +45,15 @@ def non_negative_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {text}')
     return value
 
 
 def non_negative_float(text):
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
     return value
 
 
@@ -60,6 +62,22 @@ def probability(text):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f'must be in [0, 1], got {text}')
     return value
+
+
+class ParseKwargs(argparse.Action):
+    """timm's ``--model-kwargs k=v ...`` action; an item without ``=`` is a usage error, not a traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key:
+                raise argparse.ArgumentError(self, f'expected KEY=VALUE items, got {item!r}')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
 
 
 def get_args_parser():
@@ -93,6 +111,8 @@ def get_args_parser():
     group.add_argument('--pin-mem', action='store_true')
     group.add_argument('--limit-train', type=positive_int, default=None, help='use only the first K training images')
     group.add_argument('--limit-val', type=positive_int, default=None, help='use only the first K test images')
+    group.add_argument('--skip-bad-images', action='store_true',
+                       help='skip unreadable image files (logged, counted in the summary) instead of stopping')
 
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='dedeit', help='timm model name of the trained model')
@@ -181,14 +201,17 @@ def run_main(main, argv=None):
         return main(argv)
     try:
         return main(argv)
-    except (ValueError, FloatingPointError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, FloatingPointError, OSError) as err:  # OSError: missing files, read-only or full disk
         _report_error(err)
 
 
 def _report_error(err):
     rank = os.environ.get('RANK')
     prefix = f'[rank {rank}] ' if rank not in (None, '0') else ''
-    print(f'{prefix}error: {err}', file=sys.stderr, flush=True)
+    message = str(err)
+    if 'Original Traceback' in message:  # re-raised from a DataLoader worker: its last line is our message
+        message = message.strip().splitlines()[-1].split(': ', 1)[-1]
+    print(f'{prefix}error: {message}', file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(2)
@@ -246,6 +269,15 @@ def all_reduce_sum(values, device='cpu'):
     return tensor.tolist()
 
 
+def all_gather_object(obj):
+    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` without DDP."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -257,7 +289,11 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(obj, path):
-    """``torch.save`` that never leaves a half-written file: temp file in the same folder, fsync, rename."""
+    """``torch.save`` that never leaves a half-written file: temp file in the same folder, fsync, rename.
+
+    A failed write (full disk, I/O error) raises ``OSError`` naming ``path``; the previous file there is untouched.
+    A process killed mid-write leaves only a hidden ``.NAME.*.tmp`` file, removed by ``remove_stale_temp_files``.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -268,11 +304,39 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # torch.save reports a failed write as an opaque RuntimeError whose context is the real OSError
+        cause = next((e for e in (err, err.__context__) if isinstance(e, OSError)), None)
+        if cause is not None:
+            raise OSError(f'cannot write checkpoint {path}: {cause.strerror or cause}; the previous '
+                          f'{os.path.basename(path)} is kept') from err
         raise
     _fsync_dir(folder)
+
+
+def remove_stale_temp_files(folder, names):
+    """Delete the temp files that ``save_checkpoint`` of ``folder/NAME`` leaves when its process is killed.
+
+    Call only where no other process is writing those checkpoints (the start of a run). Returns the removed paths.
+    """
+    stale = [p for name in names for p in glob.glob(os.path.join(glob.escape(folder), f'.{name}.*.tmp'))]
+    for p in stale:
+        os.unlink(p)
+    return stale
+
+
+def checkpoint_info(path):
+    """A checkpoint dict whose tensors are memory-mapped, not read: cheap access to ``stage``, ``classes``, ``args``.
+
+    Falls back to ``read_checkpoint`` (a full read, and its one-line error for a missing or truncated file).
+    """
+    try:
+        obj = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
+    except Exception:  # legacy (non-zip) format or a broken file
+        return read_checkpoint(path)
+    return obj if isinstance(obj, dict) else read_checkpoint(path)
 
 
 def _fsync_dir(folder):
@@ -327,25 +391,14 @@ def args_to_dict(args):
 # Divisions (what stages 1-3 share about the split)
 # ----------------------------------------------------------------------------------------------------------------
 
-MANIFEST = 'split.json'
-
-
-def division_dir(root, division):
-    return os.path.join(root, f'sub-dataset{division}')
-
-
 def read_manifest(folder, required=True):
-    """The split manifest of ``folder`` (a split output or a stage output that copied it), or None."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        if required:
-            raise UsageError(f'{folder} has no {MANIFEST}: give the output folder of splite_dataset.py')
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f'cannot read manifest {path}: {err}') from None
+    """The split manifest of ``folder`` (a split output, or a stage output that copied it), or None."""
+    import datasets  # local: keeps utils light for the split script
+
+    manifest = datasets.read_manifest(folder)
+    if manifest is None and required:
+        raise UsageError(f'{folder} has no {datasets.MANIFEST}: give the output folder of splite_dataset.py')
+    return manifest
 
 
 def divisions_to_run(args, manifest):
@@ -371,7 +424,7 @@ def check_sub_classes(args, manifest):
 def copy_manifest(manifest, output_dir):
     """Each stage's output folder carries the manifest, so the next stage can check against it."""
     if is_main_process():
-        write_json_atomic(os.path.join(output_dir, MANIFEST), manifest)
+        write_json_atomic(os.path.join(output_dir, 'split.json'), manifest)
 
 
 def create_model(name, num_classes, kwargs, input_size=None, **extra):

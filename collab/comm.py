@@ -18,8 +18,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-# Control words: the first element of every request header.
+# Control words: the first element of every request header [command, batch size, index of the first image].
 STOP, RUN = 0, 1
+HEADER_LEN = 3
 # Warm-up requests carry this image index, so the fault hooks and the statistics can tell them apart.
 WARMUP = -1
 
@@ -126,6 +127,3 @@ class Links:
 def header(cmd: int, batch: int = 0, first_index: int = WARMUP) -> torch.Tensor:
     """A request header: [command, batch size, index of the batch's first image (WARMUP for warm-up)]."""
     return torch.tensor([cmd, batch, first_index], dtype=torch.int64)
-
-
-HEADER_LEN = 3

@@ -59,7 +59,8 @@ class Settings(NamedTuple):
 
 class Reply(NamedTuple):
     """One request as seen by rank 0. times: ms for latency (end to end), send, compute (slowest worker, or sum of
-    stages), gather, head. nbytes: payload bytes of this request by kind, all links. worker_ms: each rank's own forward time."""
+    stages), gather, head. nbytes: payload bytes of this request by kind, all links. worker_ms: each rank's own
+    forward time."""
     logits: torch.Tensor
     times: dict[str, float]
     nbytes: dict[str, int]
@@ -292,10 +293,10 @@ def serve_collab(links: Links, backbone, settings: Settings, img_shape, device: 
     while (h := next_request(links, 0)) is not None:
         B, index = int(h[1]), int(h[2])
         fault.check(index, B)
-        x = codec.decode(links.recv((B, *img_shape), codec.torch_dtype, 0, 'input'))
-        t0 = time.perf_counter()
+        x = links.recv((B, *img_shape), codec.torch_dtype, 0, 'input')
+        t0 = time.perf_counter()  # the worker's own time: normalising a uint8 image is part of it
         with torch.inference_mode():
-            tokens = backbone(x.to(device))
+            tokens = backbone(codec.decode(x).to(device))
         runtime.synchronize(device)
         ms = _ms(t0, time.perf_counter())
         links.send(tokens.to(settings.wire_dtype), 0, 'tokens')
@@ -310,14 +311,14 @@ def serve_stage(links: Links, stage, rank: int, num_workers: int, settings: Sett
         B, index = int(h[1]), int(h[2])
         fault.check(index, B)
         if rank == 1:
-            x = codec.decode(links.recv((B, *img_shape), codec.torch_dtype, 0, 'input'))
+            x = links.recv((B, *img_shape), codec.torch_dtype, 0, 'input')
             record = torch.zeros(num_workers + 1, dtype=torch.float64)
         else:
-            x = links.recv((B, *act_shape), settings.wire_dtype, prev, 'activations').float()
+            x = links.recv((B, *act_shape), settings.wire_dtype, prev, 'activations')
             record = links.recv((num_workers + 1,), torch.float64, prev, 'control')
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = stage(x.to(device))
+            out = stage((codec.decode(x) if rank == 1 else x.float()).to(device))
         runtime.synchronize(device)
         record[rank] = _ms(t0, time.perf_counter())
         if nxt:
@@ -367,6 +368,19 @@ def _receive_infos(links: Links, num_workers: int, settings: Settings, timeout: 
         except PeerError as err:
             raise PeerError(r, f'{device_name(r)} {err} while starting (see its own error above)') from None
     return infos
+
+
+def check_workers(infos: dict[int, list[int]], widths: list[int] | None, img_size: int, in_chans: int) -> None:
+    """Refuse workers whose model does not fit: another input shape, or (collab) another token width than the
+    ensemble head expects from that device."""
+    for r, (width, size, chans) in infos.items():
+        if (size, chans) != (img_size, in_chans):
+            raise ValueError(f'{device_name(r)} expects {chans}×{size}×{size} images, the aggregator '
+                             f'{in_chans}×{img_size}×{img_size}: its model does not match')
+        if widths is not None and width != widths[r - 1]:
+            raise ValueError(f'{device_name(r)} sends {width} floats per image but the ensemble head expects '
+                             f"{widths[r - 1]} from device {r - 1}: its checkpoint does not match the aggregator's "
+                             '--model-path')
 
 
 def resolve_data_args(args, ckpt_args) -> None:
@@ -422,15 +436,7 @@ def run_aggregator(args, world: int):
     links = Links(pairs(num_workers), args.dist_timeout)
     infos = _receive_infos(links, num_workers, settings, args.startup_timeout)
     try:
-        for r, (width, size, chans) in infos.items():
-            if (size, chans) != (img_size, in_chans):
-                raise ValueError(f'{device_name(r)} expects {chans}×{size}×{size} images, the aggregator '
-                                 f'{in_chans}×{img_size}×{img_size}: its model does not match')
-            if args.mode == 'collab' and width != ensemble.token_widths()[r - 1]:
-                raise ValueError(
-                    f'{device_name(r)} sends {width} floats per image but the ensemble head expects '
-                    f'{ensemble.token_widths()[r - 1]} from device {r - 1}: its checkpoint does not match the '
-                    "aggregator's --model-path")
+        check_workers(infos, ensemble.token_widths() if args.mode == 'collab' else None, img_size, in_chans)
     except ValueError:
         stop(links, range(1, num_workers + 1))
         raise
@@ -508,7 +514,7 @@ def measure(client, source: ImageSource, warmup: int):
     batches = iter(source)
     first = next(batches, None)
     if first is None:
-        raise ValueError('no images to run (empty dataset or --limit 0)')
+        raise ValueError('no images to run: the dataset is empty')
     for _ in range(warmup):
         client(first[0], WARMUP)
     requests, images = [], []

@@ -134,8 +134,10 @@ def load_state_dict_checked(
     reset_head: when the classifier keys differ in shape or presence (another class count, or a model built with
     num_classes=0), drop the checkpoint's and keep the model's fresh classifier.
     resample_pos_embed: a pos_embed of another grid size is resampled with timm's resample_abs_pos_embed.
+    A model with a `convert_state_dict(sd)` method (models.cct: official CCT checkpoints) renames the keys first.
     """
-    sd = dict(state_dict)
+    convert = getattr(model, 'convert_state_dict', None)
+    sd = convert(state_dict) if callable(convert) else dict(state_dict)
     model_sd = model.state_dict()
     resampled = _resample_pos_embed(model, sd, what) if resample_pos_embed else []
 
@@ -146,10 +148,10 @@ def load_state_dict_checked(
     model_head = {k for k in model_sd if _is_head_key(k, names)}
     head_differs = ckpt_head != model_head or any(sd[k].shape != model_sd[k].shape for k in ckpt_head)
     if reset_head and head_differs:
+        shapes = {k: tuple(sd[k].shape) for k in sorted(ckpt_head)}
         for k in ckpt_head:
             del sd[k]
         reset, dropped = sorted(model_head), sorted(ckpt_head)
-        shapes = {k: tuple(state_dict[k].shape) for k in sorted(ckpt_head)}
         _logger.info(f'{what}: classifier reset (checkpoint {shapes or "none"}, model keeps fresh {reset or "none"})')
 
     missing = sorted(set(model_sd) - set(sd) - set(reset))

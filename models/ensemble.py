@@ -24,6 +24,7 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .features import has_dist_token, prefix_tokens, token_width
+from .shrink import checkpoint_shape
 
 _logger = logging.getLogger(__name__)
 
@@ -256,7 +257,9 @@ def load_students(
 
     Each backbone is created from its checkpoint's args['model'] / args['model_kwargs'] (falling back to `model` /
     `model_kwargs`), so students may differ in size, then loaded by key name into `backbones.{i}` with its
-    classifier keys dropped. The ensemble head is freshly initialised.
+    classifier keys dropped. A shrunk student (shrink.py, or distill_sub.py --load-shrink) is built with its pruned
+    shape (`shrink_policy`, else read off the state dict) as the `shrink` model kwarg, which `config` then carries.
+    The ensemble head is freshly initialised.
     """
     paths = student_checkpoint_paths(source, num_division)
     ckpts = [read_checkpoint(p) for p in paths]
@@ -265,7 +268,11 @@ def load_students(
         name, kwargs = student_spec(ckpt.get('args'), model, model_kwargs)
         if not name:
             raise CheckpointError(f'{p} has no args["model"]; pass model=')
-        backbones.append(create_backbone(name, kwargs))
+        backbone = create_backbone(name, kwargs)
+        shape = checkpoint_shape(ckpt, backbone, extract_state_dict(ckpt, use_ema=use_ema, source=p))
+        if shape is not None:  # a shrunk student: its pruned shape goes into the spec, so `config` rebuilds it
+            backbone = create_backbone(name, {**kwargs, 'shrink': shape})
+        backbones.append(backbone)
     ens = DeViTEnsemble(backbones, num_classes, embed_dim, distilled, device_dropout=device_dropout)
     for i, (p, ckpt) in enumerate(zip(paths, ckpts, strict=True)):
         load_state_dict_checked(ens.backbones[i], extract_state_dict(ckpt, use_ema=use_ema, source=p),

@@ -1,6 +1,8 @@
 """Size, compute and traffic of an ensemble of N students (+ its head).
 
     python -m models.stats --model dedeit --num_division 4 --nb-classes 1000 --input-size 224 --json
+    python -m models.stats --family decct                     # one of the paper's families, next to its figures
+    python -m models.stats --paper-table --output models/PAPER_TABLE.md   # all three, as a markdown table
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on one image. `flops` follows the paper's (and
 DeiT's "1.3G for DeiT-Tiny") convention, which is multiply-accumulates (MACs); `flops_2x` is 2×MACs, what
@@ -10,8 +12,10 @@ switched off while counting so its matmuls are visible); norms, softmax and GELU
 import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 from timm.utils import ParseKwargs
 from torch import nn
@@ -100,12 +104,84 @@ def model_stats(
 
 def teacher_stats(model: str, nb_classes: int = 1000, input_size: int = 224,
                   model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Params and MACs of a monolithic teacher, for comparison."""
-    import timm
+    """Params and MACs of a monolithic teacher, for comparison (and its width, the ensemble head's target)."""
     m = timm.create_model(model, num_classes=nb_classes, **{'img_size': input_size, **dict(model_kwargs or {})})
     m.eval()
-    return {'model': model, 'params': count_params(m),
+    return {'model': model, 'params': count_params(m), 'embed_dim': m.num_features,
             'flops': count_macs(m, torch.zeros(1, *_input_shape(m, input_size, None)))}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One of the paper's three decompositions: students, teacher and the paper's figures (ImageNet, 224², N=4)."""
+    label: str
+    student: str
+    teacher: str
+    paper_params: float
+    paper_flops: float
+    note: str  # why our count differs from the paper's, in one line
+
+
+FAMILIES = {
+    'devits': Family(
+        'DeViTs (from ViT-L/16)', 'devit', 'vit_large_patch16_224', 23.0e6, 5.9e9,
+        'our students have the DeiT-Tiny shape DESIGN.md fixes (5.52M, 1.25G each) and the head projects to ViT-L\'s '
+        '1024-d cls token (1.8M); the paper\'s 5.9G means about 1.47G per student, so its students (shrunk from '
+        'ViT-L) are somewhat larger than DeiT-Tiny or its counter counts more than matmuls and convolutions.'),
+    'dedeits': Family(
+        'DeDeiTs (from DeiT-B)', 'dedeit', 'deit_base_distilled_patch16_224', 23.9e6, 5.9e9,
+        'four DeiT-Tiny-distilled backbones are 22.1M; our head projects cls and dist separately and classifies each '
+        '(2.7M) where the paper\'s total leaves about 1.8M for its head; the FLOPs gap is the one of DeViTs.'),
+    'decct': Family(
+        'DeCCTs (from CCT-14/7x2)', 'decct', 'cct_14_7x2', 18.3e6, 5.1e9,
+        '`decct`\'s shape is our choice, picked to land on the paper\'s totals: CCT-14/7x2 shrunk to 4 heads of 64 '
+        '(dim 256), 6 layers, MLP ratio 3, 32 tokenizer channels; a CCT-7/7x2 shape (7 layers, MLP ratio 2, 64 '
+        'channels) would give 19.0M / 6.4G.'),
+}
+
+
+def family_stats(family: str, num_division: int = 4, nb_classes: int = 1000, input_size: int = 224,
+                 model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`model_stats` of a paper family (students + head projecting to its teacher's width), its teacher's size and
+    the paper's figures. Built on the meta device: shapes only, so ViT-L costs neither memory nor time."""
+    if family not in FAMILIES:
+        raise ValueError(f'unknown family {family!r}; choose from {", ".join(FAMILIES)}')
+    fam = FAMILIES[family]
+    with torch.device('meta'):
+        teacher = teacher_stats(fam.teacher, nb_classes, input_size)
+        stats = model_stats(fam.student, num_division, nb_classes, input_size, model_kwargs, teacher['embed_dim'])
+    stats.update(family=family, label=fam.label, teacher=teacher, note=fam.note,
+                 paper={'params': fam.paper_params, 'flops': fam.paper_flops})
+    return stats
+
+
+def _delta(ours: float, paper: float) -> str:
+    return f'{100 * (ours / paper - 1):+.0f}%'
+
+
+def paper_table(num_division: int = 4, nb_classes: int = 1000, input_size: int = 224,
+                families: Sequence[str] = tuple(FAMILIES)) -> str:
+    """Markdown: the families' params and FLOPs (ours next to the paper's), one note per family."""
+    rows = [family_stats(f, num_division, nb_classes, input_size) for f in families]
+    lines = [
+        f'Size of the ensembles ({num_division} students + ensemble head, {input_size}x{input_size} input, '
+        f'{nb_classes} classes), from `python -m models.stats --paper-table`. FLOPs are multiply-accumulates '
+        '(the paper\'s and DeiT\'s convention), matmuls and convolutions counted by torch\'s FlopCounterMode, '
+        'attention included.',
+        '',
+        '| family | students | params (ours) | params (paper) | FLOPs (ours) | FLOPs (paper) | teacher (ours) |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        t = r['teacher']
+        lines.append(
+            f'| {r["label"]} | {num_division} x `{r["model"]}` + head | {r["params"] / 1e6:.1f}M '
+            f'({_delta(r["params"], r["paper"]["params"])}) | {r["paper"]["params"] / 1e6:.1f}M | '
+            f'{r["flops"] / 1e9:.2f}G ({_delta(r["flops"], r["paper"]["flops"])}) | {r["paper"]["flops"] / 1e9:.1f}G | '
+            f'`{t["model"]}` {t["params"] / 1e6:.1f}M / {t["flops"] / 1e9:.1f}G |')
+    lines.append('')
+    lines += [f'- {r["label"].split()[0]}: {r["note"]}' for r in rows]
+    return '\n'.join(lines) + '\n'
 
 
 def _human(n: float) -> str:
@@ -126,6 +202,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='width of the ensemble head projection (the teacher width; 768 for DeiT-B)')
     parser.add_argument('--teacher-model', default=None, type=str, help='also report this monolithic teacher')
     parser.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--family', choices=sorted(FAMILIES), default=None,
+                        help="one of the paper's families: its students, teacher width and the paper's figures "
+                             '(overrides --model, --embed-dim-teacher, --teacher-model)')
+    parser.add_argument('--paper-table', action='store_true',
+                        help='all three families next to the paper\'s figures, as a markdown table')
+    parser.add_argument('--output', default=None, help='with --paper-table: also write the table to this file')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
     return parser
 
@@ -133,9 +215,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    stats = model_stats(args.model, args.num_division, args.nb_classes, args.input_size, args.model_kwargs,
-                        args.embed_dim_teacher)
-    if args.teacher_model:
+    if args.paper_table:
+        table = paper_table(args.num_division, args.nb_classes, args.input_size)
+        if args.output:
+            with open(args.output, 'w') as f:
+                f.write(table)
+        print(table, end='')
+        return {'table': table}
+    if args.family:
+        stats = family_stats(args.family, args.num_division, args.nb_classes, args.input_size, args.model_kwargs)
+        args.model = stats['model']
+    else:
+        stats = model_stats(args.model, args.num_division, args.nb_classes, args.input_size, args.model_kwargs,
+                            args.embed_dim_teacher)
+    if args.teacher_model and not args.family:
         stats['teacher'] = teacher_stats(args.teacher_model, args.nb_classes, args.input_size, args.teacher_kwargs)
     if args.json:
         print(json.dumps(stats))
@@ -156,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if 'teacher' in stats:
         t = stats['teacher']
         rows += [(f'teacher {t["model"]} params', _human(t['params'])), ('teacher FLOPs (MACs)', _human(t['flops']))]
+    if 'paper' in stats:
+        p = stats['paper']
+        rows += [(f'paper {stats["label"]}', f'{_human(p["params"])} params, {_human(p["flops"])} FLOPs'),
+                 ('why they differ', stats['note'])]
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f'{k:<{width}}  {v}')

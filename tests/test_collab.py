@@ -5,20 +5,21 @@ real Fashion-MNIST test images; each launch has a subprocess timeout so a hang f
 """
 import csv
 import json
-import os
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
+from helpers import ROOT, env, launch_cmd
 
 import collab_infer
-import models  # noqa: F401
 import utils
 from collab import modes, runtime
 from datasets import build_dataset
-from helpers import ROOT, env, launch_cmd, run
 from models.checkpoint import CheckpointError
 from models.ensemble import DeViTEnsemble, create_backbone
 
@@ -28,6 +29,7 @@ PIXELS = 28 * 28
 TEACHER = ['--teacher-model', 'deit_tiny_distilled_patch16_224', '--teacher-kwargs', 'img_size=28', 'patch_size=7',
            'in_chans=1', 'embed_dim=48', 'depth=4', 'num_heads=2']
 LAUNCH_TIMEOUT = 240
+STALL_TIMEOUT = 3
 
 
 @pytest.fixture(autouse=True)
@@ -70,21 +72,36 @@ def reference(ckpt, x, present=None):
         return ens.head_forward(tokens, present).eval_logits().argmax(1).tolist()
 
 
-def launch(nproc, *args, launcher='launch', check=True):
-    return run(launch_cmd('collab_infer.py', *args, nproc=nproc, launcher=launcher), timeout=LAUNCH_TIMEOUT,
-               check=check)
-
-
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def launch_timed(nproc, *args):
-    """Launch and timestamp each output line, so a test can time the fault -> error interval itself
-    (process start-up on a loaded machine says nothing about the runtime)."""
-    proc = subprocess.Popen(launch_cmd('collab_infer.py', *args, nproc=nproc), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+class Launch(NamedTuple):
+    rc: int
+    lines: list  # (time.monotonic() when read, line) for stdout and stderr merged
+    end: float  # time.monotonic() when the launcher exited
+    out: Path  # folder holding r.json / r.csv
+
+    def report(self):
+        return json.loads((self.out / 'r.json').read_text())
+
+    def preds(self):
+        return [int(r['pred']) for r in read_csv(self.out / 'r.csv')]
+
+    def first(self, text):
+        return next(((t, line) for t, line in self.lines if text in line), (None, None))
+
+    def text(self):
+        return '\n'.join(line for _, line in self.lines)
+
+
+def launch(nproc, args, out, launcher='launch'):
+    """Run collab_infer.py under the launcher, timestamping each output line as it arrives, so a test can time the
+    fault -> error interval itself (process start-up on a loaded machine says nothing about the runtime)."""
+    cmd = launch_cmd('collab_infer.py', *args, '--report', str(out / 'r.json'), '--csv', str(out / 'r.csv'),
+                     nproc=nproc, launcher=launcher)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
 
     def read():
@@ -94,14 +111,38 @@ def launch_timed(nproc, *args):
     reader.start()
     try:
         rc = proc.wait(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        rc = 'timeout'
     finally:
         proc.kill()
+    end = time.monotonic()
     reader.join(5)
-    return rc, lines, time.monotonic()
+    return Launch(rc, lines, end, out)
 
 
-def first(lines, text):
-    return next(((t, line) for t, line in lines if text in line), (None, None))
+@pytest.fixture(scope='module')
+def runs(request, ckpts, fmnist_root, tmp_path_factory):
+    """The distributed runs of the selected tests, three at a time: each costs seconds of process start-up (torch,
+    timm) and little else, so overlapping them halves this module's wall time."""
+    data = ['--data-path', fmnist_root]
+    specs = {
+        'two_workers': (3, [*data, '--model-path', ckpts[2], '--limit', '10', '--timeout', '30'], 'launch'),
+        'four_workers': (5, [*data, '--model-path', ckpts[4], '--limit', '7', '--batch-size', '3',
+                             '--input-dtype', 'uint8'], 'torchrun'),
+        'layer_split': (3, [*data, '--mode', 'layer-split', *TEACHER, '--limit', '4'], 'launch'),
+        'dies': (2, [*data, '--model-path', ckpts[1], '--limit', '8', '--timeout', '20', '--fault', 'exit',
+                     '--fault-rank', '1', '--fault-after', '3'], 'launch'),
+        'stalls': (2, [*data, '--model-path', ckpts[1], '--limit', '8', '--timeout', str(STALL_TIMEOUT),
+                       '--fault', 'stall', '--fault-rank', '1', '--fault-after', '2'], 'launch'),
+        'dropout': (3, [*data, '--model-path', ckpts[2], '--limit', '6', '--timeout', '20', '--dropout-tolerant',
+                        '--fault', 'exit', '--fault-rank', '1', '--fault-after', '2'], 'launch'),
+    }
+    selected = {item.name for item in request.session.items}
+    wanted = {k: v for k, v in specs.items() if any(k in name for name in selected)}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {k: pool.submit(launch, n, args, tmp_path_factory.mktemp(k), launcher)
+                   for k, (n, args, launcher) in wanted.items()}
+        return {k: f.result() for k, f in futures.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,8 +173,8 @@ def test_worker_backbone_equals_ensemble_device(ckpts):
 
 @pytest.mark.parametrize('n', [1, 3, 4])
 def test_layer_split_stages_chain_to_the_model(n):
-    teacher = runtime.build_teacher('deit_tiny_distilled_patch16_224', dict(
-        img_size=28, patch_size=7, in_chans=1, embed_dim=48, depth=4, num_heads=2), num_classes=10)
+    kwargs = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 48, 'depth': 4, 'num_heads': 2}
+    teacher = runtime.build_teacher('deit_tiny_distilled_patch16_224', kwargs, num_classes=10)
     x = torch.randn(2, 1, 28, 28)
     out = x
     stages = runtime.split_stages(teacher, n)
@@ -155,6 +196,20 @@ def test_uint8_input_is_lossless_for_native_pixels(fmnist_root):
     # Equal up to float rounding (a vectorised x/255 is x·(1/255)): pixels are recovered exactly.
     torch.testing.assert_close(codec.decode(sent), x, rtol=0, atol=1e-6)
     assert torch.equal(codec.encode(codec.decode(sent)), sent)
+
+
+def test_worker_with_wrong_checkpoint_is_refused(ckpts):
+    """What rank 0 checks in each worker's hello answer: [floats sent per image, image size, channels]. (The
+    same check over a real launch costs a launch: `--worker-model-path` gives the workers another checkpoint.)"""
+    ckpt = runtime.read_ensemble_checkpoint(ckpts['wide'])
+    wide = runtime.load_backbone(ckpt, 0)
+    widths = runtime.load_ensemble(ckpts[2]).token_widths()
+    modes.check_workers({1: [WIDTH, 28, 1], 2: [WIDTH, 28, 1]}, widths, 28, 1)
+    with pytest.raises(ValueError, match=r'worker rank 2 \(device 1\) sends 96 floats per image but the ensemble '
+                                         r'head expects 64'):
+        modes.check_workers({1: [WIDTH, 28, 1], 2: [wide.width, 28, 1]}, widths, 28, 1)
+    with pytest.raises(ValueError, match=r'worker rank 1 \(device 0\) expects 1×32×32 images'):
+        modes.check_workers({1: [WIDTH, 32, 1]}, None, 28, 1)
 
 
 def test_world_size_must_be_devices_plus_one():
@@ -197,14 +252,13 @@ def test_monolithic_modes_in_one_process(tmp_path, ckpts, fmnist_root, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # Distributed runs on loopback
 
-def test_collab_two_workers_match_in_process_ensemble(tmp_path, ckpts, fmnist_root):
-    out, rows = tmp_path / 'r.json', tmp_path / 'r.csv'
-    launch(3, '--model-path', ckpts[2], '--data-path', fmnist_root, '--limit', '10', '--timeout', '30',
-           '--report', str(out), '--csv', str(rows))
-    report = json.loads(out.read_text())
+def test_collab_two_workers_match_in_process_ensemble(runs, ckpts, fmnist_root):
+    run = runs['two_workers']
+    assert run.rc == 0, run.text()
+    report = run.report()
     x, y = images(fmnist_root, 10)
     expected = reference(ckpts[2], x)
-    assert [int(r['pred']) for r in read_csv(rows)] == expected
+    assert run.preds() == expected
     assert report['accuracy'] == pytest.approx(sum(p == t for p, t in zip(expected, y.tolist())) / 10)
     assert report['world_size'] == 3 and report['num_devices'] == 2 and report['num_images'] == 10
     assert set(report['latency_ms']) >= {'p50', 'p95', 'mean'}
@@ -212,24 +266,24 @@ def test_collab_two_workers_match_in_process_ensemble(tmp_path, ckpts, fmnist_ro
     assert report['bytes_per_image'] == 2 * WIDTH * 4  # fp32 tokens of both devices
     assert report['input_bytes_per_image'] == 2 * PIXELS * 4  # the fp32 image, once per device
     assert set(report['worker_compute_ms']) == {'1', '2'}
+    assert 'latency ms' in run.text()  # the printed table
 
 
-def test_collab_four_workers_torchrun_uint8_batches(tmp_path, ckpts, fmnist_root):
-    out, rows = tmp_path / 'r.json', tmp_path / 'r.csv'
-    launch(5, '--model-path', ckpts[4], '--data-path', fmnist_root, '--limit', '7', '--batch-size', '3',
-           '--input-dtype', 'uint8', '--report', str(out), '--csv', str(rows), launcher='torchrun')
-    report = json.loads(out.read_text())
+def test_collab_four_workers_torchrun_uint8_batches(runs, ckpts, fmnist_root):
+    run = runs['four_workers']
+    assert run.rc == 0, run.text()
+    report = run.report()
     x, _ = images(fmnist_root, 7)
-    assert [int(r['pred']) for r in read_csv(rows)] == reference(ckpts[4], x)
+    assert run.preds() == reference(ckpts[4], x)
     assert report['num_requests'] == 3 and report['world_size'] == 5
     assert report['bytes_per_image'] == 4 * WIDTH * 4
     assert report['input_bytes_per_image'] == 4 * PIXELS  # uint8 pixels
 
 
-def test_layer_split_ships_activations(tmp_path, fmnist_root):
-    out = tmp_path / 'r.json'
-    launch(3, '--mode', 'layer-split', *TEACHER, '--data-path', fmnist_root, '--limit', '4', '--report', str(out))
-    report = json.loads(out.read_text())
+def test_layer_split_ships_activations(runs):
+    run = runs['layer_split']
+    assert run.rc == 0, run.text()
+    report = run.report()
     hop = 18 * 48 * 4  # one B×T×D activation between the two stages, fp32
     assert report['bytes_by_kind_per_image']['activations'] == hop
     assert report['bytes_per_image'] == hop + 10 * 4  # plus the logits back to rank 0
@@ -237,45 +291,32 @@ def test_layer_split_ships_activations(tmp_path, fmnist_root):
     assert report['input_bytes_per_image'] == PIXELS * 4 and report['random_weights']
 
 
-def test_worker_that_dies_gives_clear_error(ckpts, fmnist_root):
-    rc, lines, end = launch_timed(2, '--model-path', ckpts[1], '--data-path', fmnist_root, '--limit', '8',
-                                  '--timeout', '20', '--fault', 'exit', '--fault-rank', '1', '--fault-after', '3')
-    t_fault, _ = first(lines, 'fault injected')
-    t_error, error = first(lines, 'error: worker rank 1')
-    assert rc != 0 and t_fault is not None, '\n'.join(line for _, line in lines)
-    assert error is not None and 'closed the connection' in error and 'at image 3' in error
-    assert t_error - t_fault < 10  # a closed link is noticed at once, long before the timeout
-    assert end - t_error < 20  # and the launcher tears down the rest
+def test_worker_that_dies_gives_clear_error(runs):
+    run = runs['dies']
+    t_fault, _ = run.first('fault injected')
+    t_error, error = run.first('error: worker rank 1')
+    assert run.rc not in (0, 'timeout') and t_fault is not None and error is not None, run.text()
+    assert 'closed the connection' in error and 'at image 3' in error
+    assert t_error - t_fault < 10  # a closed link is noticed at once, long before the 20 s timeout
+    assert run.end - t_error < 20  # and the launcher tears down the rest
 
 
-def test_worker_that_stalls_times_out(ckpts, fmnist_root):
-    timeout = 3
-    rc, lines, end = launch_timed(2, '--model-path', ckpts[1], '--data-path', fmnist_root, '--limit', '8',
-                                  '--timeout', str(timeout), '--fault', 'stall', '--fault-rank', '1',
-                                  '--fault-after', '2')
-    t_fault, _ = first(lines, 'fault injected')
-    t_error, error = first(lines, 'error: worker rank 1')
-    assert rc != 0 and t_fault is not None, '\n'.join(line for _, line in lines)
-    assert error is not None and f'did not answer within {timeout} s' in error
-    assert timeout - 1 < t_error - t_fault < timeout + 10
-    assert end - t_fault < timeout + 20
+def test_worker_that_stalls_times_out(runs):
+    run = runs['stalls']
+    t_fault, _ = run.first('fault injected')
+    t_error, error = run.first('error: worker rank 1')
+    assert run.rc not in (0, 'timeout') and t_fault is not None and error is not None, run.text()
+    assert f'did not answer within {STALL_TIMEOUT} s' in error
+    assert STALL_TIMEOUT - 2 < t_error - t_fault < STALL_TIMEOUT + 10
+    assert run.end - t_fault < STALL_TIMEOUT + 20
 
 
-def test_dropout_tolerant_answers_from_devices_still_up(tmp_path, ckpts, fmnist_root):
-    out, rows = tmp_path / 'r.json', tmp_path / 'r.csv'
-    launch(3, '--model-path', ckpts[2], '--data-path', fmnist_root, '--limit', '6', '--timeout', '20',
-           '--dropout-tolerant', '--fault', 'exit', '--fault-rank', '1', '--fault-after', '2',
-           '--report', str(out), '--csv', str(rows))
-    report = json.loads(out.read_text())
+def test_dropout_tolerant_answers_from_devices_still_up(runs, ckpts, fmnist_root):
+    run = runs['dropout']
+    assert run.rc == 0, run.text()
+    report = run.report()
     assert [(d['rank'], d['at_image']) for d in report['dropped_ranks']] == [(1, 2)]
     assert report['num_images'] == 6 and report['accuracy'] is not None
     x, _ = images(fmnist_root, 6)
     expected = reference(ckpts[2], x[:2]) + reference(ckpts[2], x[2:], present=[False, True])
-    assert [int(r['pred']) for r in read_csv(rows)] == expected
-
-
-def test_worker_with_wrong_checkpoint_is_refused(ckpts, fmnist_root):
-    proc = launch(2, '--model-path', ckpts[1], '--worker-model-path', ckpts['wide'], '--data-path', fmnist_root,
-                  '--limit', '2', check=False)
-    assert proc.returncode != 0
-    assert 'error: worker rank 1 (device 0) sends 96 floats per image but the ensemble head expects 64' in proc.stderr
+    assert run.preds() == expected

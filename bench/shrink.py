@@ -1,0 +1,213 @@
+"""Benchmark: shrinking a demo-sized student -- params, MACs, CPU latency and accuracy before and after.
+
+    python bench/shrink.py [--quick] [--work-dir DIR] [--markdown models/SHRINK_RESULTS.md] [--json FILE]
+
+On Fashion-MNIST, division 0 of the demo's 4-way split, with the stage scripts as processes (plain python, world
+size 1): a sub-teacher trained from scratch (train_subdata.py), the demo's student distilled from it
+(distill_sub.py), then shrink.py at two ratios (fractions KEPT of the heads and of the MLP neurons in every layer)
+with one epoch of re-distillation (--redistill-epochs, i.e. distill_sub.py --load-shrink). The control row is the
+unpruned student distilled for the same extra epoch, so the re-distilled rows are compared with equal training.
+
+Params and MACs: models.stats (MACs = the paper's "FLOPs" convention). Latency: batch 1, one thread, eval mode,
+models interleaved in a shuffled order each round (so a busy neighbour slows all of them alike), median of `--runs`
+rounds; the ratio is to the unpruned student measured in the same rounds. Accuracy: top-1 on the division's test
+images (3,000; `--quick` uses 500 and a 1,500-image training slice, for a smoke run, and writes no markdown unless
+`--markdown` is given).
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import datasets  # noqa: E402
+import engine  # noqa: E402
+from models.shrink import model_shape  # noqa: E402
+from models.stats import count_macs, count_params  # noqa: E402
+from shrink import load_student  # noqa: E402
+
+DATA = '/usr/share/datasets/fashion-mnist'
+TEACHER = 'deit_tiny_distilled_patch16_224'
+# The demo's student; the teacher is smaller than the demo's (192 wide, 6 deep) to keep the benchmark short on CPU.
+STUDENT_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=96', 'depth=3', 'num_heads=3', 'mlp_ratio=2']
+TEACHER_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=128', 'depth=4', 'num_heads=4', 'mlp_ratio=2']
+RATIOS = [('keep 2/3', 2 / 3, 2 / 3), ('keep 1/3', 1 / 3, 1 / 3)]  # (name, head ratio, neuron ratio), kept
+COMMON = ['--dataset', 'fashion_mnist', '--tiny-transforms', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
+          '--drop-path', '0', '--batch-size', '128', '--eval-batch-size', '500', '--unscale-lr', '--warmup-epochs',
+          '0.3', '--min-lr', '1e-5', '--weight-decay', '0.05', '--no-progress', '--num_division', '4',
+          '--start-division', '0', '--overwrite']
+
+
+def sh(cmd, log, threads):
+    started = time.time()
+    with open(log, 'w') as f:
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads)))
+    if proc.returncode:
+        with open(log) as f:
+            sys.exit(f'failed: {" ".join(cmd)}\n{f.read()[-3000:]}')
+    return time.time() - started
+
+
+def train(work, quick, threads):
+    """Split, sub-teacher, student, shrunk students and the control; returns {row: checkpoint path}."""
+    limits = ['--limit-train', '1500', '--limit-val', '500'] if quick else []
+    e1, e2, e_re = (1, 1, 1) if quick else (3, 3, 1)
+    split, s1, s2 = (os.path.join(work, n) for n in ('split', 'stage1', 'stage2'))
+    common = COMMON + limits
+    teacher = ['--teacher-model', TEACHER, '--teacher-kwargs', *TEACHER_KW, '--teacher-path', s1,
+               '--distillation-type', 'hard', '--gama', '0.2', '0.1', '0.3', '--data-path', split]
+    steps = [] if os.path.isfile(os.path.join(split, 'split.json')) else [
+        ('split', ['splite_dataset.py', '--dataset', 'fashion_mnist', '--data_path', DATA, '--num_division', '4',
+                   '--output_path', split])]
+    steps += [
+        (f'sub-teacher, {e1} epochs', ['train_subdata.py', *common, '--model', TEACHER, '--model-kwargs', *TEACHER_KW,
+                                       '--lr', '2e-3', '--epochs', str(e1), '--data-path', split, '--output_dir', s1]),
+        (f'student, {e2} epochs', ['distill_sub.py', *common, '--model', 'dedeit', '--model-kwargs', *STUDENT_KW,
+                                   '--lr', '2e-3', '--epochs', str(e2), *teacher, '--output_dir', s2]),
+        (f'control: unpruned, +{e_re} epoch', [
+            'distill_sub.py', *common, '--model', 'dedeit', '--model-kwargs', *STUDENT_KW, '--lr', '5e-4',
+            '--epochs', str(e_re), '--model-path', os.path.join(s2, 'sub-dataset0', 'checkpoint.pth'), *teacher,
+            '--output_dir', os.path.join(work, 'control')]),
+    ]
+    for name, head, neuron in RATIOS:
+        steps.append((f'shrink {name}, +{e_re} epoch', [
+            'shrink.py', *common, '--model-path', s2, '--head-ratio', repr(head), '--neuron-ratio', repr(neuron),
+            '--importance-batches', '10' if quick else '40', '--redistill-epochs', str(e_re), '--lr', '5e-4',
+            *teacher, '--output_dir', os.path.join(work, name.replace(' ', '_').replace('/', '_'))]))
+    for i, (name, cmd) in enumerate(steps):
+        print(f'{name}: {sh(cmd, os.path.join(work, f"step{i}.log"), threads):.0f} s', flush=True)
+    paths = {'unpruned': os.path.join(s2, 'sub-dataset0', 'checkpoint.pth'),
+             'unpruned +re': os.path.join(work, 'control', 'sub-dataset0', 'checkpoint.pth')}
+    for name, _, _ in RATIOS:
+        folder = os.path.join(work, name.replace(' ', '_').replace('/', '_'), 'sub-dataset0')
+        paths[name] = os.path.join(folder, 'pruned.pth')
+        paths[name + ' +re'] = os.path.join(folder, 'checkpoint.pth')
+    return paths, {'sub_teacher_epochs': e1, 'student_epochs': e2, 'redistill_epochs': e_re}
+
+
+def latency(models, runs, warmup=20, seed=0):
+    """Median seconds per image of each model (batch 1, one thread), interleaved in a shuffled order per round."""
+    torch.set_num_threads(1)
+    x = torch.randn(1, 1, 28, 28)
+    names = list(models)
+    times = {n: [] for n in names}
+    rng = random.Random(seed)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                models[n](x)
+        for _ in range(runs):
+            rng.shuffle(names)
+            for n in names:
+                started = time.perf_counter()
+                models[n](x)
+                times[n].append(time.perf_counter() - started)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def measure(paths, work, quick, runs):
+    manifest = json.load(open(os.path.join(work, 'split', 'split.json')))
+    classes = manifest['divisions'][0]['classes']
+    models = {name: load_student(path, classes)[1] for name, path in paths.items()}
+    val = datasets.build_dataset('fashion_mnist', os.path.join(work, 'split'), 'val', division=0, in_chans=1,
+                                 tiny=True)
+    val = engine.limit(val, 500 if quick else None)
+    loader = torch.utils.data.DataLoader(val, batch_size=500)
+    torch.set_num_threads(2)
+    acc = {name: engine.evaluate(m, loader, 'cpu')['acc1'] for name, m in models.items()}
+    x = torch.zeros(1, 1, 28, 28)
+    rows = {}
+    timed = {n: m for n, m in models.items() if not n.endswith('+re')}  # the re-distilled have the same shapes
+    lat = latency(timed, runs)
+    for name, m in timed.items():
+        rows[name] = {'shape': model_shape(m), 'params': count_params(m), 'macs': count_macs(m, x),
+                      'latency_ms': 1e3 * lat[name], 'latency_ratio': lat[name] / lat['unpruned'],
+                      'acc1': acc[name], 'acc1_redistilled': acc[name + ' +re']}
+    for r in rows.values():
+        r['params_ratio'] = r['params'] / rows['unpruned']['params']
+        r['macs_ratio'] = r['macs'] / rows['unpruned']['macs']
+    return rows, len(val), classes
+
+
+def markdown(result):
+    rows, info = result['rows'], result['setup']
+    lines = [
+        '# Shrinking a DeViT student (demo scale)',
+        '',
+        f'Produced by `python bench/shrink.py` ({info["seconds"]:.0f} s on {info["machine"]}). Fashion-MNIST, '
+        f'division 0 of 4 (global classes {info["classes"]}: the three hardest to tell apart), '
+        f'{info["test_images"]} test images. Student `dedeit` {" ".join(STUDENT_KW)}, distilled for '
+        f'{info["student_epochs"]} epochs from a sub-teacher `{TEACHER}` {" ".join(TEACHER_KW)} trained from scratch '
+        f'for {info["sub_teacher_epochs"]} epochs. Shrinking keeps, in every layer, the given fraction of attention '
+        f'heads and of MLP neurons ranked by importance E|dCE/dgate| on the division\'s training images, removes '
+        f'the rest (rows/columns of qkv, proj, fc1, fc2), then re-distils for {info["redistill_epochs"]} epoch '
+        '(`distill_sub.py --load-shrink`).',
+        '',
+        'MACs = the paper\'s "FLOPs" (models.stats). Latency: CPU, batch 1, 1 thread, median of '
+        f'{info["latency_runs"]} interleaved runs, as a ratio to the unpruned student measured in the same run. '
+        '"after re-distillation" for the unpruned row is the control: the same extra epoch without pruning.',
+        '',
+        '| student | heads per layer | MLP width per layer | params | MACs | latency (ratio) | top-1 pruned | '
+        'top-1 after re-distillation |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f'| {name} | {r["shape"]["heads"]} | {r["shape"]["hidden"]} | {r["params"] / 1e3:.1f}K '
+            f'({r["params_ratio"]:.2f}) | {r["macs"] / 1e6:.2f}M ({r["macs_ratio"]:.2f}) | '
+            f'{r["latency_ms"]:.3f} ms ({r["latency_ratio"]:.2f}) | {r["acc1"]:.2f} | {r["acc1_redistilled"]:.2f} |')
+    lines += ['', 'Unpruned "top-1 pruned" is the student before shrinking. Latency at this size is dominated by '
+              'per-layer overheads (patch embedding, norms, Python dispatch), so it falls less than MACs do.', '']
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true', help='small slice and 1 epoch per stage (a smoke run)')
+    parser.add_argument('--work-dir', default=None, help='keep the trained checkpoints here (default: a temp dir)')
+    parser.add_argument('--markdown', default=None, help='default: models/SHRINK_RESULTS.md (not with --quick)')
+    parser.add_argument('--json', default=None, help='also write the results as JSON')
+    parser.add_argument('--runs', type=int, default=None, help='latency rounds (default 500, --quick 100)')
+    parser.add_argument('--threads', type=int, default=2, help='threads of the training processes')
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(DATA, 'train-images-idx3-ubyte.gz')):
+        sys.exit(f'error: Fashion-MNIST not found in {DATA} (apt-get install dataset-fashion-mnist)')
+    runs = args.runs or (100 if args.quick else 500)
+    work = args.work_dir or tempfile.mkdtemp(prefix='devit-shrink-')
+    os.makedirs(work, exist_ok=True)
+    started = time.time()
+    try:
+        paths, setup = train(work, args.quick, args.threads)
+        rows, test_images, classes = measure(paths, work, args.quick, runs)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    setup.update(seconds=time.time() - started, test_images=test_images, classes=classes, latency_runs=runs,
+                 machine=f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
+                 torch=torch.__version__, quick=args.quick)
+    result = {'rows': rows, 'setup': setup}
+    text = markdown(result)
+    print(text)
+    target = args.markdown or (None if args.quick else os.path.join(ROOT, 'models', 'SHRINK_RESULTS.md'))
+    if target:
+        with open(target, 'w') as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,245 @@
+"""Shrinking (after stage 2): prune each student's least important attention heads and MLP neurons, then distil again.
+
+For each division: load the stage-2 student, score every head and MLP neuron by E|∂CE/∂gate| on K batches of the
+division's training images (training transform, no mixup), keep the top fraction `--head-ratio` of heads and
+`--neuron-ratio` of neurons in every layer (fractions KEPT; at least one head and one neuron per layer), physically
+remove the rest (models/shrink.py) and evaluate before and after. With `--redistill-epochs E` the pruned student is
+then distilled again from its sub-teacher by distill_sub.py (`--load-shrink`), with this command's other flags.
+
+    python shrink.py --model-path ./output/stage2 --data-path ./sub_datasets --dataset cifar100 --num_division 4 \\
+        --all-divisions --head-ratio 0.67 --neuron-ratio 0.5 --importance-batches 20 --output_dir ./output/shrunk
+    # re-distil in the same call (teacher flags as for distill_sub.py):
+    python shrink.py ... --redistill-epochs 10 --teacher-model deit_base_distilled_patch16_224 \\
+        --teacher-path ./output/stage1 --distillation-type hard --gama 0.2 0.1 0.3 --lr 8e-5 --model-ema
+    # or afterwards:  distill_sub.py ... --load-shrink ./output/shrunk --output_dir ./output/redistilled
+
+`--model-path` is stage 2's output folder (division i uses `sub-dataset{i}/checkpoint.pth`) or one checkpoint.
+Writes OUTPUT/sub-dataset{i}/ with `pruned.pth` (a stage-2 checkpoint of the pruned student, `shrink_policy`
+inside), `shrink.json` (the policy: kept heads/neurons per layer, importances, the rebuild shape; and
+`steps`/`acc1`/`acc5` arrays: before, pruned, redistilled) and `checkpoint.pth` (the pruned student, or the
+re-distilled one with `--redistill-epochs`), so OUTPUT is a valid `--model-path` of ensemble.py.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import datasets
+import distill_sub
+import engine
+import utils
+from models.checkpoint import extract_state_dict, load_state_dict_checked
+from models.ensemble import student_spec
+from models.shrink import (
+    POLICY_FILE,
+    PRUNED_FILE,
+    checkpoint_shape,
+    importance,
+    make_policy,
+    model_shape,
+    prune_,
+    reshape_,
+)
+from models.stats import count_macs, count_params
+
+# Flags of this script that distill_sub.py does not take, and those the re-distillation sets itself, with the
+# number of values each takes (-1: all up to the next flag).
+_OWN_FLAGS = {'--head-ratio': 1, '--neuron-ratio': 1, '--importance-batches': 1, '--redistill-epochs': 1,
+              '--shrink-ema': 0}
+_REPLACED_FLAGS = {'--model-path': 1, '--model_path': 1, '--output_dir': 1, '--output-dir': 1, '--epochs': 1,
+                   '--start-division': 1, '--start_division': 1, '--all-divisions': 0, '--model': 1,
+                   '--model-kwargs': -1}
+
+
+def fraction(text):
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f'must be a fraction kept in (0, 1], got {text}')
+    return value
+
+
+def get_parser():
+    parser = argparse.ArgumentParser('DeViT shrinking: prune heads and MLP neurons of the stage-2 students',
+                                     parents=[utils.get_args_parser()])
+    group = parser.add_argument_group('shrink')
+    group.add_argument('--head-ratio', type=fraction, default=0.67,
+                       help='fraction of attention heads KEPT in every layer (at least one)')
+    group.add_argument('--neuron-ratio', type=fraction, default=0.5,
+                       help='fraction of MLP hidden neurons KEPT in every layer (at least one)')
+    group.add_argument('--importance-batches', type=utils.positive_int, default=20,
+                       help='training batches (of --batch-size) the importance is averaged over')
+    group.add_argument('--redistill-epochs', type=utils.non_negative_int, default=0,
+                       help='then distil the pruned students again for this many epochs (distill_sub.py)')
+    group.add_argument('--shrink-ema', action='store_true', help='prune the checkpoint\'s EMA weights')
+    return parser
+
+
+def student_file(model_path, division):
+    if not model_path:
+        raise utils.UsageError('--model-path is required: the stage-2 output folder or a student checkpoint')
+    if os.path.isdir(model_path):
+        path = os.path.join(utils.division_dir(model_path, division), engine.CHECKPOINT_BEST)
+        if not os.path.isfile(path):
+            raise utils.UsageError(f'--model-path {model_path} has no student for division {division} ({path})')
+        return path
+    if not os.path.isfile(model_path):
+        raise utils.UsageError(f'--model-path {model_path} does not exist')
+    return model_path
+
+
+def load_student(path, classes, *, model_kwargs=None, model='dedeit', use_ema=False, device='cpu'):
+    """The stage-2 student of `path` as it was trained (pruned already if it was shrunk before), in eval mode.
+
+    The checkpoint's args give the model and its kwargs (`model` / `model_kwargs` are fallbacks); its pruned shape
+    is its `shrink_policy` or read off its weights. Returns (checkpoint, model, spec = {'model', 'kwargs'} of the
+    unpruned student).
+    """
+    ckpt = utils.read_checkpoint(path)
+    if ckpt.get('classes') is not None and list(ckpt['classes']) != list(classes):
+        raise utils.UsageError(f'{path} was trained on classes {ckpt["classes"]}, not on this division\'s {classes}')
+    name, kwargs = student_spec(ckpt.get('args'), None, model_kwargs)
+    kwargs.pop('shrink', None)  # the pruned shape comes from the checkpoint itself
+    name = name or model
+    student = utils.create_model(name, len(classes), kwargs)
+    state_dict = extract_state_dict(ckpt, use_ema=use_ema, source=path)
+    shape = checkpoint_shape(ckpt, student, state_dict)
+    if shape is not None:
+        reshape_(student, shape)
+    load_state_dict_checked(student, state_dict, reset_head=False, what='student', source=path)
+    return ckpt, student.to(device).eval(), {'model': name, 'kwargs': kwargs}
+
+
+def all_reduce(tensors):
+    """Sum a list of CPU tensors over ranks (identity without DDP)."""
+    flat = utils.all_reduce_sum(torch.cat([t.flatten() for t in tensors]).tolist())
+    out, start = [], 0
+    for t in tensors:
+        out.append(torch.tensor(flat[start:start + t.numel()], dtype=t.dtype).view_as(t))
+        start += t.numel()
+    return out
+
+
+def size_of(model):
+    size, chans = utils.input_spec(model)
+    x = torch.zeros(1, chans, size, size, device=next(model.parameters()).device)
+    return count_params(model), count_macs(model, x)
+
+
+def loaders(args, division, model):
+    """(train, val) loaders of one division at the model's input size; train shuffled by --seed, sharded by rank."""
+    size, chans = utils.input_spec(model)
+    data = {split: datasets.build_dataset(args.dataset, args.data_path, split, division=division, input_size=size,
+                                          in_chans=chans, tiny=args.tiny_transforms, args=args)
+            for split in ('train', 'val')}
+    train_loader, val_loader = engine.build_loaders(args, engine.limit(data['train'], args.limit_train),
+                                                    engine.limit(data['val'], args.limit_val))
+    train_loader.sampler.set_epoch(0)
+    return train_loader, val_loader
+
+
+def shrink_division(args, division, manifest):
+    """Score, prune and evaluate the student of one division; write pruned.pth and shrink.json (rank 0)."""
+    info = manifest['divisions'][division]
+    path = student_file(args.model_path, division)
+    ckpt, model, spec = load_student(path, info['classes'], model_kwargs=args.model_kwargs, model=args.model,
+                                     use_ema=args.shrink_ema, device=args.device)
+    train_loader, val_loader = loaders(args, division, model)
+    device = torch.device(args.device)
+
+    before = engine.evaluate(model, val_loader, device)
+    params_before, macs_before = size_of(model)
+    heads, neurons, count = importance(model, train_loader, device, args.importance_batches)
+    *scores, count = all_reduce(heads + neurons + [torch.tensor([float(count)], dtype=torch.float64)])
+    count = int(count.item())
+    heads, neurons = [s / count for s in scores[:len(heads)]], [s / count for s in scores[len(heads):]]
+    policy = make_policy(heads, neurons, args.head_ratio, args.neuron_ratio, importance_images=count,
+                         importance='mean |dCE/dgate| per image, gates at 1, eval mode')
+    parent = model_shape(model)
+    prune_(model, policy['kept_heads'], policy['kept_neurons'])
+    pruned = engine.evaluate(model, val_loader, device)
+    params_after, macs_after = size_of(model)
+    record = {**policy, 'division': division, 'source': path, 'student': spec,
+              'steps': ['before', 'pruned', 'redistilled'],
+              'acc1': [before['acc1'], pruned['acc1'], None], 'acc5': [before['acc5'], pruned['acc5'], None],
+              'params': [params_before, params_after], 'macs': [macs_before, macs_after]}
+    if utils.is_main_process():
+        out = utils.division_dir(args.output_dir, division)
+        state = {'model': model.state_dict(), 'model_ema': None, 'args': ckpt.get('args'), 'stage': 2,
+                 'division': division, 'classes': info['classes'], 'num_classes': len(info['classes']),
+                 'epoch': ckpt.get('epoch'), 'best_acc1': pruned['acc1'], 'test_acc1': pruned['acc1'],
+                 'shrink_policy': policy, 'shrink_args': utils.args_to_dict(args)}
+        utils.save_checkpoint(state, os.path.join(out, PRUNED_FILE))
+        if not args.redistill_epochs:
+            utils.save_checkpoint(state, os.path.join(out, engine.CHECKPOINT_BEST))
+        utils.write_json_atomic(os.path.join(out, POLICY_FILE), record)
+        print(f'division {division}: heads {parent["heads"]} -> {policy["heads"]}, MLP {parent["hidden"]} -> '
+              f'{policy["hidden"]}; params {params_before} -> {params_after}, MACs {macs_before} -> {macs_after}; '
+              f'acc1 {before["acc1"]:.2f} -> {pruned["acc1"]:.2f}', flush=True)
+    return record
+
+
+def evaluate_redistilled(args, division, manifest):
+    """Test accuracy of the re-distilled student distill_sub.py kept (OUTPUT/sub-dataset{i}/checkpoint.pth)."""
+    path = os.path.join(utils.division_dir(args.output_dir, division), engine.CHECKPOINT_BEST)
+    _, model, _ = load_student(path, manifest['divisions'][division]['classes'], device=args.device)
+    return engine.evaluate(model, loaders(args, division, model)[1], torch.device(args.device))
+
+
+def redistill_argv(argv, args, division, student):
+    """This command's flags for distill_sub.py, re-distilling division i's pruned student of OUTPUT into OUTPUT."""
+    out, skip = [], 0
+    for token in argv:
+        if skip == -1 and not token.startswith('-'):
+            continue
+        if skip > 0:
+            skip -= 1
+            continue
+        flag = token.split('=', 1)[0]
+        width = _OWN_FLAGS.get(flag, _REPLACED_FLAGS.get(flag))
+        skip = 0 if width is None or '=' in token else width
+        if width is None:
+            out.append(token)
+    kwargs = [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in student['kwargs'].items()]
+    return out + ['--model', student['model'], '--model-kwargs', *kwargs, '--start-division', str(division),
+                  '--output_dir', args.output_dir, '--epochs', str(args.redistill_epochs),
+                  '--load-shrink', args.output_dir]
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = utils.parse_args(get_parser(), argv)
+    utils.init_distributed(args)
+    manifest = utils.read_manifest(args.data_path)
+    divisions = utils.divisions_to_run(args, manifest)
+    if len(divisions) > 1 and not os.path.isdir(args.model_path or ''):
+        raise utils.UsageError('--all-divisions needs --model-path to be the stage-2 output folder')
+    for division in divisions:  # every input exists and no output is overwritten, before any work
+        student_file(args.model_path, division)
+        out = utils.division_dir(args.output_dir, division)
+        existing = [n for n in (PRUNED_FILE, engine.CHECKPOINT_BEST) if os.path.exists(os.path.join(out, n))]
+        if existing and not args.overwrite:
+            raise utils.UsageError(f'{out} already holds {", ".join(existing)}; pass --overwrite to replace it')
+    utils.check_writable_dir(args.output_dir)
+    utils.seed_everything(args.seed)
+    utils.copy_manifest(manifest, args.output_dir)
+    records = {division: shrink_division(args, division, manifest) for division in divisions}
+    utils.barrier()
+
+    if args.redistill_epochs:
+        for division, record in records.items():
+            distill_sub.main(redistill_argv(argv, args, division, record['student']))
+            stats = evaluate_redistilled(args, division, manifest)
+            record['acc1'][2], record['acc5'][2] = stats['acc1'], stats['acc5']
+            if utils.is_main_process():
+                path = os.path.join(utils.division_dir(args.output_dir, division), POLICY_FILE)
+                utils.write_json_atomic(path, record)
+    if utils.is_main_process():
+        summary = {d: dict(zip(r['steps'], r['acc1'], strict=True)) for d, r in records.items()}
+        print(json.dumps({'shrink_acc1': summary}), flush=True)
+    return records
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

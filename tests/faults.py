@@ -1,0 +1,130 @@
+"""Shared by tests/test_faults_*.py: stage commands with tiny models, processes that are really killed, and the
+checks on what a fault leaves behind.
+
+Faults inside a run are injected with ``DEVIT_FAULT=KIND@STEP[:RANK]`` (see ``engine.injected_fault``): ``hang``
+makes the ranks stop at a known optimizer step so that the test can SIGKILL the launcher's process group there,
+``crash`` SIGKILLs one rank, ``nan`` poisons the loss.
+"""
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, env, launch_cmd
+
+import splite_dataset
+import utils
+
+BATCH = 32  # TINY's --batch-size
+TRAIN = 256  # TINY's --limit-train: 256 / (2 ranks x 32) = 4 optimizer steps per epoch under the launcher
+
+
+def make_split(folder, fmnist_root, num_division=4):
+    code = splite_dataset.main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division',
+                                str(num_division), '--output_path', str(folder)])
+    assert code == 0
+    return folder
+
+
+def stage1_args(split, out, epochs, *extra):
+    return ['train_subdata.py', *TINY, '--model', TEACHER, '--model-kwargs', *TEACHER_KW, '--epochs', str(epochs),
+            '--model-ema', '--data-path', str(split), '--start-division', '0', '--output_dir', str(out), *extra]
+
+
+def stage2_args(split, teacher, out, epochs, *extra):
+    return ['distill_sub.py', *TINY, '--model', 'dedeit', '--model-kwargs', *STUDENT_KW, '--epochs', str(epochs),
+            '--teacher-model', TEACHER, '--teacher-kwargs', *TEACHER_KW, '--teacher-path', str(teacher),
+            '--distillation-type', 'hard', '--model-ema', '--data-path', str(split), '--start-division', '0',
+            '--output_dir', str(out), *extra]
+
+
+def launch(args, nproc=2, launcher='launch'):
+    return launch_cmd(*args, nproc=nproc, launcher=launcher)
+
+
+def start(cmd, output, fault=None, **extra_env):
+    """Start ``cmd`` in its own process group (so the whole launcher tree can be killed), output to a file."""
+    e = dict(env(), **extra_env)
+    if fault:
+        e['DEVIT_FAULT'] = fault
+    with open(output, 'w') as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_text(proc, output, text, timeout=180):
+    """Poll ``output`` until it holds ``text``; returns the time it appeared. Fails if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in read_text(output):
+            return time.time()
+        if proc.poll() is not None:
+            raise AssertionError(f'process ended (exit {proc.returncode}) before printing {text!r}:\n'
+                                 f'{read_text(output)[-4000:]}')
+        time.sleep(0.05)
+    kill_group(proc)
+    raise AssertionError(f'{text!r} not printed within {timeout} s:\n{read_text(output)[-4000:]}')
+
+
+def wait_exit(proc, timeout):
+    """Wait for ``proc``; on timeout kill its group and fail: a fault must never turn into a hang."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f'still running {timeout} s after the fault: the run hangs') from None
+
+
+def kill_group(proc, sig=signal.SIGKILL):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def group_alive(pgid):
+    """Whether any process of the group ``pgid`` (a launcher started by ``start``) still exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def read_text(path):
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
+
+
+def read_log(folder):
+    with open(os.path.join(folder, 'log.txt')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def digest(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def temp_files(folder):
+    """What ``utils.save_checkpoint`` leaves when it is killed mid-write."""
+    return glob.glob(os.path.join(folder, '.*.tmp'))
+
+
+def load(path):
+    return utils.read_checkpoint(path)
+
+
+def error_lines(text):
+    return [line for line in text.splitlines() if 'error:' in line]
+
+
+def no_project_traceback(text):
+    """True when no traceback line points into this project's own files (the launcher's are allowed)."""
+    return f'File "{ROOT}/' not in text.replace(os.path.join(ROOT, '.venv'), '')
