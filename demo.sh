@@ -10,19 +10,29 @@
 #
 #   bash demo.sh            full demo (about 15 minutes on 2 CPU cores)
 #   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
+#   bash demo.sh --family decct   the DeCCTs decomposition (CCT teacher, decct students) into output/demo-decct
 # Environment: PYTHON (default python3), OUT (default output/demo), NPROC (processes per stage, default 1),
 # PORT (default 29531), DATA (default /usr/share/datasets/fashion-mnist).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 QUICK=0
-for arg in "$@"; do
-  case "$arg" in
+FAMILY=dedeits
+while [ $# -gt 0 ]; do
+  case "$1" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument $arg (use --quick)" >&2; exit 2 ;;
+    --family) FAMILY=${2:-}; shift ;;
+    --family=*) FAMILY=${1#--family=} ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1 (use --quick, --family dedeits|decct)" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$FAMILY" in
+  dedeits|decct) ;;
+  *) echo "error: --family must be dedeits or decct, got '$FAMILY'" >&2; exit 2 ;;
+esac
+if [ "$FAMILY" = decct ]; then OUT=${OUT:-output/demo-decct}; fi
 
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-output/demo}
@@ -37,22 +47,40 @@ if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
 fi
 
 # Model shapes: the teacher is timm's DeiT (distilled) and the students are `dedeit`, sized for 28x28 images
-# (patch 4: 49 patches + cls + dist tokens; teacher and students share the token count for the relation loss).
+# (patch 7: 16 patches + cls + dist = 18 tokens; teacher and students share the token count for the relation loss).
 TEACHER=deit_tiny_distilled_patch16_224
-TEACHER_KW=(img_size=28 patch_size=4 in_chans=1 embed_dim=192 depth=6 num_heads=3 mlp_ratio=2)
+TEACHER_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=128 depth=4 num_heads=4 mlp_ratio=2)
 STUDENT=dedeit
-STUDENT_KW=(img_size=28 patch_size=4 in_chans=1 embed_dim=96 depth=3 num_heads=3 mlp_ratio=2)
-# Epochs per stage; stage 4 (baseline) gets E2 + E3 so it trains as long as a student does in total.
-E0=${E0:-5}; E1=${E1:-1}; E2=${E2:-2}; E3=${E3:-2}
-# Plain transforms and no mixup: tiny models on 28x28 images, a few epochs on CPU.
+STUDENT_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=64 depth=2 num_heads=2 mlp_ratio=2)
+# Epochs per stage; the baseline gets E2 + E3 so it trains as long as a student does in total.
+E0=${E0:-7}; E1=${E1:-1}; E2=${E2:-3}; E3=${E3:-3}
+# The recipe for small ViTs from scratch on CPU: AdamW at batch 256 with a high lr (not scaled by batch/512),
+# ~100 warm-up steps then cosine per step, weight decay on weight matrices only, plain transforms, no mixup,
+# no label smoothing, no drop-path.
 COMMON=(--dataset fashion_mnist --tiny-transforms --mixup 0 --cutmix 0 --smoothing 0 --drop-path 0
-        --batch-size 128 --eval-batch-size 500 --unscale-lr --warmup-epochs 0.3 --min-lr 1e-5 --weight-decay 0.05
+        --batch-size 256 --eval-batch-size 1000 --unscale-lr --warmup-epochs 0.43 --min-lr 1e-5 --weight-decay 0.05
         --overwrite --no-progress)
 if [ "$QUICK" = 1 ]; then
   E0=1; E1=1; E2=1; E3=1
   TEACHER_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=64 depth=2 num_heads=2 mlp_ratio=2)
   STUDENT_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=32 depth=2 num_heads=2 mlp_ratio=2)
   COMMON+=(--limit-train 4000 --limit-val 1000)
+fi
+if [ "$FAMILY" = decct ]; then
+  # DeCCTs: a CCT-style teacher and `decct` students (no class token: devices send sequence-pooled features).
+  # Three 3x3 conv + max-pool layers turn 28x28 into 4x4 = 16 tokens, the token count of the patch-7 ViTs above.
+  TEACHER=cct_14_7x2
+  TEACHER_KW=(img_size=28 in_chans=1 kernel_size=3 n_conv_layers=3 conv_planes=32 embed_dim=128 depth=4 num_heads=4
+              mlp_ratio=2)
+  STUDENT=decct
+  STUDENT_KW=(img_size=28 in_chans=1 kernel_size=3 n_conv_layers=3 conv_planes=16 embed_dim=64 depth=2 num_heads=2
+              mlp_ratio=2)
+  if [ "$QUICK" = 1 ]; then
+    TEACHER_KW=(img_size=28 in_chans=1 kernel_size=3 n_conv_layers=3 conv_planes=16 embed_dim=64 depth=2 num_heads=2
+                mlp_ratio=2)
+    STUDENT_KW=(img_size=28 in_chans=1 kernel_size=3 n_conv_layers=3 conv_planes=16 embed_dim=32 depth=2 num_heads=2
+                mlp_ratio=2)
+  fi
 fi
 
 launch() {

@@ -69,7 +69,7 @@ def get_parser():
     group.add_argument('--neuron-ratio', type=fraction, default=0.5,
                        help='fraction of MLP hidden neurons KEPT in every layer (at least one)')
     group.add_argument('--importance-batches', type=utils.positive_int, default=20,
-                       help='training batches (of --batch-size) the importance is averaged over')
+                       help='training batches (of --batch-size, per process) the importance is averaged over')
     group.add_argument('--redistill-epochs', type=utils.non_negative_int, default=0,
                        help='then distil the pruned students again for this many epochs (distill_sub.py)')
     group.add_argument('--shrink-ema', action='store_true', help='prune the checkpoint\'s EMA weights')
@@ -111,9 +111,9 @@ def load_student(path, classes, *, model_kwargs=None, model='dedeit', use_ema=Fa
     return ckpt, student.to(device).eval(), {'model': name, 'kwargs': kwargs}
 
 
-def all_reduce(tensors):
-    """Sum a list of CPU tensors over ranks (identity without DDP)."""
-    flat = utils.all_reduce_sum(torch.cat([t.flatten() for t in tensors]).tolist())
+def all_reduce(tensors, device):
+    """Sum a list of CPU tensors over ranks (identity without DDP); `device` is where the backend reduces."""
+    flat = utils.all_reduce_sum(torch.cat([t.flatten() for t in tensors]).tolist(), device=device)
     out, start = [], 0
     for t in tensors:
         out.append(torch.tensor(flat[start:start + t.numel()], dtype=t.dtype).view_as(t))
@@ -151,7 +151,7 @@ def shrink_division(args, division, manifest):
     before = engine.evaluate(model, val_loader, device)
     params_before, macs_before = size_of(model)
     heads, neurons, count = importance(model, train_loader, device, args.importance_batches)
-    *scores, count = all_reduce(heads + neurons + [torch.tensor([float(count)], dtype=torch.float64)])
+    *scores, count = all_reduce(heads + neurons + [torch.tensor([float(count)], dtype=torch.float64)], device)
     count = int(count.item())
     heads, neurons = [s / count for s in scores[:len(heads)]], [s / count for s in scores[len(heads):]]
     policy = make_policy(heads, neurons, args.head_ratio, args.neuron_ratio, importance_images=count,
@@ -217,6 +217,8 @@ def main(argv=None):
         raise utils.UsageError('--all-divisions needs --model-path to be the stage-2 output folder')
     for division in divisions:  # every input exists and no output is overwritten, before any work
         student_file(args.model_path, division)
+        if args.redistill_epochs:
+            distill_sub.teacher_file(args.teacher_path, division)
         out = utils.division_dir(args.output_dir, division)
         existing = [n for n in (PRUNED_FILE, engine.CHECKPOINT_BEST) if os.path.exists(os.path.join(out, n))]
         if existing and not args.overwrite:

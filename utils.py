@@ -13,6 +13,8 @@ import os
 import random
 import sys
 import tempfile
+import threading
+import time
 
 import numpy as np
 import torch
@@ -245,7 +247,26 @@ def init_distributed(args):
         dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
                                 world_size=args.world_size, rank=args.rank,
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
+    if 'LOCAL_RANK' in os.environ:
+        exit_with_launcher()
     return args
+
+
+def exit_with_launcher(interval=1.0):
+    """End this rank when its launcher dies. torch's launchers start each rank in a session of its own, so a
+    launcher killed with SIGKILL (or its process group) cannot stop them: orphaned ranks would train on, hang, or
+    write checkpoints beside a rerun. A daemon thread watches the parent and exits once it is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        try:
+            print(f'[rank {os.environ.get("RANK", "?")}] error: the launcher (pid {parent}) is gone; stopping',
+                  file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
+    threading.Thread(target=watch, name='exit-with-launcher', daemon=True).start()
 
 
 def is_main_process():
@@ -390,6 +411,10 @@ def args_to_dict(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Divisions (what stages 1-3 share about the split)
 # ----------------------------------------------------------------------------------------------------------------
+
+def division_dir(root, division):
+    return os.path.join(root, f'sub-dataset{division}')
+
 
 def read_manifest(folder, required=True):
     """The split manifest of ``folder`` (a split output, or a stage output that copied it), or None."""

@@ -10,11 +10,13 @@ unpruned student distilled for the same extra epoch, so the re-distilled rows ar
 
 Params and MACs: models.stats (MACs = the paper's "FLOPs" convention). Latency: batch 1, one thread, eval mode,
 models interleaved in a shuffled order each round (so a busy neighbour slows all of them alike), median of `--runs`
-rounds; the ratio is to the unpruned student measured in the same rounds. Accuracy: top-1 on the division's test
-images (3,000; `--quick` uses 500 and a 1,500-image training slice, for a smoke run, and writes no markdown unless
-`--markdown` is given).
+rounds; the ratio is to the unpruned student measured in the same rounds. Accuracy: top-1 on the division's 3,000
+test images. Training uses `--limit-train` images of the division's 18,000 per epoch (6,000 by default: this
+2-core machine is shared). `--quick` (512 training and 300 test images, one epoch per stage) is a smoke run and
+writes no markdown unless `--markdown` is given.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -32,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import engine  # noqa: E402
-from models.shrink import model_shape  # noqa: E402
+from models.shrink import model_shape, prune_  # noqa: E402
 from models.stats import count_macs, count_params  # noqa: E402
 from shrink import load_student  # noqa: E402
 
@@ -41,6 +43,7 @@ TEACHER = 'deit_tiny_distilled_patch16_224'
 # The demo's student; the teacher is smaller than the demo's (192 wide, 6 deep) to keep the benchmark short on CPU.
 STUDENT_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=96', 'depth=3', 'num_heads=3', 'mlp_ratio=2']
 TEACHER_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=128', 'depth=4', 'num_heads=4', 'mlp_ratio=2']
+RANDOM_SEEDS = 5
 RATIOS = [('keep 2/3', 2 / 3, 2 / 3), ('keep 1/3', 1 / 3, 1 / 3)]  # (name, head ratio, neuron ratio), kept
 COMMON = ['--dataset', 'fashion_mnist', '--tiny-transforms', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
           '--drop-path', '0', '--batch-size', '128', '--eval-batch-size', '500', '--unscale-lr', '--warmup-epochs',
@@ -59,10 +62,10 @@ def sh(cmd, log, threads):
     return time.time() - started
 
 
-def train(work, quick, threads):
-    """Split, sub-teacher, student, shrunk students and the control; returns {row: checkpoint path}."""
-    limits = ['--limit-train', '1500', '--limit-val', '500'] if quick else []
-    e1, e2, e_re = (1, 1, 1) if quick else (3, 3, 1)
+def train(work, args):
+    """Split, sub-teacher, student, shrunk students and the control; returns ({row: checkpoint path}, setup)."""
+    limits = ['--limit-train', str(args.limit_train)] + (['--limit-val', '300'] if args.quick else [])
+    e1, e2, e_re = args.teacher_epochs, args.student_epochs, args.redistill_epochs
     split, s1, s2 = (os.path.join(work, n) for n in ('split', 'stage1', 'stage2'))
     common = COMMON + limits
     teacher = ['--teacher-model', TEACHER, '--teacher-kwargs', *TEACHER_KW, '--teacher-path', s1,
@@ -83,17 +86,28 @@ def train(work, quick, threads):
     for name, head, neuron in RATIOS:
         steps.append((f'shrink {name}, +{e_re} epoch', [
             'shrink.py', *common, '--model-path', s2, '--head-ratio', repr(head), '--neuron-ratio', repr(neuron),
-            '--importance-batches', '10' if quick else '40', '--redistill-epochs', str(e_re), '--lr', '5e-4',
+            '--importance-batches', str(args.importance_batches), '--redistill-epochs', str(e_re), '--lr', '5e-4',
             *teacher, '--output_dir', os.path.join(work, name.replace(' ', '_').replace('/', '_'))]))
-    for i, (name, cmd) in enumerate(steps):
-        print(f'{name}: {sh(cmd, os.path.join(work, f"step{i}.log"), threads):.0f} s', flush=True)
+    timings_file = os.path.join(work, 'timings.json')
+    if args.reuse:
+        with open(timings_file) as f:
+            timings = json.load(f)
+    else:
+        timings = {}
+        for i, (name, cmd) in enumerate(steps):
+            timings[name] = sh(cmd, os.path.join(work, f'step{i}.log'), args.threads)
+            print(f'{name}: {timings[name]:.0f} s', flush=True)
+        with open(timings_file, 'w') as f:
+            json.dump(timings, f, indent=2)
     paths = {'unpruned': os.path.join(s2, 'sub-dataset0', 'checkpoint.pth'),
              'unpruned +re': os.path.join(work, 'control', 'sub-dataset0', 'checkpoint.pth')}
     for name, _, _ in RATIOS:
         folder = os.path.join(work, name.replace(' ', '_').replace('/', '_'), 'sub-dataset0')
         paths[name] = os.path.join(folder, 'pruned.pth')
         paths[name + ' +re'] = os.path.join(folder, 'checkpoint.pth')
-    return paths, {'sub_teacher_epochs': e1, 'student_epochs': e2, 'redistill_epochs': e_re}
+    return paths, {'train_seconds': sum(timings.values()), 'sub_teacher_epochs': e1, 'student_epochs': e2,
+                   'redistill_epochs': e_re, 'train_images': args.limit_train,
+                   'importance_images': args.importance_batches * 128}
 
 
 def latency(models, runs, warmup=20, seed=0):
@@ -122,10 +136,23 @@ def measure(paths, work, quick, runs):
     models = {name: load_student(path, classes)[1] for name, path in paths.items()}
     val = datasets.build_dataset('fashion_mnist', os.path.join(work, 'split'), 'val', division=0, in_chans=1,
                                  tiny=True)
-    val = engine.limit(val, 500 if quick else None)
+    val = engine.limit(val, 300 if quick else None)
     loader = torch.utils.data.DataLoader(val, batch_size=500)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     acc = {name: engine.evaluate(m, loader, 'cpu')['acc1'] for name, m in models.items()}
+    # Control for the importance ranking: the same shapes with heads and neurons drawn at random, without re-distilling.
+    random_acc = {}
+    for name, _, _ in RATIOS:
+        shape = model_shape(models[name])
+        accs = []
+        for seed in range(RANDOM_SEEDS):
+            rng = random.Random(seed)
+            student = copy.deepcopy(models['unpruned'])
+            full = model_shape(student)
+            prune_(student, [sorted(rng.sample(range(f), k)) for f, k in zip(full['heads'], shape['heads'])],
+                   [sorted(rng.sample(range(f), k)) for f, k in zip(full['hidden'], shape['hidden'])])
+            accs.append(engine.evaluate(student, loader, 'cpu')['acc1'])
+        random_acc[name] = statistics.mean(accs)
     x = torch.zeros(1, 1, 28, 28)
     rows = {}
     timed = {n: m for n, m in models.items() if not n.endswith('+re')}  # the re-distilled have the same shapes
@@ -133,7 +160,7 @@ def measure(paths, work, quick, runs):
     for name, m in timed.items():
         rows[name] = {'shape': model_shape(m), 'params': count_params(m), 'macs': count_macs(m, x),
                       'latency_ms': 1e3 * lat[name], 'latency_ratio': lat[name] / lat['unpruned'],
-                      'acc1': acc[name], 'acc1_redistilled': acc[name + ' +re']}
+                      'acc1': acc[name], 'acc1_random': random_acc.get(name), 'acc1_redistilled': acc[name + ' +re']}
     for r in rows.values():
         r['params_ratio'] = r['params'] / rows['unpruned']['params']
         r['macs_ratio'] = r['macs'] / rows['unpruned']['macs']
@@ -145,12 +172,16 @@ def markdown(result):
     lines = [
         '# Shrinking a DeViT student (demo scale)',
         '',
-        f'Produced by `python bench/shrink.py` ({info["seconds"]:.0f} s on {info["machine"]}). Fashion-MNIST, '
-        f'division 0 of 4 (global classes {info["classes"]}: the three hardest to tell apart), '
+        f'Produced by `python bench/shrink.py` (training {info["train_seconds"]:.0f} s, measuring '
+        f'{info["measure_seconds"]:.0f} s on {info["machine"]}). Fashion-MNIST, '
+        f'division 0 of 4 (global classes {info["classes"]}'
+        f'{": pullover, coat, shirt, the three hardest to tell apart" if info["classes"] == [2, 4, 6] else ""}), '
         f'{info["test_images"]} test images. Student `dedeit` {" ".join(STUDENT_KW)}, distilled for '
-        f'{info["student_epochs"]} epochs from a sub-teacher `{TEACHER}` {" ".join(TEACHER_KW)} trained from scratch '
+        f'{info["student_epochs"]} epochs ({info["train_images"]} training images per epoch) from a sub-teacher '
+        f'`{TEACHER}` {" ".join(TEACHER_KW)} trained from scratch '
         f'for {info["sub_teacher_epochs"]} epochs. Shrinking keeps, in every layer, the given fraction of attention '
-        f'heads and of MLP neurons ranked by importance E|dCE/dgate| on the division\'s training images, removes '
+        f'heads and of MLP neurons ranked by importance E|dCE/dgate| on {info["importance_images"]} of the '
+        'division\'s training images, removes '
         f'the rest (rows/columns of qkv, proj, fc1, fc2), then re-distils for {info["redistill_epochs"]} epoch '
         '(`distill_sub.py --load-shrink`).',
         '',
@@ -159,16 +190,21 @@ def markdown(result):
         '"after re-distillation" for the unpruned row is the control: the same extra epoch without pruning.',
         '',
         '| student | heads per layer | MLP width per layer | params | MACs | latency (ratio) | top-1 pruned | '
-        'top-1 after re-distillation |',
-        '|---|---|---|---|---|---|---|---|',
+        f'top-1 pruned at random ({RANDOM_SEEDS} seeds) | top-1 after re-distillation |',
+        '|---|---|---|---|---|---|---|---|---|',
     ]
     for name, r in rows.items():
         lines.append(
             f'| {name} | {r["shape"]["heads"]} | {r["shape"]["hidden"]} | {r["params"] / 1e3:.1f}K '
             f'({r["params_ratio"]:.2f}) | {r["macs"] / 1e6:.2f}M ({r["macs_ratio"]:.2f}) | '
-            f'{r["latency_ms"]:.3f} ms ({r["latency_ratio"]:.2f}) | {r["acc1"]:.2f} | {r["acc1_redistilled"]:.2f} |')
-    lines += ['', 'Unpruned "top-1 pruned" is the student before shrinking. Latency at this size is dominated by '
-              'per-layer overheads (patch embedding, norms, Python dispatch), so it falls less than MACs do.', '']
+            f'{r["latency_ms"]:.3f} ms ({r["latency_ratio"]:.2f}) | {r["acc1"]:.2f} | '
+            f'{"-" if r["acc1_random"] is None else format(r["acc1_random"], ".2f")} | {r["acc1_redistilled"]:.2f} |')
+    smallest = rows[RATIOS[-1][0]]
+    lines += ['', '"top-1 pruned" of the unpruned row is the student before shrinking. "at random": the same shapes '
+              'with the kept heads and neurons drawn at random instead of by importance (mean over seeds, no '
+              're-distillation), a control for the ranking. At this size latency falls '
+              f'less than MACs ({smallest["latency_ratio"]:.2f} vs {smallest["macs_ratio"]:.2f} at '
+              f'{RATIOS[-1][0]}): the patch embedding, norms, softmax and per-op dispatch do not shrink.', '']
     return '\n'.join(lines)
 
 
@@ -178,22 +214,38 @@ def main(argv=None):
     parser.add_argument('--work-dir', default=None, help='keep the trained checkpoints here (default: a temp dir)')
     parser.add_argument('--markdown', default=None, help='default: models/SHRINK_RESULTS.md (not with --quick)')
     parser.add_argument('--json', default=None, help='also write the results as JSON')
-    parser.add_argument('--runs', type=int, default=None, help='latency rounds (default 500, --quick 100)')
-    parser.add_argument('--threads', type=int, default=2, help='threads of the training processes')
+    parser.add_argument('--reuse', action='store_true',
+                        help='measure the checkpoints already in --work-dir (from an earlier run) without training')
+    parser.add_argument('--runs', type=int, default=None, help='latency rounds (default 500, --quick 50)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='threads of each training process (1: this 2-core machine is shared)')
+    parser.add_argument('--limit-train', type=int, default=None,
+                        help='training images of the division used per epoch (default 6000 of 18000, --quick 512)')
+    parser.add_argument('--teacher-epochs', type=int, default=None, help='sub-teacher epochs (default 3, --quick 1)')
+    parser.add_argument('--student-epochs', type=int, default=None, help='student epochs (default 4, --quick 1)')
+    parser.add_argument('--redistill-epochs', type=int, default=1, help='re-distillation (and control) epochs')
+    parser.add_argument('--importance-batches', type=int, default=None, help='of 128 images (default 40, --quick 2)')
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(DATA, 'train-images-idx3-ubyte.gz')):
         sys.exit(f'error: Fashion-MNIST not found in {DATA} (apt-get install dataset-fashion-mnist)')
-    runs = args.runs or (100 if args.quick else 500)
+    quick = {'runs': 50, 'limit_train': 512, 'teacher_epochs': 1, 'student_epochs': 1, 'importance_batches': 2}
+    full = {'runs': 500, 'limit_train': 6000, 'teacher_epochs': 3, 'student_epochs': 4, 'importance_batches': 40}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    runs = args.runs
+    if args.reuse and not args.work_dir:
+        parser.error('--reuse needs --work-dir')
     work = args.work_dir or tempfile.mkdtemp(prefix='devit-shrink-')
     os.makedirs(work, exist_ok=True)
-    started = time.time()
     try:
-        paths, setup = train(work, args.quick, args.threads)
+        paths, setup = train(work, args)
+        started = time.time()
         rows, test_images, classes = measure(paths, work, args.quick, runs)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    setup.update(seconds=time.time() - started, test_images=test_images, classes=classes, latency_runs=runs,
+    setup.update(measure_seconds=time.time() - started, test_images=test_images, classes=classes, latency_runs=runs,
                  machine=f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
                  torch=torch.__version__, quick=args.quick)
     result = {'rows': rows, 'setup': setup}

@@ -25,6 +25,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .shrink import reshape_
+
 POS_EMBED_TYPES = ('learnable', 'sine', 'none')
 
 
@@ -107,7 +109,8 @@ class CompactTransformer(nn.Module):
     Size overrides (as `timm.create_model` kwargs): img_size, in_chans, num_classes, embed_dim, depth, num_heads,
     mlp_ratio, n_conv_layers, kernel_size, stride, padding, conv_planes (tokenizer's inner channels),
     positional_embedding ('learnable' | 'sine' | 'none'). Regularisation defaults are CCT's: attention dropout 0.1,
-    stochastic depth 0.1 (linearly increasing over the blocks), no dropout.
+    stochastic depth 0.1 (linearly increasing over the blocks), no dropout. The registered factories also take
+    `shrink={'heads': [...], 'hidden': [...]}`, a pruned shape (models/shrink.py), as the ViT students do.
     """
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 384,
@@ -227,12 +230,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return out
 
 
-def _create_cct(variant: str, pretrained: bool = False, **kwargs) -> CompactTransformer:
+def _create_cct(variant: str, pretrained: bool = False, shrink=None, **kwargs) -> CompactTransformer:
     if pretrained:
         raise ValueError(f'{variant} has no hub weights here; load a local checkpoint with models.load_weights '
                          '(the official CCT checkpoints load directly)')
-    return build_model_with_cfg(CompactTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+    model = build_model_with_cfg(CompactTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 **kwargs)
+    return reshape_(model, shrink) if shrink else model  # a shrunk student's pruned heads / neurons (models.shrink)
 
 
 def _cfg(**kwargs):

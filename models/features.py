@@ -19,7 +19,8 @@ class Features(NamedTuple):
 
     logits: B×K from the cls head (B×K of the single head for models without a distillation token).
     logits_dist: B×K from the distillation head, or None.
-    cls: B×C final (normed) class token, the feature the cls head reads.
+    cls: B×C final (normed) class token, the feature the cls head reads (for CCT, which has no class token, the
+        sequence-pooled feature).
     dist: B×C final distillation token, or None.
     qkv: {layer: (q, k, v)}, each B×H×N×d, for the requested layers.
     """
@@ -89,7 +90,8 @@ def _tokens(model: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Final cls and dist tokens (B×C each) from forward_features' output B×N×C."""
     if has_dist_token(model):
         return feats[:, 0], feats[:, 1]
-    # Non-distilled: whatever the classifier reads (the cls token under timm's default 'token' pooling).
+    # Non-distilled: whatever the classifier reads (the cls token under timm's default 'token' pooling; CCT's
+    # sequence-pooled feature).
     return model.forward_head(feats, pre_logits=True), None
 
 

@@ -3,22 +3,18 @@
 Both are timm's own classes (VisionTransformerDistilled / VisionTransformer) built through timm's builder, so the
 state dict uses timm's DeiT key names and a DeiT checkpoint of the same shape loads directly. Size overrides
 (`img_size`, `patch_size`, `in_chans`, `embed_dim`, `depth`, `num_heads`, ...) go straight to the model class.
-`shrink={'heads': [...], 'hidden': [...]}` (per-layer head counts and MLP widths, see models/shrink.py) builds the
-pruned shape a shrunk student's checkpoint holds.
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .shrink import reshape_
 
-
-def _create_student(variant: str, pretrained: bool = False, distilled: bool = False, shrink=None, **kwargs):
+def _create_student(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs):
     if pretrained:
         # No hub weights exist for our students; weights come from a local checkpoint (models.load_weights).
         raise ValueError(f'{variant} has no pretrained weights; load a local checkpoint with models.load_weights')
-    model = build_model_with_cfg(
+    return build_model_with_cfg(
         VisionTransformerDistilled if distilled else VisionTransformer,
         variant,
         pretrained,
@@ -26,7 +22,6 @@ def _create_student(variant: str, pretrained: bool = False, distilled: bool = Fa
         feature_cfg={'out_indices': 3, 'feature_cls': 'getter'},
         **kwargs,
     )
-    return reshape_(model, shrink) if shrink else model
 
 
 def _cfg(**kwargs):

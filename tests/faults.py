@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, env, launch_cmd
 
 import splite_dataset
@@ -85,13 +86,34 @@ def kill_group(proc, sig=signal.SIGKILL):
     proc.wait()
 
 
-def group_alive(pgid):
-    """Whether any process of the group ``pgid`` (a launcher started by ``start``) still exists."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def processes_with(marker):
+    """Pids of the processes whose command line contains ``marker`` (e.g. a run's unique output folder).
+
+    torch's launchers start every rank in a session of its own, so a rank is not in the launcher's process group.
+    """
+    pids = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def wait_gone(marker, timeout=20):
+    """Wait until no process mentions ``marker``; returns the pids still there (SIGKILLed) after ``timeout``."""
+    deadline = time.time() + timeout
+    while (left := processes_with(marker)) and time.time() < deadline:
+        time.sleep(0.1)
+    for pid in left:  # never leave a stray rank behind, even when the test fails on it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
 
 
 def read_text(path):
@@ -128,3 +150,11 @@ def error_lines(text):
 def no_project_traceback(text):
     """True when no traceback line points into this project's own files (the launcher's are allowed)."""
     return f'File "{ROOT}/' not in text.replace(os.path.join(ROOT, '.venv'), '')
+
+
+def run_inprocess(main, argv, capsys):
+    """A script's ``main`` under ``utils.run_main`` in this process: (exit code, its stderr lines)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(main, argv)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()

@@ -33,9 +33,10 @@ VIT_KW = {'img_size': 28, 'patch_size': 7, 'in_chans': 1}
 CCT_KW = {'img_size': 28, 'in_chans': 1, 'kernel_size': 3, 'n_conv_layers': 3, 'conv_planes': 8, 'mlp_ratio': 2}
 SMALL = {'embed_dim': 16, 'depth': 2, 'num_heads': 2}
 WIDE = {'embed_dim': 32, 'depth': 2, 'num_heads': 2}
-FAMILY = {  # family -> (student, teacher, student kwargs, teacher kwargs)
-    'devits': ('devit', 'vit_large_patch16_224', {**VIT_KW, **SMALL}, {**VIT_KW, **WIDE}),
-    'decct': ('decct', 'cct_14_7x2', {**CCT_KW, **SMALL}, {**CCT_KW, **WIDE}),
+FAMILY = {  # family -> (student, teacher, student kwargs, teacher kwargs, processes per stage)
+    # DDP over 2 ranks for the new CCT code; timm's ViT under DDP is covered by test_pipeline already
+    'devits': ('devit', 'vit_large_patch16_224', {**VIT_KW, **SMALL}, {**VIT_KW, **WIDE}, 1),
+    'decct': ('decct', 'cct_14_7x2', {**CCT_KW, **SMALL}, {**CCT_KW, **WIDE}, 2),
 }
 MODELS = {'dedeit': {**VIT_KW, **SMALL}, 'devit': {**VIT_KW, **SMALL}, 'decct': {**CCT_KW, **SMALL},
           'cct_14_7x2': {**CCT_KW, **WIDE}, 'vit_large_patch16_224': {**VIT_KW, **WIDE},
@@ -195,6 +196,21 @@ def test_mixed_ensemble_from_checkpoints(tmp_path):
     assert torch.allclose(rebuilt(x), eval_logits, atol=1e-6)
 
 
+def test_shrunk_decct_student_loads_into_an_ensemble(tmp_path):
+    """The paper's head/neuron shrinking applies to DeCCTs too: a pruned decct checkpoint rebuilds by its shape."""
+    shape = {'heads': [1, 2], 'hidden': [8, 32]}
+    shrunk = timm.create_model('decct', num_classes=5, shrink=shape, **MODELS['decct'])
+    assert [b.attn.num_heads for b in shrunk.blocks] == [1, 2] and shrunk.blocks[0].mlp.fc1.out_features == 8
+    path = tmp_path / 'sub-dataset0' / 'checkpoint.pth'
+    utils.save_checkpoint({'model': shrunk.state_dict(), 'args': {'model': 'decct', 'model_kwargs': MODELS['decct']}},
+                          path)
+    ens = load_students(tmp_path, 1, num_classes=10, embed_dim=32).eval()
+    assert [b.attn.num_heads for b in ens.backbones[0].blocks] == [1, 2]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(ens.device_tokens(0, x), shrunk.eval().forward_head(shrunk.forward_features(x), True))
+
+
 def test_ensemble_of_cct_backbones_sends_pooled_features():
     backbones = [create_backbone('decct', MODELS['decct']) for _ in range(2)]
     ens = DeViTEnsemble(backbones, num_classes=10, embed_dim=32).eval()
@@ -236,27 +252,27 @@ def read_log(folder):
 
 @pytest.fixture(scope='module')
 def family_runs(tmp_path_factory, fmnist_root):
-    """split in 2 -> stage 2 (both divisions) -> stage 3, for `devit` and `decct`, under launch --nproc_per_node=2."""
+    """split in 2 -> stage 2 (both divisions) -> stage 3, for `devit` and `decct`, under the seed's launcher."""
     out = tmp_path_factory.mktemp('families')
     splite_dataset.main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '2',
                          '--output_path', str(out / 'split')])
-    for family, (student, teacher, s_kw, t_kw) in FAMILY.items():
+    for family, (student, teacher, s_kw, t_kw, nproc) in FAMILY.items():
         sub_teacher = _save_teacher(out / f'{family}_sub_teacher.pth', teacher, t_kw, 5)
         full_teacher = _save_teacher(out / f'{family}_teacher.pth', teacher, t_kw, 10)
         common = [*TINY, *FAST, '--teacher-model', teacher, '--teacher-kwargs', *kw_args(t_kw)]
         run(launch_cmd('distill_sub.py', *common, '--model', student, '--model-kwargs', *kw_args(s_kw),
                        '--teacher-path', sub_teacher, '--distillation-type', 'soft', '--gama', '0.2', '0.1', '0.3',
                        '--data-path', str(out / 'split'), '--num_division', '2', '--all-divisions',
-                       '--output_dir', str(out / f'{family}2')))
+                       '--output_dir', str(out / f'{family}2'), nproc=nproc))
         run(launch_cmd('ensemble.py', *common, '--model', student, '--model-path', str(out / f'{family}2'),
                        '--teacher-path', full_teacher, '--data-path', fmnist_root, '--num_division', '2',
-                       '--output_dir', str(out / f'{family}3')))
+                       '--output_dir', str(out / f'{family}3'), nproc=nproc))
     return out
 
 
 @pytest.mark.parametrize('family', list(FAMILY))
 def test_family_stages(family_runs, family):
-    student, teacher, _, t_kw = FAMILY[family]
+    student, _, _, t_kw, _ = FAMILY[family]
     for i in range(2):
         record = read_log(family_runs / f'{family}2' / f'sub-dataset{i}')[-1]
         # KD on the one head and the three relation terms (CCT's q/k/v hooks work as the ViTs')

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import distill_sub
 import shrink as shrink_script
 import splite_dataset
-from models import build_ensemble, capture_qkv, load_students
+from models import build_ensemble, capture_qkv, create_backbone, load_students
 from models.shrink import (
     gated,
     importance,
@@ -88,7 +88,7 @@ def test_pruned_model_round_trips_through_checkpoint(tmp_path):
     torch.save({'model': pruned.state_dict(), 'shrink_policy': shape}, path)
     x = torch.randn(2, 1, 28, 28)
 
-    rebuilt = tiny(shrink=json.loads(json.dumps(shape)))  # the spec alone recreates the shapes
+    rebuilt = reshape_(tiny(), json.loads(json.dumps(shape)))  # the spec alone recreates the shapes
     rebuilt.load_state_dict(torch.load(path)['model'])
     torch.testing.assert_close(out(rebuilt.eval(), x), out(pruned, x), atol=0, rtol=0)
     # the state dict alone says which shape it has
@@ -136,7 +136,12 @@ def test_ensemble_of_shrunk_students_rebuilds_from_config(tmp_path):
     rebuilt.load_state_dict(ens.state_dict())
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(out(rebuilt.eval(), x), out(ens, x), atol=0, rtol=0)
-    torch.testing.assert_close(out(ens.backbones[0], x), out(students[0].reset_classifier(0) or students[0], x))
+    students[0].reset_classifier(0)
+    torch.testing.assert_close(out(ens.backbones[0], x), out(students[0], x), atol=0, rtol=0)
+    # a backbone spec with a shrink shape builds the pruned model directly (collab workers, models.stats)
+    backbone = create_backbone('dedeit', config['backbones'][0]['kwargs'])
+    assert model_shape(backbone) == {'heads': [1, 2], 'hidden': [10, 30]}
+    assert backbone.devit_spec == config['backbones'][0]
 
 
 @pytest.fixture(scope='module')
@@ -179,6 +184,14 @@ def test_shrink_script_prunes_a_stage2_student(stage2):
     assert (out_dir / 'split.json').is_file()
     ens = load_students([out_dir / 'sub-dataset0' / 'checkpoint.pth'], num_classes=10, embed_dim=32)
     assert model_shape(ens.backbones[0]) == {'heads': [1, 1], 'hidden': [24, 24]}
+    # nothing is overwritten by accident, and a re-distillation without a teacher fails before any work
+    with pytest.raises(ValueError, match='--overwrite'):
+        shrink_script.main([*TINY, '--model-path', str(stage2 / 'stage2'), '--data-path', str(stage2 / 'split'),
+                            '--output_dir', str(out_dir)])
+    with pytest.raises(ValueError, match='--teacher-path'):
+        shrink_script.main([*TINY, '--model-path', str(stage2 / 'stage2'), '--data-path', str(stage2 / 'split'),
+                            '--redistill-epochs', '1', '--output_dir', str(stage2 / 'no_teacher')])
+    assert not (stage2 / 'no_teacher' / 'sub-dataset0').exists()
     # a policy file re-applied to the unpruned weights (distill_sub.py --load-shrink shrink.json) gives the same model
     student = tiny()
     student.load_state_dict(torch.load(stage2 / 'stage2' / 'sub-dataset0' / 'checkpoint.pth')['model'])
@@ -216,3 +229,28 @@ def test_redistill_through_distill_sub(stage2):
                       '--epochs', '1', '--output_dir', str(out2)])
     ckpt2 = torch.load(out2 / 'sub-dataset0' / 'checkpoint_last.pth', weights_only=False)
     assert infer_shape(tiny(), ckpt2['model']) == {'heads': [2, 2], 'hidden': [12, 12]}
+
+
+def test_decct_backbone_shrinks_too():
+    """The compact convolutional transformer's blocks are timm Blocks: gates, pruning and the spec work the same."""
+    kw = {'img_size': 28, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 4, 'mlp_ratio': 2}
+    model, x = create_backbone('decct', kw).eval(), torch.randn(2, 1, 28, 28)
+    kept_heads, kept_neurons = [[0, 2, 3], [1]], [list(range(0, 64, 2)), None]
+    neuron_gates = [(torch.arange(64) % 2 == 0).float(), None]
+    with gated(model, [torch.tensor([1., 0., 1., 1.]), torch.tensor([0., 1., 0., 0.])], neuron_gates):
+        reference = out(model, x)
+    pruned = prune_(model, kept_heads, kept_neurons)
+    torch.testing.assert_close(out(pruned, x), reference, atol=1e-6, rtol=0)
+    rebuilt = create_backbone('decct', {**kw, 'shrink': model_shape(pruned)})
+    rebuilt.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(out(rebuilt.eval(), x), reference, atol=1e-6, rtol=0)
+
+
+def test_shrink_script_under_the_launcher(stage2):
+    """Two processes: importance summed over the ranks' shards, evaluation sharded, rank 0 writes."""
+    out_dir = stage2 / 'ddp'
+    run(launch_cmd('shrink.py', *TINY, '--model-path', str(stage2 / 'stage2'), '--data-path', str(stage2 / 'split'),
+                   '--importance-batches', '2', '--output_dir', str(out_dir), nproc=2))
+    policy = json.loads((out_dir / 'sub-dataset0' / 'shrink.json').read_text())
+    assert policy['importance_images'] == 2 * 2 * 32 and policy['heads'] == [2, 2]
+    assert load_students([out_dir / 'sub-dataset0' / 'checkpoint.pth'], num_classes=10, embed_dim=32).num_devices == 1
