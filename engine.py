@@ -231,7 +231,7 @@ def train_one_epoch(task, loader, optimizer, epoch, *, params, device, lr_schedu
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f'{loss_value:.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
-    sums = utils.all_reduce_sum([totals.get(k, 0.0) for k in sorted(totals)] + [count])
+    sums = utils.all_reduce_sum([totals.get(k, 0.0) for k in sorted(totals)] + [count], device=device)
     count = sums[-1]
     stats = {k: v / max(count, 1) for k, v in zip(sorted(totals), sums[:-1])}
     stats['lr'] = optimizer.param_groups[0]['lr']
@@ -257,7 +257,7 @@ def evaluate(model, loader, device, progress=False):
         correct5 += acc5.item() * samples.shape[0] / 100
         count += samples.shape[0]
     model.train(was_training)
-    correct1, correct5, loss_sum, count = utils.all_reduce_sum([correct1, correct5, loss_sum, count], device='cpu')
+    correct1, correct5, loss_sum, count = utils.all_reduce_sum([correct1, correct5, loss_sum, count], device=device)
     count = max(count, 1)
     return {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count, 'loss': loss_sum / count,
             'count': int(count)}

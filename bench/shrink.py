@@ -44,6 +44,7 @@ TEACHER = 'deit_tiny_distilled_patch16_224'
 STUDENT_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=96', 'depth=3', 'num_heads=3', 'mlp_ratio=2']
 TEACHER_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=128', 'depth=4', 'num_heads=4', 'mlp_ratio=2']
 RANDOM_SEEDS = 5
+REPEATS = 5
 RATIOS = [('keep 2/3', 2 / 3, 2 / 3), ('keep 1/3', 1 / 3, 1 / 3)]  # (name, head ratio, neuron ratio), kept
 COMMON = ['--dataset', 'fashion_mnist', '--tiny-transforms', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
           '--drop-path', '0', '--batch-size', '128', '--eval-batch-size', '500', '--unscale-lr', '--warmup-epochs',
@@ -156,10 +157,13 @@ def measure(paths, work, quick, runs):
     x = torch.zeros(1, 1, 28, 28)
     rows = {}
     timed = {n: m for n, m in models.items() if not n.endswith('+re')}  # the re-distilled have the same shapes
-    lat = latency(timed, runs)
+    # REPEATS blocks of `runs` rounds: the median block's ratio is reported, with the spread over the blocks.
+    blocks = [latency(timed, runs, seed=b) for b in range(REPEATS)]
     for name, m in timed.items():
+        ratios = sorted(b[name] / b['unpruned'] for b in blocks)
         rows[name] = {'shape': model_shape(m), 'params': count_params(m), 'macs': count_macs(m, x),
-                      'latency_ms': 1e3 * lat[name], 'latency_ratio': lat[name] / lat['unpruned'],
+                      'latency_ms': 1e3 * statistics.median(b[name] for b in blocks),
+                      'latency_ratio': statistics.median(ratios), 'latency_ratio_range': [ratios[0], ratios[-1]],
                       'acc1': acc[name], 'acc1_random': random_acc.get(name), 'acc1_redistilled': acc[name + ' +re']}
     for r in rows.values():
         r['params_ratio'] = r['params'] / rows['unpruned']['params']
@@ -186,7 +190,8 @@ def markdown(result):
         '(`distill_sub.py --load-shrink`).',
         '',
         'MACs = the paper\'s "FLOPs" (models.stats). Latency: CPU, batch 1, 1 thread, median of '
-        f'{info["latency_runs"]} interleaved runs, as a ratio to the unpruned student measured in the same run. '
+        f'{info["latency_runs"]} interleaved runs, as a ratio to the unpruned student measured in the same runs; '
+        f'median ratio of {REPEATS} such blocks, and their range (the machine is shared). '
         '"after re-distillation" for the unpruned row is the control: the same extra epoch without pruning.',
         '',
         '| student | heads per layer | MLP width per layer | params | MACs | latency (ratio) | top-1 pruned | '
@@ -197,7 +202,8 @@ def markdown(result):
         lines.append(
             f'| {name} | {r["shape"]["heads"]} | {r["shape"]["hidden"]} | {r["params"] / 1e3:.1f}K '
             f'({r["params_ratio"]:.2f}) | {r["macs"] / 1e6:.2f}M ({r["macs_ratio"]:.2f}) | '
-            f'{r["latency_ms"]:.3f} ms ({r["latency_ratio"]:.2f}) | {r["acc1"]:.2f} | '
+            f'{r["latency_ms"]:.3f} ms ({r["latency_ratio"]:.2f}, {r["latency_ratio_range"][0]:.2f}-'
+            f'{r["latency_ratio_range"][1]:.2f}) | {r["acc1"]:.2f} | '
             f'{"-" if r["acc1_random"] is None else format(r["acc1_random"], ".2f")} | {r["acc1_redistilled"]:.2f} |')
     smallest = rows[RATIOS[-1][0]]
     lines += ['', '"top-1 pruned" of the unpruned row is the student before shrinking. "at random": the same shapes '

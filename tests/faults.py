@@ -12,8 +12,10 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
+import torch
 from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, env, launch_cmd
 
 import splite_dataset
@@ -21,6 +23,17 @@ import utils
 
 BATCH = 32  # TINY's --batch-size
 TRAIN = 256  # TINY's --limit-train: 256 / (2 ranks x 32) = 4 optimizer steps per epoch under the launcher
+
+
+@contextmanager
+def one_thread():
+    """In-process training on one thread (other processes share this machine's cores), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_split(folder, fmnist_root, num_division=4):

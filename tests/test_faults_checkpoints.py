@@ -5,13 +5,12 @@ import shutil
 
 import pytest
 import torch
-from faults import digest, error_lines, launch, make_split, no_project_traceback, run_inprocess
+from faults import digest, error_lines, launch, make_split, no_project_traceback, one_thread, run_inprocess
 from helpers import STUDENT_KW, TEACHER, TEACHER_KW, TINY, run
 
 import distill_sub
 import ensemble
 import train_subdata
-import utils
 
 SMALL = [*TINY, '--limit-train', '64', '--limit-val', '50', '--epochs', '1']
 
@@ -21,17 +20,13 @@ def ckpts(tmp_path_factory, fmnist_root):
     """Real checkpoints, trained in this process: stage 1 for divisions 0 and 1 (3 classes each), stage 2 for 0."""
     root = tmp_path_factory.mktemp('ckpts')
     split = make_split(root / 'split4', fmnist_root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for division in ('0', '1'):
             train_subdata.main([*SMALL, '--model', TEACHER, '--model-kwargs', *TEACHER_KW, '--data-path', str(split),
                                 '--start-division', division, '--output_dir', str(root / 'stage1')])
         distill_sub.main([*SMALL, '--model', 'dedeit', '--model-kwargs', *STUDENT_KW, '--teacher-model', TEACHER,
                           '--teacher-kwargs', *TEACHER_KW, '--teacher-path', str(root / 'stage1'), '--data-path',
                           str(split), '--distillation-type', 'hard', '--output_dir', str(root / 'stage2')])
-    finally:
-        torch.set_num_threads(threads)
     return root
 
 

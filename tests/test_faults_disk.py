@@ -9,8 +9,7 @@ import subprocess
 import tempfile
 
 import pytest
-import torch
-from faults import error_lines, launch, load, make_split, read_log, stage1_args, temp_files
+from faults import error_lines, launch, load, make_split, one_thread, read_log, stage1_args, temp_files
 from helpers import ROOT, env
 
 import engine
@@ -81,8 +80,8 @@ def test_read_only_output_message_in_process(tmp_path, monkeypatch):
 @needs_mount
 def test_disk_full_keeps_the_last_good_checkpoints(split, tmp_path):
     # The size of one checkpoint of this run, from the same run in this process (world size 1, as below).
-    torch.set_num_threads(1)
-    train_subdata.main(stage1_args(split, tmp_path / 'probe', 1)[1:])
+    with one_thread():
+        train_subdata.main(stage1_args(split, tmp_path / 'probe', 1)[1:])
     size = os.path.getsize(tmp_path / 'probe' / 'sub-dataset0' / engine.CHECKPOINT_LAST)
     # room for checkpoint.pth + checkpoint_last.pth of epoch 0, not for the temp file of epoch 1's first save
     full, kept = tmp_path / 'full', tmp_path / 'kept'

@@ -4,13 +4,24 @@ import time
 
 import pytest
 import torch
-from faults import error_lines, launch, load, make_split, read_log, stage1_args, start, temp_files, wait_exit
+from faults import (
+    error_lines,
+    launch,
+    load,
+    make_split,
+    one_thread,
+    read_log,
+    stage1_args,
+    start,
+    temp_files,
+    wait_exit,
+)
+from helpers import TEACHER, TEACHER_KW, TINY
 from torch.utils.data import TensorDataset
 
 import engine
 import train_subdata
 import utils
-from helpers import TEACHER, TEACHER_KW, TINY
 from losses import build_base_criterion
 
 
@@ -67,6 +78,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
                 task.model.head.weight[0, 0] = float('inf')
         return stats
     monkeypatch.setattr(engine, 'train_one_epoch', poisoned)
-    with pytest.raises(FloatingPointError, match=r'model weights became non-finite in epoch 1 \(head.weight\)'):
+    with one_thread(), pytest.raises(FloatingPointError,
+                                     match=r'model weights became non-finite in epoch 1 \(head.weight\)'):
         engine.fit(args, task, _Data(64, 3), _Data(32, 3), str(tmp_path), num_classes=3)
     assert_good_epoch0(tmp_path)

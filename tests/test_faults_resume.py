@@ -15,7 +15,6 @@ import torch
 from faults import (
     BATCH,
     TRAIN,
-    digest,
     kill_group,
     launch,
     load,
