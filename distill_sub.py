@@ -55,8 +55,8 @@ def check_teacher(path, division, classes):
         raise utils.UsageError(f'teacher {path} is a stage-{stage} checkpoint; stage 2 distils from a stage-1 '
                                f'sub-teacher (the output of train_subdata.py)')
     if info.get('classes') is not None and list(info['classes']) != list(classes):
-        raise utils.UsageError(f'teacher {path} was trained on classes {list(info["classes"])[:8]}, but division '
-                               f'{division} has classes {list(classes)[:8]}')
+        raise utils.UsageError(f'teacher {path} has a head for classes {list(info["classes"])[:8]} '
+                               f'({len(info["classes"])}), but division {division} has classes {list(classes)[:8]}')
 
 
 def check_token_counts(student, teacher):

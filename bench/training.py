@@ -25,15 +25,16 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from timm import create_model  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+from timm.scheduler import create_scheduler_v2  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
+
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402,F401  (registers dedeit)
 from losses import DistillationLoss, build_base_criterion  # noqa: E402
 from models.adapter import layer_pairs  # noqa: E402
-from timm import create_model  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.scheduler import create_scheduler_v2  # noqa: E402
-from timm.utils import ModelEmaV3  # noqa: E402
 
 # The demo's models (see demo.sh).
 TEACHER = ('deit_tiny_distilled_patch16_224',

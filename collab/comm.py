@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+import utils
+
 # Control words: the first element of every request header [command, batch size, index of the first image].
 STOP, RUN = 0, 1
 HEADER_LEN = 3
@@ -42,6 +44,8 @@ def env_rank() -> tuple[int, int, int]:
 def init_gloo(timeout_s: float) -> None:
     """Join the launcher's process group with gloo, whatever the compute device: tokens travel through CPU."""
     rank, world, _ = env_rank()
+    if 'LOCAL_RANK' in os.environ:
+        utils.exit_with_launcher()  # a rank must not outlive a killed launcher
     dist.init_process_group('gloo', init_method='env://', rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
 

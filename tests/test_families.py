@@ -48,14 +48,6 @@ def kw_args(kwargs):
     return [f'{k}={v}' for k, v in kwargs.items()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models

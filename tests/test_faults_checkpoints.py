@@ -94,7 +94,7 @@ def test_outside_teacher_of_another_class_count(ckpts, tmp_path, capsys):
 def test_sub_teacher_of_another_division(ckpts, tmp_path, capsys):
     other = ckpts / 'stage1' / 'sub-dataset1' / 'checkpoint.pth'  # also 3 classes: loading it would succeed
     expect_error(distill_sub.main, stage2(ckpts, tmp_path / 'out', other), capsys,
-                 'was trained on classes [3, 5, 7], but division 0 has classes [2, 4, 6]')
+                 'has a head for classes [3, 5, 7] (3), but division 0 has classes [2, 4, 6]')
 
 
 def test_stage2_student_given_as_teacher(ckpts, tmp_path, capsys):

@@ -33,16 +33,6 @@ def tiny(name='dedeit', num_classes=5, **kw):
     return timm.create_model(name, num_classes=num_classes, **{**TINY, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny models on a shared 2-core machine: OpenMP threads spinning against other processes cost far more than
-    # they gain, so each test runs single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize('name', ['dedeit', 'devit'])
 def test_registered_students(name):

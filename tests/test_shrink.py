@@ -33,14 +33,6 @@ TEACHER = 'deit_tiny_distilled_patch16_224'
 TEACHER_KW = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(name='dedeit', num_classes=3, **kw):
     return timm.create_model(name, num_classes=num_classes, **{**KW, **kw}).eval()
