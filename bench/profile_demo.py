@@ -213,7 +213,7 @@ def profile_stage(task, data, steps, fused):
         if id(e) in inside_opt or e.name.startswith('Optimizer.step'):
             family = 'optimizer step'
         else:
-            family = next((f for f, keys in FAMILIES if any(k in e.name for k in keys)), 'other (autograd, python, ...)')
+            family = next((f for f, keys in FAMILIES if any(k in e.name for k in keys)), 'other')
         totals[family] = totals.get(family, 0.0) + e.self_cpu_time_total
     whole = sum(totals.values())
     top = [{'op': a.key, 'self_ms': a.self_cpu_time_total / 1e3 / steps, 'calls_per_step': a.count / steps}
@@ -227,27 +227,34 @@ def profile_stage(task, data, steps, fused):
 # 3. the fix, before/after
 
 def optimizer_fix(task, data, rounds, threads_list):
-    """Old (torch's CPU AdamW default) vs new (fused) on `task`'s model: optimizer step alone and whole epochs."""
+    """Old (torch's CPU AdamW default) vs new (fused) on `task`'s model: the optimizer step alone, and whole epochs.
+
+    A whole epoch moves by the optimizer's share of a step only (about 1% at one thread), less than this machine's
+    run-to-run noise; so next to the measured epoch ratio stands the one the measured parts imply:
+    (epoch_new + steps * (step_old - step_new)) / epoch_new.
+    """
     out = {}
     base = torch.get_num_threads()
     for threads in threads_list:
         torch.set_num_threads(threads)
-        models_ = {'old': copy.deepcopy(task.model), 'new': copy.deepcopy(task.model)}
         opts = {}
-        for k, m in models_.items():
+        for k in ('old', 'new'):
+            m = copy.deepcopy(task.model)
             for p in m.parameters():
                 p.grad = torch.randn_like(p) * 1e-3
             opts[k] = create_optimizer_v2(m, opt='adamw', lr=1e-3, weight_decay=0.05,
                                           **(engine.optimizer_impl('adamw') if k == 'new' else {}))
-        step_times = interleave({k: o.step for k, o in opts.items()}, rounds * 5)
-        old_task, new_task = copy.deepcopy(task), copy.deepcopy(task)
-        ep = interleave({'old': epoch_fn(old_task, data, fused=False), 'new': epoch_fn(new_task, data, fused=True)},
-                        rounds)
+        step_times = interleave({k: o.step for k, o in opts.items()}, 50)
+        ep = interleave({'old': epoch_fn(copy.deepcopy(task), data, fused=False),
+                         'new': epoch_fn(copy.deepcopy(task), data, fused=True)}, rounds)
+        step_ms = {k: 1e3 * statistics.median(v) for k, v in step_times.items()}
+        epoch_s = {k: statistics.median(v) for k, v in ep.items()}
+        implied = (epoch_s['new'] + len(data) * (step_ms['old'] - step_ms['new']) / 1e3) / epoch_s['new']
         out[f'{threads}_thread' + ('s' if threads > 1 else '')] = {
-            'optimizer_step_ms': {k: 1e3 * statistics.median(v) for k, v in step_times.items()},
-            'optimizer_step_ratio': paired_ratio(step_times, 'old', 'new'),
-            'epoch_s': {k: statistics.median(v) for k, v in ep.items()},
-            'epoch_ratio': paired_ratio(ep, 'old', 'new'), 'steps_per_epoch': len(data)}
+            'optimizer_step_ms': step_ms, 'optimizer_step_ratio': paired_ratio(step_times, 'old', 'new'),
+            'epoch_s': epoch_s, 'epoch_ratio': paired_ratio(ep, 'old', 'new'), 'epoch_ratio_implied': implied,
+            'optimizer_share_of_step_before': len(data) * step_ms['old'] / 1e3 / epoch_s['old'],
+            'steps_per_epoch': len(data)}
     torch.set_num_threads(base)
     return out
 
@@ -271,14 +278,16 @@ def bench(quick):
     return {
         'demo_profile_optimizer': {
             'ratio': one['optimizer_step_ratio'], 'target': 2.0, 'direction': 'min',
-            'what': f'AdamW step on the slowest stage\'s model ({slowest}), torch\'s CPU default (per-tensor loop) / '
-                    'fused kernel (engine.optimizer_impl), 1 thread, alternating, median of pairs',
+            'what': f'AdamW step on the slowest demo stage\'s model ({slowest}), torch\'s CPU default (per-tensor '
+                    f'loop) / fused kernel (engine.optimizer_impl), 1 thread, alternating, median of pairs; at '
+                    f'{cores} threads: {default["optimizer_step_ratio"]:.2f}',
             'fix': fix},
         'demo_profile_stage': {
-            'ratio': one['epoch_ratio'], 'target': 1.0, 'direction': 'min',
-            'what': f'train_one_epoch of the slowest demo stage ({slowest}: {cfg["batch"]}-image steps), old '
-                    f'optimizer / fused, 1 thread; at the demo\'s default {cores} threads: '
-                    f'{default["epoch_ratio"]:.3f}',
+            'ratio': one['epoch_ratio_implied'], 'target': None, 'direction': None,
+            'what': f'train_one_epoch of the slowest demo stage ({slowest}, {cfg["batch"]}-image steps), before / '
+                    'after the fix, as its measured parts imply at 1 thread (the optimizer was '
+                    f'{100 * one["optimizer_share_of_step_before"]:.1f}% of a step); measured directly: '
+                    f'{one["epoch_ratio"]:.3f} at 1 thread, {default["epoch_ratio"]:.3f} at {cores}, within noise',
             'demo': cfg, 'costs': costs, 'profile_before': prof_old, 'profile_after': prof_new},
     }
 
@@ -301,7 +310,8 @@ def main(argv=None):
     for threads, r in results['demo_profile_optimizer']['fix'].items():
         print(f'fix at {threads}: optimizer step {r["optimizer_step_ms"]["old"]:.2f} -> '
               f'{r["optimizer_step_ms"]["new"]:.2f} ms (x{r["optimizer_step_ratio"]:.2f}), epoch '
-              f'{r["epoch_s"]["old"]:.2f} -> {r["epoch_s"]["new"]:.2f} s (x{r["epoch_ratio"]:.3f})')
+              f'{r["epoch_s"]["old"]:.2f} -> {r["epoch_s"]["new"]:.2f} s (x{r["epoch_ratio"]:.3f} measured, '
+              f'x{r["epoch_ratio_implied"]:.3f} implied)')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)

@@ -1,0 +1,324 @@
+"""Run every benchmark, print one table, write bench/results.json and bench/RESULTS.md.
+
+    python bench/run.py [--quick] [--only training split collab profile]
+
+Suites, each in its own process and one after another, so that none disturbs another's timings:
+- training: bench/training.py -- engine_overhead, distill_overhead, data_loading;
+- split:    bench/split.py    -- split_link_vs_copy (hard links vs copies) and split_scaling (1k..100k files);
+- collab:   bench/collab.py   -- collab_vs_slowest (+ _n2, _demo), collab_speedup_vs_teacher (+ _demo),
+                                 bytes_vs_layer_split (+ _demo), fp16_tokens, collab_scaling;
+- profile:  bench/profile_demo.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
+                                 the before/after of the fix).
+`--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes about 20 minutes.
+Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
+"min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
+run, alternated or repeated, medians; the load average around each suite is recorded, since this machine is shared.
+`--only` merges its suites into an existing results.json.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+SUITES = ('training', 'split', 'collab', 'profile')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Suites (each runs in a child process: `run.py --suite NAME --out FILE`)
+
+def suite_training(quick):
+    import torch
+    import training
+
+    torch.set_num_threads(1)  # least sensitive to other load; the ratios compare like with like
+    torch.manual_seed(0)
+    images, repeats = (512, 9) if quick else (2048, 11)
+    data = training.loader(images, batch_size=128)
+    engine = training.bench_engine(data, repeats)
+    distill = training.bench_distill(training.loader(images // 2, batch_size=128), repeats)
+    loading = training.bench_loading(data, repeats, engine['bare_images_per_s'])
+    return {'engine_overhead': {**engine, 'direction': 'max'}, 'distill_overhead': {**distill, 'direction': 'max'},
+            'data_loading': {**loading, 'direction': 'min'}}
+
+
+def suite_split(quick):
+    import split
+
+    files, counts = (2000, (1000, 5000)) if quick else (20000, (1000, 10000, 100000))
+    workdir = tempfile.mkdtemp(prefix='devit-bench-split-')
+    try:
+        r = split.compare(workdir, files, 110.0, 100, 4, 3)
+        scaling = [split.compare(workdir, n, 2.0, 100, 4, 3) for n in counts]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows = [{k: s[k] for k in ('files', 'link_seconds', 'copy_seconds', 'link_us_per_file', 'copy_us_per_file',
+                               'ratio')} for s in scaling]
+    growth = {mode: rows[-1][f'{mode}_us_per_file'] / rows[0][f'{mode}_us_per_file'] for mode in ('link', 'copy')}
+    return {
+        'split_link_vs_copy': {
+            'ratio': r['ratio'], 'target': split.TARGET, 'direction': 'min',
+            'what': f'splite_dataset.py on an ImageFolder of {r["files"]} files x 110 KB (ImageNet\'s mean JPEG), '
+                    f'copy / hard-link seconds for the whole split; hard links copy {r["link_bytes_copied"]} bytes',
+            'details': r},
+        'split_scaling': {
+            'ratio': max(growth.values()), 'target': 1.5, 'direction': 'max',
+            'what': f'split time per file at {rows[-1]["files"]} files / at {rows[0]["files"]} files (2 KB files; '
+                    f'1.0 = exactly linear): hard link {growth["link"]:.2f}, copy {growth["copy"]:.2f}',
+            'rows': rows}}
+
+
+def suite_collab(quick):
+    import collab
+
+    workdir = tempfile.mkdtemp(prefix='devit-bench-collab-')
+    try:
+        return collab.bench(quick, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def suite_profile(quick):
+    import profile_demo
+
+    return profile_demo.bench(quick)
+
+
+def run_suite(name, quick, out):
+    sys.path.insert(0, BENCH)
+    sys.path.insert(1, ROOT)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    results = globals()[f'suite_{name}'](quick)
+    meta = {'suite': name, 'seconds': time.perf_counter() - started, 'load_before': load,
+            'load_after': os.getloadavg()[0]}
+    for value in results.values():
+        value['suite'] = meta
+    with open(out, 'w') as f:
+        json.dump(results, f, indent=1, default=float)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table
+
+def verdict(r):
+    if r.get('direction') is None or r.get('target') is None:
+        return '-'
+    ok = r['ratio'] <= r['target'] if r['direction'] == 'max' else r['ratio'] >= r['target']
+    return 'pass' if ok else 'FAIL'
+
+
+def target_text(r):
+    if r.get('target') is None:
+        return '-'
+    return f'{"<=" if r.get("direction") == "max" else ">="} {r["target"]:g}'
+
+
+def short(text, width):
+    return text if len(text) <= width else text[:width - 3] + '...'
+
+
+def print_table(results):
+    print(f'\n{"benchmark":<32} {"ratio":>9} {"target":>9}  {"":4}  what')
+    for key, r in results.items():
+        print(f'{key:<32} {r["ratio"]:>9.3f} {target_text(r):>9}  {verdict(r):<4}  {short(r["what"], 100)}')
+
+
+def fmt(v, digits=2):
+    return '-' if v is None else f'{v:,.{digits}f}'
+
+
+def markdown(results, meta):
+    lines = [
+        '# Benchmark results',
+        '',
+        f'`{meta["command"]}` on {meta["date"]}, {meta["machine"]}; {meta["seconds"] / 60:.1f} min. Every ratio '
+        'compares two things measured in the same run (alternated or repeated, medians). The machine is shared with '
+        f'other work: load average {meta["load"]} (per suite in results.json), so absolute times are noisy and only '
+        'the ratios mean something. Definitions: [bench/README.md](README.md).',
+        '',
+        '| benchmark | ratio | target | result | what |',
+        '|---|---:|---:|---|---|',
+    ]
+    for key, r in results.items():
+        lines.append(f'| `{key}` | {r["ratio"]:.3f} | {target_text(r)} | {verdict(r)} | '
+                     f'{r["what"].replace("|", "/")} |')
+    lines += collab_sections(results) + profile_sections(results) + split_sections(results)
+    return '\n'.join(lines) + '\n'
+
+
+def collab_sections(results):
+    out = []
+    rows = [(k, label) for k, label in (('collab_vs_slowest', 'paper scale, N=4, 1 thread each'),
+                                        ('collab_vs_slowest_n2', 'paper-size total, N=2, 1 thread each'),
+                                        ('collab_vs_slowest_demo', 'demo scale, N=4, 1 thread each'))
+            if k in results]
+    if rows:
+        out += ['', '## Collaborative inference (loopback)', '',
+                '| run | latency p50 ms | slowest worker p50 ms | overhead p50 ms | latency / slowest (median) | '
+                'p90 | runs x images |', '|---|---:|---:|---:|---:|---:|---:|']
+        for k, label in rows:
+            r = results[k]
+            out.append(f'| {label} | {fmt(r["latency_p50_ms"])} | {fmt(r["slowest_compute_p50_ms"])} | '
+                       f'{fmt(r["overhead_p50_ms"])} | {r["ratio"]:.3f} | {r["ratio_p90"]:.3f} | '
+                       f'{r["runs"]} x {r["images"] // r["runs"]} |')
+        n2 = results.get('collab_vs_slowest_demo', {}).get('n2')
+        if n2:
+            out.append(f'| demo scale, N=2, 1 thread each | {fmt(n2["latency_p50_ms"])} | '
+                       f'{fmt(n2["slowest_compute_p50_ms"])} | {fmt(n2["overhead_p50_ms"])} | {n2["ratio"]:.3f} | '
+                       f'{n2["ratio_p90"]:.3f} | {n2["runs"]} x {n2["images"]} |')
+    for k in ('collab_speedup_vs_teacher', 'collab_speedup_vs_teacher_demo'):
+        if k in results:
+            r = results[k]
+            teacher = ', '.join(f'{t} thread(s) {fmt(ms)} ms' for t, ms in r['teacher_p50_ms_by_threads'].items())
+            n2 = f'; N=2: {fmt(r["collab_n2_p50_ms"])} ms, x{r["speedup_n2"]:.2f}' if 'speedup_n2' in r else ''
+            out.append(f'\n`{k}`: teacher {teacher}; collaborative N=4 {fmt(r["collab_p50_ms"])} ms: '
+                       f'x{r["ratio"]:.2f}{n2}.')
+    byte_rows = [k for k in ('bytes_vs_layer_split', 'bytes_vs_layer_split_demo') if k in results]
+    if byte_rows:
+        out += ['', '## Traffic per image (bytes)', '',
+                '| scale | collab tokens fp32 / fp16 | layer-split fp32 / fp16 | ratio | collab input uint8 / fp32 | '
+                'layer-split input uint8 / fp32 | measured = shapes |', '|---|---:|---:|---:|---:|---:|---|']
+        for k in byte_rows:
+            r = results[k]
+            a, checked = r['analytic'], len(r['measured']) + len(r['measured_input'])
+            scale = 'paper (224)' if k == 'bytes_vs_layer_split' else 'demo (28)'
+            out.append(f'| {scale} | {a["collab_tokens_fp32"]:,} / {a["collab_tokens_fp16"]:,} | '
+                       f'{a["layer_split_total_fp32"]:,} / {a["layer_split_total_fp16"]:,} | {r["ratio"]:.1f} '
+                       f'| {a["collab_input_uint8"]:,} / {a["collab_input_fp32"]:,} | {a["layer_split_input_uint8"]:,}'
+                       f' / {a["layer_split_input_fp32"]:,} | {"yes" if r["analytic_matches_measured"] else "NO"} '
+                       f'({checked} measured) |')
+        out.append('\nLayer-split bytes include the logits the last stage returns (fp32). With the input counted as '
+                   'well, the ratio is ' + ', '.join(
+                       f'{"paper" if k == "bytes_vs_layer_split" else "demo"}: '
+                       f'{results[k]["ratio_with_input_uint8"]:.2f} (uint8) / {results[k]["ratio_with_input_fp32"]:.2f}'
+                       ' (fp32)' for k in byte_rows) + ': the collaborative design sends the image to every device.')
+    if 'fp16_tokens' in results:
+        r = results['fp16_tokens']
+        t = r.get('trained')
+        acc = (f'trained demo ensemble ({t["images"]} test images): accuracy {t["accuracy_fp32"]:.4f} (fp32) -> '
+               f'{t["accuracy_fp16"]:.4f} (fp16), change {t["accuracy_change"]:+.4f}, predictions agree on '
+               f'{100 * t["prediction_agreement"]:.2f}%' if t else
+               'accuracy change not measured: no trained demo ensemble (run `bash demo.sh` first)')
+        out.append(f'\n`fp16_tokens`: bytes x{r["ratio"]:.3f} fewer; {acc}; random-weight demo ensemble: predictions '
+                   f'agree on {100 * r["prediction_agreement_random_weights"]:.1f}%.')
+    if 'collab_scaling' in results:
+        out += ['', '## Scaling in N (same total size, 224x224, 1 thread per process)', '',
+                '| N | student width / heads | params (all students) | latency p50 ms | slowest worker p50 ms | '
+                'latency / slowest | speed-up vs N=1 | bytes / image | input uint8 / image |',
+                '|---:|---|---:|---:|---:|---:|---:|---:|---:|']
+        for row in results['collab_scaling']['rows']:
+            out.append(f'| {row["n"]} | {row["student"]["embed_dim"]} / {row["student"]["num_heads"]} | '
+                       f'{row["student_params_total"] / 1e6:.1f}M | {fmt(row["latency_p50_ms"])} | '
+                       f'{fmt(row["slowest_compute_p50_ms"])} | {row["overhead_ratio"]:.3f} | '
+                       f'{row["speedup_vs_n1"]:.2f} | {row["bytes_per_image"]:,.0f} | '
+                       f'{row["input_bytes_per_image_uint8"]:,.0f} |')
+    return out
+
+
+def profile_sections(results):
+    if 'demo_profile_stage' not in results:
+        return []
+    r = results['demo_profile_stage']
+    costs = r['costs']
+    out = ['', '## Where the demo\'s training time goes', '',
+           f'Estimated from measured step and evaluation costs (1 thread, batch {r["demo"]["batch"]}) times the steps '
+           f'of the full demo (epochs {r["demo"]["epochs"]}): {costs["estimated_total_s"] / 60:.0f} min at these '
+           'rates.', '', '| stage | task | steps | train s | eval s | share |', '|---|---|---:|---:|---:|---:|']
+    for name, s in costs['stages'].items():
+        out.append(f'| {name} | {s["task"]} | {s["steps"]} | {s["train_s"]:.0f} | {s["eval_s"]:.0f} | '
+                   f'{100 * s["share"]:.1f}% |')
+    before, after = r['profile_before'], r['profile_after']
+    fams = list(dict.fromkeys([*before['share'], *after['share']]))
+    out += ['', f'Self CPU time of a step of the slowest stage ({costs["slowest"]}), torch.profiler:', '',
+            '| op family | before (torch AdamW default) | after (fused AdamW) |', '|---|---:|---:|']
+    for f in fams:
+        out.append(f'| {f} | {100 * before["share"].get(f, 0):.1f}% | {100 * after["share"].get(f, 0):.1f}% |')
+    out.append(f'| ms per step (profiled) | {before["self_ms_per_step"]:.0f} | {after["self_ms_per_step"]:.0f} |')
+    fix = results.get('demo_profile_optimizer', {}).get('fix', {})
+    if fix:
+        out += ['', '| threads | optimizer step ms before -> after | x | optimizer share of a step before | '
+                'epoch s before -> after | x measured | x implied by the parts |',
+                '|---|---:|---:|---:|---:|---:|---:|']
+        for t, x in fix.items():
+            out.append(f'| {t.replace("_", " ")} | {x["optimizer_step_ms"]["old"]:.2f} -> '
+                       f'{x["optimizer_step_ms"]["new"]:.2f} | {x["optimizer_step_ratio"]:.2f} | '
+                       f'{100 * x["optimizer_share_of_step_before"]:.1f}% | {x["epoch_s"]["old"]:.2f} -> '
+                       f'{x["epoch_s"]["new"]:.2f} | {x["epoch_ratio"]:.3f} | {x["epoch_ratio_implied"]:.3f} |')
+    return out
+
+
+def split_sections(results):
+    if 'split_scaling' not in results:
+        return []
+    out = ['', '## Split time vs file count (2 KB files, 4 divisions)', '',
+           '| files | hard link s | us / file | copy s | us / file | copy / link |', '|---:|---:|---:|---:|---:|---:|']
+    for row in results['split_scaling']['rows']:
+        out.append(f'| {row["files"]:,} | {row["link_seconds"]:.2f} | {row["link_us_per_file"]:.0f} | '
+                   f'{row["copy_seconds"]:.2f} | {row["copy_us_per_file"]:.0f} | {row["ratio"]:.1f} |')
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='the short version (about 5 minutes)')
+    p.add_argument('--only', nargs='+', choices=SUITES, default=None, help='run these suites only')
+    p.add_argument('--json', default=os.path.join(BENCH, 'results.json'))
+    p.add_argument('--markdown', default=os.path.join(BENCH, 'RESULTS.md'))
+    p.add_argument('--suite', choices=SUITES, help=argparse.SUPPRESS)  # child process: run one suite
+    p.add_argument('--out', help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.suite:
+        return run_suite(args.suite, args.quick, args.out)
+
+    started = time.perf_counter()
+    results, failed = {}, []
+    if args.only and os.path.isfile(args.json):
+        with open(args.json) as f:
+            results = json.load(f)
+    tmp = tempfile.mkdtemp(prefix='devit-bench-')
+    try:
+        for name in args.only or SUITES:
+            print(f'=== {name} ({datetime.datetime.now():%H:%M:%S}, load {os.getloadavg()[0]:.1f})', flush=True)
+            out = os.path.join(tmp, f'{name}.json')
+            cmd = [sys.executable, __file__, '--suite', name, '--out', out, *(['--quick'] if args.quick else [])]
+            proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+            if proc.returncode != 0 or not os.path.isfile(out):
+                failed.append(name)
+                print(f'error: suite {name} failed (exit {proc.returncode})', file=sys.stderr, flush=True)
+                continue
+            with open(out) as f:
+                results.update(json.load(f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    loads = sorted({round(v['suite'][k], 1) for v in results.values() if 'suite' in v
+                    for k in ('load_before', 'load_after')})
+    meta = {'command': 'python bench/run.py' + (' --quick' if args.quick else '')
+            + (f' --only {" ".join(args.only)}' if args.only else ''),
+            'date': f'{datetime.datetime.now():%Y-%m-%d %H:%M}',
+            'machine': f'{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})',
+            'seconds': time.perf_counter() - started,
+            'load': f'{loads[0]}-{loads[-1]}' if loads else '?'}
+    print_table(results)
+    with open(args.json, 'w') as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(args.markdown, 'w') as f:
+        f.write(markdown(results, meta))
+    print(f'\nwrote {os.path.relpath(args.json, ROOT)} and {os.path.relpath(args.markdown, ROOT)} '
+          f'({meta["seconds"] / 60:.1f} min)')
+    if failed:
+        sys.exit(f'failed suites: {", ".join(failed)}')
+
+
+if __name__ == '__main__':
+    main()
