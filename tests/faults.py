@@ -6,8 +6,6 @@ makes the ranks stop at a known optimizer step so that the test can SIGKILL the 
 ``crash`` SIGKILLs one rank, ``nan`` poisons the loss.
 """
 import glob
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, env, launch_cmd
+from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, digest, env, launch_cmd, read_log  # noqa: F401
 
 import splite_dataset
 import utils
@@ -135,16 +133,6 @@ def read_text(path):
             return f.read()
     except FileNotFoundError:
         return ''
-
-
-def read_log(folder):
-    with open(os.path.join(folder, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def digest(path):
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def temp_files(folder):

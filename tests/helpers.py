@@ -1,4 +1,6 @@
 """Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST)."""
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -53,3 +55,13 @@ def run(cmd, timeout=300, check=True):
 def error_lines(stderr):
     """Lines our scripts print for bad input (``error: ...``), ignoring launcher noise."""
     return [line for line in stderr.splitlines() if 'error:' in line]
+
+
+def read_log(folder):
+    with open(os.path.join(folder, 'log.txt')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def digest(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()

@@ -2,14 +2,13 @@
 (CCT-14/7x2, `decct`), plus ensembles that mix families. Tiny models on 28×28 grey images; stages 2 and 3 run as
 real processes under the seed's launcher on a slice of Fashion-MNIST with random-weight teachers (plumbing, not
 accuracy)."""
-import json
 import os
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import TEACHER, TINY, launch_cmd, run
+from helpers import TEACHER, TINY, launch_cmd, read_log, run
 
 import splite_dataset
 import utils
@@ -235,11 +234,6 @@ def _save_teacher(path, name, kwargs, num_classes):
     model = timm.create_model(name, num_classes=num_classes, **kwargs)
     utils.save_checkpoint({'model': model.state_dict()}, path)
     return str(path)
-
-
-def read_log(folder):
-    with open(os.path.join(folder, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 """The three stage scripts as real processes under the seed's launcher, chained stage to stage, plus resume,
 the seed's commands parsed verbatim, bad input, and the demo's quick mode."""
-import hashlib
 import json
 import os
 import shlex
@@ -11,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, env, error_lines, launch_cmd, run
+from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, digest, env, error_lines, launch_cmd, read_log, run
 
 import distill_sub
 import ensemble as ensemble_script
@@ -33,16 +32,6 @@ SEED_COMMANDS = {
                      '--output_dir ./output --teacher-model deit_base_distilled_patch16_224 '
                      '--teacher-path ./teacher_ckpt.pth --sub_classes 25 25 25 25',
 }
-
-
-def read_log(folder):
-    with open(os.path.join(folder, 'log.txt')) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def digest(path):
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture(scope='module')
