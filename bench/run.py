@@ -9,7 +9,7 @@ Suites, each in its own process and one after another, so that none disturbs ano
                                  bytes_vs_layer_split (+ _demo), fp16_tokens, collab_scaling;
 - profile:  bench/profile_demo.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
                                  the before/after of the fix).
-`--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes about 20 minutes.
+`--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes 15-20 minutes.
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
 "min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
 run, alternated or repeated, medians; the load average around each suite is recorded, since this machine is shared.
