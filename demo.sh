@@ -8,7 +8,7 @@
 #   then evaluate everything on the 10,000 test images and write OUT/results.json.
 # Every stage runs through `python -m torch.distributed.launch ... --use_env`, as the seed's commands do.
 #
-#   bash demo.sh            full demo (about 15 minutes on 2 CPU cores)
+#   bash demo.sh            full demo (sized for ~15 min on 2 idle cores; 52 min measured on a busy machine)
 #   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
 #   bash demo.sh --family decct   the DeCCTs decomposition (CCT teacher, decct students) into output/demo-decct
 # Environment: PYTHON (default python3), OUT (default output/demo), NPROC (processes per stage, default 1),
