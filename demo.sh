@@ -8,7 +8,7 @@
 #   then evaluate everything on the 10,000 test images and write OUT/results.json.
 # Every stage runs through `python -m torch.distributed.launch ... --use_env`, as the seed's commands do.
 #
-#   bash demo.sh            full demo (sized for ~15 min on 2 idle cores; 52 min measured on a busy machine)
+#   bash demo.sh            full demo (18 min measured on 2 idle cores)
 #   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
 #   bash demo.sh --family decct   the DeCCTs decomposition (CCT teacher, decct students) into output/demo-decct
 # Environment: PYTHON (default python3), OUT (default output/demo), NPROC (processes per stage, default 1),
@@ -53,7 +53,7 @@ TEACHER_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=128 depth=4 num_heads=
 STUDENT=dedeit
 STUDENT_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=64 depth=2 num_heads=2 mlp_ratio=2)
 # Epochs per stage; the baseline gets E2 + E3 so it trains as long as a student does in total.
-E0=${E0:-7}; E1=${E1:-1}; E2=${E2:-4}; E3=${E3:-3}
+E0=${E0:-8}; E1=${E1:-1}; E2=${E2:-4}; E3=${E3:-5}
 # The recipe for small ViTs from scratch on CPU: AdamW at batch 256 with a high lr (not scaled by batch/512),
 # ~100 warm-up steps then cosine per step, weight decay on weight matrices only, plain transforms, no mixup,
 # no label smoothing, no drop-path.
