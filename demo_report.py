@@ -4,7 +4,8 @@
 
 Accuracies are those of the checkpoints each stage hands to the next (``checkpoint.pth``), as fractions 0..1:
 the teacher, the ensemble and the baseline on the 10,000 test images (all classes), each sub-teacher and student
-on the test images of its own division's classes.
+on the test images of its own division's classes; and, when stage 3 ran with ``--eval-missing``, the ensemble
+with each device missing in turn (``ensemble_missing_acc``).
 """
 import argparse
 import json
@@ -43,10 +44,16 @@ def build_report(out, seconds):
     ensemble_state = read_checkpoint(ensemble_path)
     ensemble = load_ensemble(ensemble_state)
     ens_stats = ensemble_stats(ensemble)
+    missing_file = os.path.join(out, 'stage3', 'missing_devices.json')
+    missing = None
+    if os.path.isfile(missing_file):
+        with open(missing_file) as f:
+            missing = [a / 100.0 for a in json.load(f)['missing']]
     return {
         'teacher_acc': teacher['acc'],
         'ensemble_acc': ensemble_state['test_acc1'] / 100.0,
         'baseline_acc': baseline['acc'],
+        'ensemble_missing_acc': missing,
         'sub_teacher_acc': [s['acc'] for s in sub_teachers],
         'student_acc': [s['acc'] for s in students],
         'seconds': seconds,
@@ -72,6 +79,9 @@ def format_table(report):
     for i, (t, s) in enumerate(zip(report['sub_teacher_acc'], report['student_acc'])):
         rows.append((f'sub-teacher {i} (own classes)', f'{100 * t:.2f}', p['sub_teacher'], f['sub_teacher']))
         rows.append((f'student {i} (own classes)', f'{100 * s:.2f}', p['student'], f['student']))
+    for i, acc in enumerate(report.get('ensemble_missing_acc') or []):
+        rows.append((f'ensemble without device {i} (all classes)', f'{100 * acc:.2f}', p['ensemble'],
+                     f['ensemble']))
     lines = [f'{"model":<42} {"top-1 %":>8} {"params":>10} {"MACs":>12}', '-' * 75]
     lines += [f'{name:<42} {acc:>8} {params:>10,} {flops:>12,}' for name, acc, params, flops in rows]
     lines.append(f'total time: {report["seconds"]:.0f} s; ensemble checkpoint: {report["ensemble_checkpoint"]}')

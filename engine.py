@@ -146,14 +146,23 @@ def build_loaders(args, train_set, val_set):
         train_sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, shuffle=True)
     else:
         train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    val_sampler = ShardSampler(len(val_set), rank, world)
-    common = {'num_workers': args.num_workers, 'pin_memory': args.pin_mem, 'persistent_workers': args.num_workers > 0}
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True, **common)
-    val_loader = DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler, **common)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                              **loader_options(args))
+    val_loader = build_eval_loader(args, val_set)
     if len(train_loader) == 0:
         raise utils.UsageError(f'--batch-size {args.batch_size} is larger than the {len(train_set)} training images '
                                f'of one rank')
     return train_loader, val_loader
+
+
+def loader_options(args):
+    return {'num_workers': args.num_workers, 'pin_memory': args.pin_mem, 'persistent_workers': args.num_workers > 0}
+
+
+def build_eval_loader(args, val_set):
+    """Evaluation loader: this rank's shard of ``val_set``, in order, no padding."""
+    sampler = ShardSampler(len(val_set), args.rank, utils.world_size())
+    return DataLoader(val_set, batch_size=args.eval_batch_size, sampler=sampler, **loader_options(args))
 
 
 def build_mixup(args, num_classes):

@@ -15,6 +15,9 @@ Writes OUTPUT/{checkpoint.pth, checkpoint_last.pth, log.txt}; the checkpoint's `
 import argparse
 import os
 
+import torch
+import torch.nn as nn
+
 import datasets
 import engine
 import utils
@@ -28,6 +31,9 @@ def get_parser():
     group = parser.add_argument_group('ensemble')
     group.add_argument('--device-dropout', type=utils.probability, default=0.0,
                        help='training probability of zeroing one device\'s tokens (robust to a missing device)')
+    group.add_argument('--eval-missing', action='store_true',
+                       help='also report test accuracy with each device missing in turn (tokens zero-filled, as the '
+                            'collaborative runtime does); writes OUTPUT/missing_devices.json')
     parser.set_defaults(distillation_type='hard')  # stage 3 always learns from the full teacher (seed omits the flag)
     return parser
 
@@ -66,6 +72,38 @@ def check_teacher_classes(path, num_classes):
     if classes is not None and list(classes) != list(range(num_classes)):
         raise utils.UsageError(f'teacher {path} was trained on classes {classes[:8]}..., not on all {num_classes} '
                                f'classes in their global order')
+
+
+class WithoutDevice(nn.Module):
+    """The ensemble at inference with device `missing` absent: its tokens are zero-filled, the others' are used."""
+
+    def __init__(self, ensemble, missing):
+        super().__init__()
+        self.ensemble, self.missing = ensemble, missing
+
+    def forward(self, x):
+        present = [i != self.missing for i in range(self.ensemble.num_devices)]
+        tokens = [self.ensemble.device_tokens(i, x) if p else None for i, p in enumerate(present)]
+        return self.ensemble.head_forward(tokens, present).eval_logits()
+
+
+def evaluate_missing(args, ensemble, val_set):
+    """Test top-1 with all devices and with each one missing, written to OUTPUT/missing_devices.json. After
+    training the best checkpoint is evaluated; with --eval, the weights --resume loaded."""
+    path = args.resume if args.eval else os.path.join(args.output_dir, engine.CHECKPOINT_BEST)
+    if not args.eval:
+        load_weights(ensemble, path, reset_head=False, what='ensemble')
+    loader = engine.build_eval_loader(args, engine.limit(val_set, args.limit_val))
+    device = torch.device(args.device)
+    result = {'checkpoint': path, 'all': engine.evaluate(ensemble, loader, device)['acc1'],
+              'missing': [engine.evaluate(WithoutDevice(ensemble, i), loader, device)['acc1']
+                          for i in range(ensemble.num_devices)]}
+    if utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        utils.write_json_atomic(os.path.join(args.output_dir, 'missing_devices.json'), result)
+        print(f'test acc1 with all {ensemble.num_devices} devices {result["all"]:.2f}%; with device i missing: '
+              + ', '.join(f'{i}: {a:.2f}%' for i, a in enumerate(result['missing'])), flush=True)
+    return result
 
 
 def main(argv=None):
@@ -107,8 +145,10 @@ def main(argv=None):
     extra = {'stage': 3, 'ensemble_config': ensemble.config, 'num_classes': num_classes}
     result = engine.fit(args, task, data['train'], data['val'], args.output_dir, extra_checkpoint=extra,
                         num_classes=num_classes)
-    if utils.is_main_process():
+    if utils.is_main_process() and not args.eval:
         print(f'ensemble: best test acc1 {result["best_acc1"]:.2f}%', flush=True)
+    if args.eval_missing:
+        result['missing_devices'] = evaluate_missing(args, ensemble, data['val'])
     return result
 
 

@@ -131,18 +131,22 @@ def write_ensemble(path: str, students: Sequence[ModelSpec], teacher: ModelSpec,
 
 
 class Runner:
-    """Runs collab_infer.py as real processes; keeps every report (with its per-image CSV rows) under `workdir`."""
+    """Runs collab_infer.py as real processes; keeps every report (with its per-image CSV rows) under `workdir`.
 
-    def __init__(self, workdir: str, verbose: bool = True):
+    prefix: words put before the launcher (bench/links.py runs everything inside a network namespace).
+    """
+
+    def __init__(self, workdir: str, verbose: bool = True, prefix: Sequence[str] = ()):
         self.workdir = workdir
         self.verbose = verbose
+        self.prefix = list(prefix)
         self.count = 0
 
     def __call__(self, nproc: int, argv: Sequence[str], threads: int, tag: str, timeout: float = 900) -> dict:
         self.count += 1
         stem = os.path.join(self.workdir, f'{self.count:02d}-{tag}')
         argv = [*map(str, argv), '--threads', str(threads), '--report', stem + '.json', '--csv', stem + '.csv']
-        cmd = launch_cmd('collab_infer.py', *argv, nproc=nproc)
+        cmd = [*self.prefix, *launch_cmd('collab_infer.py', *argv, nproc=nproc)]
         env = dict(test_env(), OMP_NUM_THREADS=str(threads))
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

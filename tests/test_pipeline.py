@@ -54,7 +54,7 @@ def pipeline(tmp_path_factory, fmnist_root):
     run(launch_cmd('ensemble.py', *TINY, '--model', 'dedeit', '--model-path', str(out / 'stage2'), '--epochs', '1',
                    '--teacher-model', TEACHER, '--teacher-kwargs', *TEACHER_KW, '--teacher-path', str(teacher_ckpt),
                    '--data-path', fmnist_root, '--num_division', '4', '--sub_classes', '3', '3', '2', '2',
-                   '--output_dir', str(out / 'stage3')))
+                   '--output_dir', str(out / 'stage3'), '--eval-missing'))
     return out
 
 
@@ -90,6 +90,27 @@ def test_ensemble_checkpoint_rebuilds_and_predicts(pipeline):
     assert model.num_devices == 4 and model.num_classes == 10
     logits = model(torch.randn(3, 1, 28, 28))
     assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+
+
+def test_eval_missing_scores_the_best_checkpoint_without_each_device(pipeline):
+    report = json.loads((pipeline / 'stage3' / 'missing_devices.json').read_text())
+    best = torch.load(pipeline / 'stage3' / 'checkpoint.pth', weights_only=False)
+    assert report['all'] == pytest.approx(best['test_acc1'], abs=1e-6)  # the same checkpoint, the same shards
+    assert len(report['missing']) == 4 and all(0.0 <= a <= 100.0 for a in report['missing'])
+
+
+def test_without_device_zero_fills_exactly_that_device():
+    from models.ensemble import DeViTEnsemble, create_backbone
+    torch.manual_seed(0)
+    kwargs = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+    backbones = [create_backbone('dedeit', kwargs) for _ in range(3)]
+    model = DeViTEnsemble(backbones, num_classes=10, embed_dim=32).eval()
+    x = torch.randn(5, 1, 28, 28)
+    tokens = [model.device_tokens(i, x) for i in range(3)]
+    expected = model.head_forward([tokens[0], torch.zeros_like(tokens[1]), tokens[2]]).eval_logits()
+    with torch.no_grad():
+        assert torch.allclose(ensemble_script.WithoutDevice(model, 1)(x), expected, atol=1e-6)
+        assert not torch.allclose(ensemble_script.WithoutDevice(model, 0)(x), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize('launcher', ['torchrun', 'python'])
