@@ -84,6 +84,12 @@ if [ "$FAMILY" = decct ]; then
   fi
 fi
 
+# Threads per process: the cores shared out (the launcher would set 1, with a warning, for more than one process).
+if [ -z "${OMP_NUM_THREADS:-}" ] && [ "$NPROC" -gt 1 ]; then
+  CORES=$(nproc 2>/dev/null || echo "$NPROC")
+  export OMP_NUM_THREADS=$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))
+fi
+
 launch() {
   "$PYTHON" -m torch.distributed.launch --nproc_per_node="$NPROC" --master_addr=127.0.0.1 --master_port="$PORT" \
     --use_env "$@"

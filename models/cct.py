@@ -19,13 +19,13 @@ import re
 from collections.abc import Mapping
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from .shrink import reshape_
+from .students import _cfg as student_cfg
 
 POS_EMBED_TYPES = ('learnable', 'sine', 'none')
 
@@ -240,13 +240,7 @@ def _create_cct(variant: str, pretrained: bool = False, shrink=None, **kwargs) -
 
 
 def _cfg(**kwargs):
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.conv_layers.0.0', 'classifier': 'head',
-        **kwargs,
-    }
+    return student_cfg(crop_pct=.9, first_conv='patch_embed.conv_layers.0.0', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({'cct_14_7x2': _cfg(), 'decct': _cfg()})
