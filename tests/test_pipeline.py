@@ -217,6 +217,6 @@ def test_demo_quick_mode_runs_end_to_end(tmp_path, fmnist_root):
     results = json.loads((out / 'results.json').read_text())
     for key in ('teacher_acc', 'ensemble_acc', 'baseline_acc'):
         assert 0.0 <= results[key] <= 1.0
-    assert len(results['sub_teacher_acc']) == len(results['student_acc']) == 4
+    assert len(results['sub_teacher_acc']) == len(results['student_acc']) == len(results['ensemble_missing_acc']) == 4
     assert results['seconds'] > 0 and os.path.isfile(results['ensemble_checkpoint'])
     assert load_ensemble(results['ensemble_checkpoint']).num_devices == 4
