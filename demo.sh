@@ -8,7 +8,7 @@
 #   then evaluate everything on the 10,000 test images and write OUT/results.json.
 # Every stage runs through `python -m torch.distributed.launch ... --use_env`, as the seed's commands do.
 #
-#   bash demo.sh            full demo (about 14 minutes on 2 idle cores)
+#   bash demo.sh            full demo (about 13 minutes on 2 idle cores)
 #   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
 #   bash demo.sh --family decct   the DeCCTs decomposition (CCT teacher, decct students) into output/demo-decct
 # Environment: PYTHON (default python3), OUT (default output/demo), NPROC (processes per stage, default 2, one
