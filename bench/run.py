@@ -72,11 +72,7 @@ def noise_floor(training, data, repeats):
     criterion = nn.CrossEntropyLoss()
 
     def loop():
-        model.train()
-        for x, y in data:
-            opt.zero_grad(set_to_none=True)
-            criterion(model(x), y).backward()
-            opt.step()
+        training.bare_loop(model, opt, criterion, data)
     a, b = training.alternate([loop, loop], repeats)
     ema = ModelEmaV3(model, decay=0.999)
     sched, _ = create_scheduler_v2(opt, sched='cosine', num_epochs=1000, step_on_epochs=False, updates_per_epoch=10)

@@ -71,6 +71,15 @@ def alternate(fns, repeats):
     return [statistics.median(t) for t in times]
 
 
+def bare_loop(model, optimizer, criterion, data):
+    """The reference the engine is measured against: ``for x, y in loader: loss.backward(); opt.step()``."""
+    model.train()
+    for x, y in data:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+
 def bench_engine(data, repeats):
     """Both loops train the same model instance with the same optimizer, so the ratio holds only what the engine
     adds per step (task call, loss checks, scheduler, EMA, bookkeeping), not a difference between two copies."""
@@ -89,11 +98,7 @@ def bench_engine(data, repeats):
                                lr_scheduler=scheduler, model_ema=ema, progress=False)
 
     def bare_epoch():
-        model.train()
-        for x, y in data:
-            optimizer.zero_grad(set_to_none=True)
-            criterion(model(x), y).backward()
-            optimizer.step()
+        bare_loop(model, optimizer, criterion, data)
 
     t_engine, t_bare = alternate([engine_epoch, bare_epoch], repeats)
     images = len(data) * data.batch_size
