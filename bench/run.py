@@ -13,7 +13,8 @@ Suites, each in its own process and one after another, so that none disturbs ano
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
 "min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
 run, alternated or repeated, medians; the load average around each suite is recorded, since this machine is shared.
-`--only` merges its suites into an existing results.json.
+`--only` merges its suites into an existing results.json. `--quick` writes results.quick.json and RESULTS.quick.md,
+so the recorded full results stay as they are.
 """
 import argparse
 import datetime
@@ -322,11 +323,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='the short version (about 5 minutes)')
     p.add_argument('--only', nargs='+', choices=SUITES, default=None, help='run these suites only')
-    p.add_argument('--json', default=os.path.join(BENCH, 'results.json'))
-    p.add_argument('--markdown', default=os.path.join(BENCH, 'RESULTS.md'))
+    p.add_argument('--json', default=None,
+                   help='default bench/results.json (bench/results.quick.json with --quick)')
+    p.add_argument('--markdown', default=None, help='default bench/RESULTS.md (bench/RESULTS.quick.md with --quick)')
     p.add_argument('--suite', choices=SUITES, help=argparse.SUPPRESS)  # child process: run one suite
     p.add_argument('--out', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # A quick run never overwrites the recorded full results the README quotes.
+    suffix = '.quick' if args.quick else ''
+    args.json = args.json or os.path.join(BENCH, f'results{suffix}.json')
+    args.markdown = args.markdown or os.path.join(BENCH, f'RESULTS{suffix}.md')
     if args.suite:
         return run_suite(args.suite, args.quick, args.out)
 
@@ -360,10 +366,11 @@ def main(argv=None):
             'seconds': time.perf_counter() - started,
             'load': f'{loads[0]}-{loads[-1]}' if loads else '?'}
     print_table(results)
-    with open(args.json, 'w') as f:
-        json.dump(results, f, indent=1, default=float)
-    with open(args.markdown, 'w') as f:
-        f.write(markdown(results, meta))
+    sys.path.insert(0, ROOT)
+    from utils import write_text_atomic  # an interrupted write leaves the previous results whole
+
+    write_text_atomic(args.json, json.dumps(results, indent=1, default=float))
+    write_text_atomic(args.markdown, markdown(results, meta))
     print(f'\nwrote {os.path.relpath(args.json, ROOT)} and {os.path.relpath(args.markdown, ROOT)} '
           f'({meta["seconds"] / 60:.1f} min)')
     if failed:
