@@ -11,8 +11,8 @@
    element-wise and norms, the optimizer step, the rest).
 3. The fix: AdamW's fused kernel (engine.optimizer_impl, what engine.fit now uses) against torch's CPU default, a
    per-tensor loop of ~10 small ops per parameter tensor. Measured on the slowest stage's model: the optimizer step
-   alone and a whole train_one_epoch, old and new alternating, at one thread and at the demo's default (all cores:
-   demo.sh launches one process per stage, which torch.distributed.launch leaves at the machine's thread count).
+   alone and a whole train_one_epoch, old and new alternating, at one thread (what each of demo.sh's two processes
+   per stage now uses) and at all cores (one process per stage, the demo's earlier default).
 """
 import argparse
 import copy
@@ -63,7 +63,8 @@ def demo_config(path=os.path.join(ROOT, 'demo.sh')):
     return {'teacher': one(r'^TEACHER=(\S+)$', 'TEACHER'), 'teacher_kw': kwargs('TEACHER_KW'),
             'student': one(r'^STUDENT=(\S+)$', 'STUDENT'), 'student_kw': kwargs('STUDENT_KW'),
             'epochs': {e: int(one(rf'{e}=\${{{e}:-(\d+)}}', e)) for e in ('E0', 'E1', 'E2', 'E3')},
-            'batch': int(one(r'--batch-size (\d+)', '--batch-size')),
+            # the global batch: demo.sh gives each of its NPROC processes `--batch-size $((256 / NPROC))`
+            'batch': int(one(r'--batch-size (?:\$\(\()?(\d+)', '--batch-size')),
             'eval_batch': int(one(r'--eval-batch-size (\d+)', '--eval-batch-size')),
             'divisions': int(one(r'^N=(\d+)$', 'N='))}
 
