@@ -108,10 +108,10 @@ def bench_engine(data, repeats):
             'engine_images_per_s': images / t_engine, 'bare_images_per_s': images / t_bare}
 
 
-def bench_distill(data, repeats):
+def bench_distill(data, repeats, teacher_spec=TEACHER, student_spec=STUDENT, scale='demo models'):
     """All three sides run on the same student (with its one optimizer) and the same teacher instance, so the ratio
     holds only what distillation adds (q/k/v capture, KD and relation losses), not a difference between copies."""
-    (t_name, t_kwargs), (s_name, s_kwargs) = TEACHER, STUDENT
+    (t_name, t_kwargs), (s_name, s_kwargs) = teacher_spec, student_spec
     teacher = create_model(t_name, num_classes=10, **t_kwargs).eval()
     student = create_model(s_name, num_classes=10, **s_kwargs)
     student.set_distilled_training(True)
@@ -162,12 +162,25 @@ def bench_distill(data, repeats):
     t_sides = t_student + t_teacher
     return {'ratio': t_distill / t_sides, 'target': 1.10,
             'what': f'stage-2 step (student + teacher + KD + q/k/v relations) / (student step + teacher no-grad '
-                    f'forward), demo models, one student and one teacher instance on both sides; the relation '
+                    f'forward), {scale}, one student and one teacher instance on both sides; the relation '
                     f'losses\' own arithmetic is {t_relation / t_sides:.3f} of the denominator, what remains '
                     f'(q/k/v capture, KD, plumbing) {(t_distill - t_relation) / t_sides:.3f}',
             'seconds': {'distill': t_distill, 'student': t_student, 'teacher': t_teacher,
                         'relation_math': t_relation},
             'without_relation_math': (t_distill - t_relation) / t_sides}
+
+
+# The paper's DeDeiTs stage 2: a DeiT-Tiny-shaped student distilled from DeiT-B at 224x224 (random weights and
+# images: the costs do not depend on them).
+PAPER_TEACHER = ('deit_base_distilled_patch16_224', {})
+PAPER_STUDENT = ('dedeit', {})
+
+
+def bench_distill_paper(batches, batch_size, repeats):
+    data = [(torch.randn(batch_size, 3, 224, 224), torch.randint(0, 10, (batch_size,))) for _ in range(batches)]
+    return bench_distill(data, repeats, PAPER_TEACHER, PAPER_STUDENT,
+                         scale=f'paper scale (dedeit from deit_base_distilled_patch16_224, 224x224, '
+                               f'{batches} batches of {batch_size})')
 
 
 def bench_loading(data, repeats, train_images_per_s):
