@@ -156,7 +156,13 @@ def build_loaders(args, train_set, val_set):
 
 
 def loader_options(args):
-    return {'num_workers': args.num_workers, 'pin_memory': args.pin_mem, 'persistent_workers': args.num_workers > 0}
+    options = {'num_workers': args.num_workers, 'pin_memory': args.pin_mem, 'persistent_workers': args.num_workers > 0}
+    if args.num_workers > 0:
+        # Workers come from a fork server, not from a fork of this rank: a rank has threads (gloo, the launcher
+        # watchdog), and a fork taken while one of them holds a lock can leave the worker deadlocked (Python 3.14
+        # made forkserver the Linux default for this reason).
+        options['multiprocessing_context'] = 'forkserver'
+    return options
 
 
 def build_eval_loader(args, val_set):

@@ -1,10 +1,13 @@
 """Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST)."""
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +28,7 @@ def free_port():
 
 def env():
     """One thread per process: several ranks share this machine's cores."""
-    e = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, PYTHONUNBUFFERED='1')
+    e = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, PYTHONUNBUFFERED='1', PYTHONFAULTHANDLER='1')
     e.pop('DEVIT_DEBUG', None)
     return e
 
@@ -43,9 +46,44 @@ def launch_cmd(script, *args, nproc=2, launcher='launch'):
             f'--master_port={port}', '--use_env', script, *args]
 
 
+def descendants(pid):
+    """Every process below ``pid`` (children first found through /proc), deepest last."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f'/proc/{parent}/task/{parent}/children') as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
 def run(cmd, timeout=300, check=True):
-    """Run ``cmd``; on failure show its output in the assertion message."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    """Run ``cmd``; on failure show its output in the assertion message.
+
+    A run past ``timeout`` is a hang: every process under it (launcher, ranks, loader workers) gets SIGABRT, which
+    faulthandler (on through ``env()``) answers with each Python thread's traceback, and the test fails with them.
+    """
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        hung = [proc.pid, *descendants(proc.pid)]
+        for pid in reversed(hung):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(3)
+        for pid in hung:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f'{" ".join(cmd)}\nstill running after {timeout} s (a hang); tracebacks of its '
+                             f'{len(hung)} processes follow\n--- stdout\n{stdout[-4000:]}\n--- stderr\n'
+                             f'{stderr[-30000:]}') from None
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n'
                              f'--- stderr\n{proc.stderr[-4000:]}')
