@@ -384,8 +384,16 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
+def _json_default(value):
+    # numpy scalars and 0-d tensors as their Python number, anything else (paths, dtypes) as its text
+    try:
+        return value.item()
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return str(value)
+
+
 def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + '\n')
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + '\n')
 
 
 def append_log(path, record):

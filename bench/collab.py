@@ -487,8 +487,7 @@ def main(argv=None):
     for key, r in results.items():
         print(f'{key:<32} ratio {r["ratio"]:.3f} (target {r["target"]})')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1, default=float)
+        utils.write_json_atomic(args.json, results)
     return results
 
 

@@ -15,7 +15,6 @@ says why and exits 0). Only rates are shaped: propagation delay would need `nete
 lacks; a delay adds the same per message to both designs, DeViT's two per request and the pipeline's N+1.
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import utils  # noqa: E402
 from bench.collab import N, Runner, collab_argv, scales, teacher_argv, write_ensemble  # noqa: E402
 
 # (name, rate for tc): no shaping, the paper's 1 Gbit/s switch, Wi-Fi-like links.
@@ -138,8 +138,7 @@ def main(argv=None):
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(result))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+        utils.write_json_atomic(args.json, result)
     return result
 
 

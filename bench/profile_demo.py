@@ -16,7 +16,6 @@
 """
 import argparse
 import copy
-import json
 import os
 import re
 import statistics
@@ -35,6 +34,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402,F401  (registers dedeit)
+import utils  # noqa: E402
 from losses import DistillationLoss, build_base_criterion  # noqa: E402
 from models.adapter import layer_pairs  # noqa: E402
 from models.ensemble import DeViTEnsemble, create_backbone  # noqa: E402
@@ -314,8 +314,7 @@ def main(argv=None):
               f'{r["epoch_s"]["old"]:.2f} -> {r["epoch_s"]["new"]:.2f} s (x{r["epoch_ratio"]:.3f} measured, '
               f'x{r["epoch_ratio_implied"]:.3f} implied)')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
+        utils.write_json_atomic(args.json, results)
     return results
 
 

@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import utils  # noqa: E402
 from models.shrink import model_shape, prune_  # noqa: E402
 from models.stats import count_macs, count_params  # noqa: E402
 from shrink import load_student  # noqa: E402
@@ -376,8 +377,7 @@ def main(argv=None):
         with open(target, 'w') as f:
             f.write(text)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
+        utils.write_json_atomic(args.json, result)
     return result
 
 

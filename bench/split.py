@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils
 from splite_dataset import split_dataset
 
 TARGET = 10.0
@@ -130,8 +131,7 @@ def main(argv=None):
             with open(args.json) as f:
                 doc = json.load(f)
         doc['split_link_vs_copy'] = result
-        with open(args.json, 'w') as f:
-            json.dump(doc, f, indent=1)
+        utils.write_json_atomic(args.json, doc)
     return result
 
 

@@ -12,7 +12,6 @@ The two sides of a ratio are run alternately several times and the median of eac
 from another process hits both. Run with nothing else busy for clean numbers.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ from timm.utils import ModelEmaV3  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402,F401  (registers dedeit)
+import utils  # noqa: E402
 from losses import DistillationLoss, build_base_criterion, relation_terms  # noqa: E402
 from models.adapter import layer_pairs  # noqa: E402
 from models.features import forward_features  # noqa: E402
@@ -212,8 +212,7 @@ def main(argv=None):
     for key, value in results.items():
         print(f'{key:<18} ratio {value["ratio"]:.3f} (target {value["target"]})  {value["what"]}')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+        utils.write_json_atomic(args.json, results)
     return results
 
 
