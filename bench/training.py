@@ -143,19 +143,16 @@ def bench_distill(data, repeats, teacher_spec=TEACHER, student_spec=STUDENT, sca
 
     # The relation losses' own arithmetic (three N×N Gram matrices per layer pair and side, softmax, KL, backward),
     # timed on q/k/v captured once per batch: what the method costs, as opposed to what capturing q/k/v costs.
-    gammas = task.gammas
-    student_layers = [s for s, _ in pairs]
-    teacher_layers = [t for _, t in pairs]
     captured = []
     with torch.no_grad():
         for x, _ in batches:
-            s_qkv = forward_features(student, x, student_layers).qkv
-            t_qkv = forward_features(teacher, x, teacher_layers).qkv
+            s_qkv = forward_features(student, x, task.student_layers).qkv
+            t_qkv = forward_features(teacher, x, task.teacher_layers).qkv
             captured.append(({i: tuple(t.clone().requires_grad_() for t in v) for i, v in s_qkv.items()}, t_qkv))
 
     def relation_math():
         for s_qkv, t_qkv in captured:
-            relation_terms(s_qkv, t_qkv, pairs, gammas, len(student.blocks))[0].backward()
+            relation_terms(s_qkv, t_qkv, task.layer_pairs, task.gammas, task.student_depth)[0].backward()
 
     t_distill, t_student, t_teacher, t_relation = alternate(
         [distill_steps, student_steps, teacher_forwards, relation_math], repeats)
