@@ -1,5 +1,6 @@
 """Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST)."""
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -47,15 +48,15 @@ def launch_cmd(script, *args, nproc=2, launcher='launch'):
 
 
 def descendants(pid):
-    """Every process below ``pid`` (children first found through /proc), deepest last."""
+    """Every process below ``pid``, parents before their children (from /proc: the children of each of a process's
+    threads, since a child belongs to the thread that started it)."""
     found, todo = [], [pid]
     while todo:
         parent = todo.pop()
-        try:
-            with open(f'/proc/{parent}/task/{parent}/children') as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            continue
+        kids = []
+        for children in glob.glob(f'/proc/{parent}/task/*/children'):
+            with contextlib.suppress(OSError), open(children) as f:
+                kids += [int(k) for k in f.read().split()]
         found += kids
         todo += kids
     return found
