@@ -374,9 +374,9 @@ def main(argv=None):
             'load': f'{loads[0]}-{loads[-1]}' if loads else '?'}
     print_table(results)
     sys.path.insert(0, ROOT)
-    from utils import write_text_atomic  # an interrupted write leaves the previous results whole
+    from utils import write_json_atomic, write_text_atomic  # an interrupted write leaves the old results whole
 
-    write_text_atomic(args.json, json.dumps(results, indent=1, default=float))
+    write_json_atomic(args.json, results)
     write_text_atomic(args.markdown, markdown(results, meta))
     print(f'\nwrote {os.path.relpath(args.json, ROOT)} and {os.path.relpath(args.markdown, ROOT)} '
           f'({meta["seconds"] / 60:.1f} min)')
