@@ -13,7 +13,7 @@ import os
 
 import utils
 from models.checkpoint import read_checkpoint
-from models.ensemble import load_ensemble
+from models.ensemble_model import load_ensemble
 from models.stats import count_params, ensemble_stats, teacher_stats
 
 BEST = 'checkpoint.pth'

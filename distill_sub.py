@@ -19,7 +19,7 @@ import utils
 from losses import DistillationLoss, build_base_criterion
 from models.adapter import layer_pairs
 from models.checkpoint import load_weights
-from models.shrink import load_shrunk
+from models.pruning import load_shrunk
 
 
 def get_parser():

@@ -293,7 +293,7 @@ CHECKPOINT_LAST = 'checkpoint_last.pth'
 # torch's Adam/AdamW take their per-tensor loop on CPU (the multi-tensor and fused paths are CUDA-only defaults):
 # about ten small ops per parameter tensor, each waking the OpenMP team, which on two busy cores costs more than the
 # ops. The fused kernel does one pass per tensor on CPU and CUDA alike: 7x faster optimizer steps at one thread and
-# 13x at two on the demo's teacher (bench/profile_demo.py).
+# 13x at two on the demo's teacher (bench/profile_bench.py).
 FUSED_OPTIMIZERS = ('adam', 'adamw')
 
 

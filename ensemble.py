@@ -23,7 +23,7 @@ import engine
 import utils
 from losses import DistillationLoss, build_base_criterion
 from models.checkpoint import load_weights, read_checkpoint
-from models.ensemble import load_students
+from models.ensemble_model import load_students
 
 
 def get_parser():

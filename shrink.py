@@ -3,7 +3,7 @@
 For each division: load the stage-2 student, score every head and MLP neuron by E|∂CE/∂gate| on K batches of the
 division's training images (training transform, no mixup), keep the top fraction `--head-ratio` of heads and
 `--neuron-ratio` of neurons in every layer (fractions KEPT; at least one head and one neuron per layer), physically
-remove the rest (models/shrink.py) and evaluate before and after. With `--redistill-epochs E` the pruned student is
+remove the rest (models/pruning.py) and evaluate before and after. With `--redistill-epochs E` the pruned student is
 then distilled again from its sub-teacher by distill_sub.py (`--load-shrink`), with this command's other flags.
 
     python shrink.py --model-path ./output/stage2 --data-path ./sub_datasets --dataset cifar100 --num_division 4 \\
@@ -31,8 +31,8 @@ import distill_sub
 import engine
 import utils
 from models.checkpoint import extract_state_dict, load_state_dict_checked
-from models.ensemble import student_spec
-from models.shrink import (
+from models.ensemble_model import student_spec
+from models.pruning import (
     POLICY_FILE,
     PRUNED_FILE,
     checkpoint_shape,

@@ -3,11 +3,11 @@
     python bench/run.py [--quick] [--only training split collab profile]
 
 Suites, each in its own process and one after another, so that none disturbs another's timings:
-- training: bench/training.py -- engine_overhead, distill_overhead (+ _paper), data_loading;
-- split:    bench/split.py    -- split_link_vs_copy (hard links vs copies) and split_scaling (1k..100k files);
-- collab:   bench/collab.py   -- collab_vs_slowest (+ _n2, _demo), collab_speedup_vs_teacher (+ _demo),
+- training: bench/training_bench.py -- engine_overhead, distill_overhead (+ _paper), data_loading;
+- split:    bench/split_bench.py    -- split_link_vs_copy (hard links vs copies) and split_scaling (1k..100k files);
+- collab:   bench/collab_bench.py   -- collab_vs_slowest (+ _n2, _demo), collab_speedup_vs_teacher (+ _demo),
                                  bytes_vs_layer_split (+ _demo), fp16_tokens, collab_scaling;
-- profile:  bench/profile_demo.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
+- profile:  bench/profile_bench.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
                                  the before/after of the fix).
 `--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes 15-20 minutes.
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
@@ -37,7 +37,7 @@ SUITES = ('training', 'split', 'collab', 'profile')
 
 def suite_training(quick):
     import torch
-    import training
+    import training_bench as training
 
     torch.set_num_threads(1)  # least sensitive to other load; the ratios compare like with like
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def noise_floor(training, data, repeats):
 
 
 def suite_split(quick):
-    import split
+    import split_bench as split
 
     # 10,000 files of 110 KB (1.1 GB) in the full run: the ratio is per file, and writing, syncing and deleting the
     # trees (not timed) is most of the suite's time.
@@ -119,7 +119,7 @@ def suite_split(quick):
 
 
 def suite_collab(quick):
-    import collab
+    import collab_bench as collab
 
     workdir = tempfile.mkdtemp(prefix='devit-bench-collab-')
     try:
@@ -129,7 +129,7 @@ def suite_collab(quick):
 
 
 def suite_profile(quick):
-    import profile_demo
+    import profile_bench as profile_demo
 
     return profile_demo.bench(quick)
 

@@ -24,7 +24,7 @@ from models.checkpoint import (
     load_weights,
     read_checkpoint,
 )
-from models.ensemble import DeViTEnsemble, build_ensemble, create_backbone
+from models.ensemble_model import DeViTEnsemble, build_ensemble, create_backbone
 from models.features import has_dist_token, prefix_tokens, token_width
 
 CONFIG_KEY = 'ensemble_config'

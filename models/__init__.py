@@ -3,7 +3,7 @@ with timm."""
 from .adapter import FeatureAdapter, check_token_counts, layer_pairs
 from .cct import CompactTransformer, cct_14_7x2, decct
 from .checkpoint import CheckpointError, LoadResult, load_state_dict_checked, load_weights, read_checkpoint
-from .ensemble import (
+from .ensemble_model import (
                        DeViTEnsemble,
                        EnsembleOutput,
                        build_ensemble,

@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .shrink import reshape_
+from .pruning import reshape_
 from .students import _cfg as student_cfg
 
 POS_EMBED_TYPES = ('learnable', 'sine', 'none')
@@ -110,7 +110,7 @@ class CompactTransformer(nn.Module):
     mlp_ratio, n_conv_layers, kernel_size, stride, padding, conv_planes (tokenizer's inner channels),
     positional_embedding ('learnable' | 'sine' | 'none'). Regularisation defaults are CCT's: attention dropout 0.1,
     stochastic depth 0.1 (linearly increasing over the blocks), no dropout. The registered factories also take
-    `shrink={'heads': [...], 'hidden': [...]}`, a pruned shape (models/shrink.py), as the ViT students do.
+    `shrink={'heads': [...], 'hidden': [...]}`, a pruned shape (models/pruning.py), as the ViT students do.
     """
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 384,
@@ -236,7 +236,7 @@ def _create_cct(variant: str, pretrained: bool = False, shrink=None, **kwargs) -
                          '(the official CCT checkpoints load directly)')
     model = build_model_with_cfg(CompactTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                  **kwargs)
-    return reshape_(model, shrink) if shrink else model  # a shrunk student's pruned heads / neurons (models.shrink)
+    return reshape_(model, shrink) if shrink else model  # a shrunk student's pruned heads / neurons (models.pruning)
 
 
 def _cfg(**kwargs):

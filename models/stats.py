@@ -21,7 +21,7 @@ from timm.utils import ParseKwargs
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ensemble import DeViTEnsemble, create_backbone
+from .ensemble_model import DeViTEnsemble, create_backbone
 
 
 def count_params(module: nn.Module) -> int:

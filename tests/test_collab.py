@@ -21,7 +21,7 @@ import utils
 from collab import modes, runtime
 from datasets import build_dataset
 from models.checkpoint import CheckpointError
-from models.ensemble import DeViTEnsemble, create_backbone
+from models.ensemble_model import DeViTEnsemble, create_backbone
 
 STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 WIDTH = 2 * 32  # floats per image and device: cls + dist tokens of width 32

@@ -12,7 +12,7 @@ from faults import processes_with, read_text, start, wait_exit, wait_for_text, w
 from helpers import ROOT, free_port
 
 import utils
-from models.ensemble import DeViTEnsemble, create_backbone
+from models.ensemble_model import DeViTEnsemble, create_backbone
 
 STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 STALL = 2  # seconds the worker pauses at image 20 (the marker that serving is under way)

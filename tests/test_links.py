@@ -1,4 +1,4 @@
-"""bench/links.py's shaped network namespaces: the shaping is real and the namespace is removed afterwards.
+"""bench/links_bench.py's shaped network namespaces: the shaping is real and the namespace is removed afterwards.
 
 Skipped where namespaces or the tbf qdisc are unavailable (not root, no iproute2)."""
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench import links
+from bench import links_bench as links
 
 REASON = links.check_tools()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f'links: {REASON}')

@@ -16,7 +16,7 @@ import distill_sub
 import ensemble as ensemble_script
 import splite_dataset
 import train_subdata
-from models.ensemble import load_ensemble
+from models.ensemble_model import load_ensemble
 
 SEED_COMMANDS = {
     train_subdata: '--batch-size 256 --eval-batch-size 512 --epochs 100 --model deit_base_distilled_patch16_224 '
@@ -100,7 +100,7 @@ def test_eval_missing_scores_the_best_checkpoint_without_each_device(pipeline):
 
 
 def test_without_device_zero_fills_exactly_that_device():
-    from models.ensemble import DeViTEnsemble, create_backbone
+    from models.ensemble_model import DeViTEnsemble, create_backbone
     torch.manual_seed(0)
     kwargs = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=1, num_heads=2)
     backbones = [create_backbone('dedeit', kwargs) for _ in range(3)]

@@ -13,7 +13,7 @@ import distill_sub
 import shrink as shrink_script
 import splite_dataset
 from models import build_ensemble, capture_qkv, create_backbone, load_students
-from models.shrink import (
+from models.pruning import (
     gated,
     importance,
     infer_shape,

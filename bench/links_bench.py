@@ -1,6 +1,6 @@
 """Simulated links: DeViT's collaborative inference vs a layer-split pipeline when the network is the bottleneck.
 
-    sudo python bench/links.py [--quick] [--json bench/links.json]
+    sudo python bench/links_bench.py [--quick] [--json bench/links.json]
 
 Each link profile gets a network namespace of its own (`ip netns add`) whose loopback is shaped by a token-bucket
 filter (`tc qdisc ... tbf rate R`); the aggregator and the N=4 workers of `collab_infer.py` run inside it, so every
@@ -24,7 +24,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
-from bench.collab import N, Runner, collab_argv, scales, teacher_argv, write_ensemble  # noqa: E402
+from bench.collab_bench import N, Runner, collab_argv, scales, teacher_argv, write_ensemble  # noqa: E402
 
 # (name, rate for tc): no shaping, the paper's 1 Gbit/s switch, Wi-Fi-like links.
 PROFILES = [('loopback (no shaping)', None), ('1 Gbit/s (the paper\'s switch)', '1gbit'), ('100 Mbit/s', '100mbit'),

@@ -1,6 +1,6 @@
 """Benchmark: materialising an ImageFolder split with hard links vs copying the files.
 
-    python bench/split.py [--quick] [--files 20000] [--file-kb 110] [--json bench/split.json] [--scaling]
+    python bench/split_bench.py [--quick] [--files 20000] [--file-kb 110] [--json bench/split.json] [--scaling]
 
 Writes a synthetic ImageFolder tree (valid JPEG headers, `--file-kb` KB per file: 110 KB is ImageNet's mean JPEG
 size) into a temporary folder, then times `splite_dataset.split_dataset` end to end (listing, image header checks,

@@ -1,6 +1,6 @@
 """Training-side benchmarks, each a ratio of two things timed in the same run on the same model and data.
 
-    python bench/training.py [--quick] [--json bench/training.json]
+    python bench/training_bench.py [--quick] [--json bench/training.json]
 
 - engine_overhead:  engine.train_one_epoch (stage-1 task, EMA on, scheduler, no mixup) vs a bare
                     ``for x, y in loader: loss.backward(); opt.step()`` loop.                      target <= 1.05

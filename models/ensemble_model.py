@@ -24,7 +24,7 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .features import has_dist_token, prefix_tokens, token_width
-from .shrink import checkpoint_shape, reshape_, shape_of
+from .pruning import checkpoint_shape, reshape_, shape_of
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def create_backbone(model_name: str, model_kwargs: Mapping[str, Any] | None = No
     """timm.create_model(model_name, num_classes=0, **model_kwargs), remembering the spec for `config`.
 
     model_kwargs['shrink'] = {'heads': [...], 'hidden': [...]} (per-layer head counts and MLP widths, see
-    models/shrink.py) is not passed to timm: the model is built whole, then given that pruned shape.
+    models/pruning.py) is not passed to timm: the model is built whole, then given that pruned shape.
     """
     kwargs = {k: v for k, v in dict(model_kwargs or {}).items() if k != 'num_classes'}
     shrink = kwargs.pop('shrink', None)

@@ -1,10 +1,10 @@
 """Collaborative-inference benchmarks: the runtime's overhead, traffic vs a layer-split pipeline, scaling in N.
 
-    python bench/collab.py [--quick] [--json bench/collab.json]
+    python bench/collab_bench.py [--quick] [--json bench/collab.json]
 
 Every number comes from real runs of `collab_infer.py` under `torch.distributed.launch` on loopback (one process per
 device plus the aggregator, each limited to `--threads` intra-op threads), with random-weight ensembles written by
-`write_ensemble` (models.ensemble: create_backbone + DeViTEnsemble, saved as {'model', 'ensemble_config', 'args'})
+`write_ensemble` (models.ensemble_model: create_backbone + DeViTEnsemble, saved as {'model', 'ensemble_config', 'args'})
 and random-weight teachers. Two scales:
 
 - paper: 224x224, four `dedeit` students (DeiT-Tiny shape) vs `deit_base_distilled_patch16_224`;
@@ -50,7 +50,7 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers dedeit)
 import utils  # noqa: E402
-from models.ensemble import DeViTEnsemble, create_backbone  # noqa: E402
+from models.ensemble_model import DeViTEnsemble, create_backbone  # noqa: E402
 from models.features import token_width  # noqa: E402
 from tests.helpers import env as test_env  # noqa: E402
 from tests.helpers import launch_cmd  # noqa: E402
@@ -133,7 +133,7 @@ def write_ensemble(path: str, students: Sequence[ModelSpec], teacher: ModelSpec,
 class Runner:
     """Runs collab_infer.py as real processes; keeps every report (with its per-image CSV rows) under `workdir`.
 
-    prefix: words put before the launcher (bench/links.py runs everything inside a network namespace).
+    prefix: words put before the launcher (bench/links_bench.py runs everything inside a network namespace).
     """
 
     def __init__(self, workdir: str, verbose: bool = True, prefix: Sequence[str] = ()):

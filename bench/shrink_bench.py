@@ -1,7 +1,7 @@
 """Benchmark: shrinking DeViT students -- params, MACs, CPU latency and accuracy before and after.
 
-    python bench/shrink.py --demo output/demo [--work-dir DIR]       # the demo's four trained students
-    python bench/shrink.py [--quick] [--work-dir DIR] [--markdown models/SHRINK_RESULTS.md] [--json FILE]
+    python bench/shrink_bench.py --demo output/demo [--work-dir DIR]       # the demo's four trained students
+    python bench/shrink_bench.py [--quick] [--work-dir DIR] [--markdown models/SHRINK_RESULTS.md] [--json FILE]
 
 With `--demo OUT` (a finished `bash demo.sh` run): every division's stage-2 student of OUT is shrunk at two ratios
 by shrink.py (all divisions in one call) and re-distilled for one epoch from its sub-teacher in OUT/stage1 with the
@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import utils  # noqa: E402
-from models.shrink import model_shape, prune_  # noqa: E402
+from models.pruning import model_shape, prune_  # noqa: E402
 from models.stats import count_macs, count_params  # noqa: E402
 from shrink import load_student  # noqa: E402
 
@@ -266,7 +266,7 @@ def markdown_demo(result):
     lines = [
         '# Shrinking the demo\'s students',
         '',
-        f'Produced by `python bench/shrink.py --demo {info["demo"]}` (shrinking and re-distillation '
+        f'Produced by `python bench/shrink_bench.py --demo {info["demo"]}` (shrinking and re-distillation '
         f'{info["train_seconds"]:.0f} s, measuring {info["measure_seconds"]:.0f} s on {info["machine"]}), on the four '
         f'students of that demo run (`{info["student"]}` {kwargs}). Accuracy: top-1 on each division\'s own test '
         'images (Fashion-MNIST). Shrinking keeps, in every layer, the given fraction of attention heads and of MLP '
@@ -292,7 +292,7 @@ def markdown(result):
     lines = [
         '# Shrinking a DeViT student (demo scale)',
         '',
-        f'Produced by `python bench/shrink.py` (training {info["train_seconds"]:.0f} s, measuring '
+        f'Produced by `python bench/shrink_bench.py` (training {info["train_seconds"]:.0f} s, measuring '
         f'{info["measure_seconds"]:.0f} s on {info["machine"]}). Fashion-MNIST, '
         f'division 0 of 4 (global classes {info["classes"]}'
         f'{": pullover, coat, shirt, the three hardest to tell apart" if info["classes"] == [2, 4, 6] else ""}), '

@@ -1,6 +1,6 @@
 """Where the demo's training time goes, and the before/after of what was fixed.
 
-    python bench/profile_demo.py [--quick] [--json FILE]
+    python bench/profile_bench.py [--quick] [--json FILE]
 
 1. Stage costs. One training step of each stage's task (engine.SupervisedTask for stages 0-1, DecomposeTask for 2
    and 4, EnsembleTask for 3) with demo.sh's models and batch size, run through engine.train_one_epoch on
@@ -37,7 +37,7 @@ import models  # noqa: E402,F401  (registers dedeit)
 import utils  # noqa: E402
 from losses import DistillationLoss, build_base_criterion  # noqa: E402
 from models.adapter import layer_pairs  # noqa: E402
-from models.ensemble import DeViTEnsemble, create_backbone  # noqa: E402
+from models.ensemble_model import DeViTEnsemble, create_backbone  # noqa: E402
 
 FASHION = {'classes': 10, 'train_per_class': 6000, 'test_per_class': 1000}
 CPU = torch.device('cpu')
