@@ -10,6 +10,10 @@ after the final norm), `forward_head(x, pre_logits)` (sequence pooling, then the
 With no class token, what a device sends and what stage 3's token loss matches is the pooled feature
 (`forward_head(feats, pre_logits=True)`), as for any non-distilled model.
 
+It keeps timm's model contract as timm's ViTs do: it scripts with TorchScript and traces with torch.fx (timm's FX
+feature extraction included), has `set_grad_checkpointing`, `group_matcher`, `forward_intermediates` (so
+`features_only=True` works) and a full `pretrained_cfg`; tests/test_timm_contract.py checks every registered model.
+
 The block keeps the official order (SHI-Labs/Compact-Transformers), which is not timm's pre-norm block:
     x = x + attn(norm1(x));  x = norm2(x);  x = x + mlp(x)
 so the official ImageNet checkpoint of CCT-14/7x2 loads as a local teacher checkpoint (`convert_state_dict` renames
@@ -20,7 +24,8 @@ from collections.abc import Mapping
 
 import torch
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -41,6 +46,7 @@ class ConvTokenizer(nn.Module):
     padding max(1, k//2), pool 3/2/1 (a 224 image with two 7×7 layers gives 14×14 = 196 tokens). Carries timm
     PatchEmbed's fields (`img_size`, `grid_size`, `num_patches`, `proj` = the first conv) for code written for ViTs.
     """
+    __jit_unused_properties__ = ['proj']  # an alias, not a submodule: TorchScript compiles only the forward path
 
     def __init__(self, img_size=224, in_chans: int = 3, embed_dim: int = 384, n_conv_layers: int = 2,
                  kernel_size: int = 7, stride: int | None = None, padding: int | None = None,
@@ -78,9 +84,11 @@ class ConvTokenizer(nn.Module):
         return self.conv_layers[0][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'input {x.shape[-2]}x{x.shape[-1]} does not match the model ({self.img_size[0]}x'
-                             f'{self.img_size[1]}); build it with img_size=...')
+        # Fixed unpacking and torch._assert (as timm's PatchEmbed): both trace with torch.fx and script.
+        _, _, H, W = x.shape
+        msg = f'input {H}x{W} does not match the model ({self.img_size[0]}x{self.img_size[1]}); build it with img_size='
+        torch._assert(H == self.img_size[0], msg)
+        torch._assert(W == self.img_size[1], msg)
         return self.conv_layers(x).flatten(2).transpose(1, 2)
 
 
@@ -125,7 +133,9 @@ class CompactTransformer(nn.Module):
         if global_pool != 'seq':
             raise ValueError(f"CCT pools by sequence pooling only (global_pool='seq'), got {global_pool!r}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
+        self.grad_checkpointing = False
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0  # no class token: every token is an image token
         self.no_embed_class = True
@@ -147,6 +157,9 @@ class CompactTransformer(nn.Module):
         self.blocks = nn.Sequential(*[CCTBlock(
             embed_dim, num_heads, mlp_ratio, qkv_bias=False, proj_drop=drop_rate, attn_drop=attn_drop_rate,
             drop_path=dpr[i], norm_layer=nn.LayerNorm) for i in range(depth)])
+        reduction = self.patch_embed.img_size[0] // self.patch_embed.grid_size[0]
+        self.feature_info = [{'module': f'blocks.{i}', 'num_chs': embed_dim, 'reduction': reduction}
+                             for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim)
         self.attention_pool = nn.Linear(embed_dim, 1)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -166,6 +179,17 @@ class CompactTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {'pos_embed'}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups as timm's ViT (stem, one group per block, final norm last), for layer-wise decay."""
+        return {'stem': r'^pos_embed|patch_embed|norm_pre',
+                'blocks': [(r'^blocks\.(\d+)', None), (r'^norm', (99999,))]}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -183,7 +207,45 @@ class CompactTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W -> B×N×D tokens after the final norm."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        return self.norm(self.blocks(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """As timm ViT's: the outputs of the blocks `indices` (last n if an int, all if None), B×D×H×W on the token
+        grid ('NCHW') or B×N×D ('NLC'), final-normed if `norm`; with the final features unless `intermediates_only`.
+        What `timm.create_model(..., features_only=True)` returns."""
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == 'NCHW':
+            H, W = self.patch_embed.grid_size
+            intermediates = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / the classifier); the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Sequence pooling: B×N×D -> B×D, the tokens weighted by softmax over N of attention_pool(x)."""
@@ -235,7 +297,7 @@ def _create_cct(variant: str, pretrained: bool = False, shrink=None, **kwargs) -
         raise ValueError(f'{variant} has no hub weights here; load a local checkpoint with models.load_weights '
                          '(the official CCT checkpoints load directly)')
     model = build_model_with_cfg(CompactTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                 **kwargs)
+                                 feature_cfg={'out_indices': 3, 'feature_cls': 'getter'}, **kwargs)
     return reshape_(model, shrink) if shrink else model  # a shrunk student's pruned heads / neurons (models.pruning)
 
 
