@@ -6,8 +6,11 @@
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on one image. `flops` follows the paper's (and
 DeiT's "1.3G for DeiT-Tiny") convention, which is multiply-accumulates (MACs); `flops_2x` is 2×MACs, what
-FlopCounterMode itself reports. Matmuls and convolutions are counted (attention included: the fused kernel is
-switched off while counting so its matmuls are visible); norms, softmax and GELU are not, as in fvcore.
+FlopCounterMode itself reports. Counted: the weight multiply-accumulates of every Linear and convolution and every
+matmul (attention's QKᵀ and AV: the fused kernel is switched off while counting so its matmuls are visible; CCT's
+sequence pooling). Not counted, as in fvcore: biases, norms, softmax, GELU, pooling and residual adds. Per ViT block
+of N tokens, width d and MLP hidden size h that is 4·N·d² + 2·N²·d + 2·N·d·h (tests/test_references.py checks the
+totals against that formula).
 """
 import argparse
 import json

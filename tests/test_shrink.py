@@ -43,26 +43,54 @@ def out(model, x):
         return model(x)
 
 
-@pytest.mark.parametrize('name', ['dedeit', 'devit'])
-def test_pruning_equals_zeroed_gates(name):
-    model, x = tiny(name), torch.randn(3, 1, 28, 28)
+@pytest.mark.parametrize('name,kw', [
+    ('dedeit', KW),
+    ('devit', KW),
+    ('decct', {'img_size': 28, 'in_chans': 1, 'kernel_size': 3, 'n_conv_layers': 2, 'embed_dim': 24, 'depth': 2,
+               'num_heads': 3, 'mlp_ratio': 2}),
+])
+def test_pruning_equals_weights_zeroed_by_hand(name, kw):
+    """Physical pruning (rows and columns removed) gives the outputs of the unpruned model whose pruned heads and
+    neurons were zeroed by hand in its weights: an independent reference, not the module's own gates."""
+    def zero_by_hand(model, dropped_heads, dropped_neurons):
+        """A copy of `model` whose dropped heads and MLP neurons contribute nothing, by its weights alone: for a head h
+        of layer l, its rows of the fused qkv Linear (timm lays the output out as 3 × H × head_dim: q, k, v, each head's
+        head_dim slots side by side) and its columns of proj; for a neuron, its fc1 row and bias and its fc2 column."""
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for block, heads, neurons in zip(ref.blocks, dropped_heads, dropped_neurons, strict=True):
+                qkv, proj, H = block.attn.qkv, block.attn.proj, block.attn.num_heads
+                d = qkv.out_features // (3 * H)
+                for h in heads:
+                    for part in range(3):  # q, k, v
+                        rows = slice(part * H * d + h * d, part * H * d + (h + 1) * d)
+                        qkv.weight[rows] = 0
+                        if qkv.bias is not None:
+                            qkv.bias[rows] = 0
+                    proj.weight[:, h * d:(h + 1) * d] = 0
+                fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+                for n in neurons:
+                    fc1.weight[n] = 0
+                    fc1.bias[n] = 0
+                    fc2.weight[:, n] = 0
+        return ref
+
+    model = timm.create_model(name, num_classes=3, **kw).eval()
+    x = torch.randn(3, 1, 28, 28)
     kept_heads, kept_neurons = [[0, 2], [1]], [[i for i in range(48) if i % 3], list(range(5, 48))]
-    head_gates = [torch.tensor([1., 0., 1.]), torch.tensor([0., 1., 0.])]
-    neuron_gates = [torch.tensor([float(i % 3 != 0) for i in range(48)]), (torch.arange(48) >= 5).float()]
+    dropped_heads = [[1], [0, 2]]
+    dropped_neurons = [[i for i in range(48) if i % 3 == 0], list(range(5))]
     pruned = prune_(copy.deepcopy(model), kept_heads, kept_neurons)
     assert model_shape(pruned) == {'heads': [2, 1], 'hidden': [32, 43]}
-    with gated(model, head_gates, neuron_gates):
-        reference = out(model, x)
+    reference = out(zero_by_hand(model, dropped_heads, dropped_neurons), x)
+    assert (reference - out(model, x)).abs().max() > 1e-3  # the dropped heads and neurons did matter
     torch.testing.assert_close(out(pruned, x), reference, atol=1e-6, rtol=0)
     # heads alone and neurons alone too
-    with gated(model, head_gates, None):
-        torch.testing.assert_close(out(prune_(copy.deepcopy(model), kept_heads, [None, None]), x), out(model, x),
-                                   atol=1e-6, rtol=0)
-    with gated(model, None, neuron_gates):
-        torch.testing.assert_close(out(prune_(copy.deepcopy(model), [None, None], kept_neurons), x), out(model, x),
-                                   atol=1e-6, rtol=0)
-    # the hooks are gone after the block; the pruned model is smaller and cheaper
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(out(prune_(copy.deepcopy(model), kept_heads, [None, None]), x),
+                               out(zero_by_hand(model, dropped_heads, [[], []]), x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out(prune_(copy.deepcopy(model), [None, None], kept_neurons), x),
+                               out(zero_by_hand(model, [[], []], dropped_neurons), x), atol=1e-6, rtol=0)
+    # the pruned model is smaller and cheaper
     assert count_params(pruned) < count_params(model)
     assert count_macs(pruned, x[:1]) < count_macs(model, x[:1])
     # q/k/v capture (the relation loss) sees the kept heads
