@@ -15,13 +15,12 @@ every image, and the same with each device missing (zeros). fp16 copies are held
 beside itself and replaces the old one whole; on any error it is left as it was. See docs/deployment.md.
 """
 import argparse
-import os
 
 import torch
 
 import datasets
 import utils
-from models.onnx_export import OPSETS, ExportError, export, input_spec, load_source
+from models.onnx_export import OPSETS, export, input_spec, load_source
 
 DEFAULT_PARITY_IMAGES = 32
 

@@ -617,7 +617,7 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
                               'tolerance_is': 'max abs difference to PyTorch fp32 <= relative_tolerance x max(1, '
                                               'max |PyTorch value|), per output',
                               **parity(source, tmp, images, '.fp16', FP16_RELATIVE_TOLERANCE, relative=True)}
-        ops = sorted(set().union(*(set(t for _, t in op_types(os.path.join(tmp, f))) for f in os.listdir(tmp))))
+        ops = sorted(set().union(*({t for _, t in op_types(os.path.join(tmp, f))} for f in os.listdir(tmp))))
         manifest = {
             'format': FORMAT, 'version': VERSION, 'opset': opset, 'source': source.path, 'source_kind': source.kind,
             'input': {'size': size, 'channels': chans, 'mean': [float(m) for m in mean],
