@@ -559,13 +559,13 @@ def replace_folder(new: str, dst: str) -> None:
 
 def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note: str, real_images: bool,
            mean: Sequence[float], std: Sequence[float], class_names: Sequence[str] | None = None,
-           fp16: bool = False, opset: int = 17, log=print) -> dict[str, Any]:
+           fp16: bool = False, opset: int = 17, tolerance: float = FP32_TOLERANCE, log=print) -> dict[str, Any]:
     """Write the export folder of `source` to `output_dir` and return its manifest.
 
     Everything is built in a hidden temp folder beside `output_dir`: the graphs, their fp16 copies, parity on
     `images` (normalised, N×C×S×S; described by `inputs_note`, `real_images` False for random ones), then the
-    manifest; only then does the folder replace `output_dir`. Any failure (export, operator check, parity) raises
-    ExportError and leaves `output_dir` as it was.
+    manifest; only then does the folder replace `output_dir`. Any failure (export, operator check, parity beyond
+    `tolerance` for fp32, FP16_RELATIVE_TOLERANCE for fp16) raises ExportError and leaves `output_dir` as it was.
     """
     import onnx
     import onnxruntime
@@ -605,7 +605,7 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
             log(f'head.onnx: {len(devices)} x tokens -> {source.num_classes} logits')
 
         report = {'inputs': inputs_note, 'images': int(images.shape[0]), 'real_images': real_images,
-                  'tolerance': FP32_TOLERANCE, **parity(source, tmp, images)}
+                  'tolerance': tolerance, **parity(source, tmp, images, tolerance=tolerance)}
         if fp16:
             for d in devices:
                 d['fp16_file'] = d['file'].replace('.onnx', '.fp16.onnx')
