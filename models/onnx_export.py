@@ -47,6 +47,9 @@ FORMAT = 'devit-onnx'
 VERSION = 1
 MANIFEST = 'manifest.json'
 OPSETS = (17, 13)
+# The oldest IR version of each opset (onnx 1.12 / 1.8): onnxruntime refuses a model with a newer IR version than
+# its own (1.16, as on JetPack 5 boards, reads up to IR 9), and the graphs need nothing newer.
+IR_VERSIONS = {17: 8, 13: 7}
 EXPORTER_OPSET = 18  # what torch.onnx.export(dynamo=True) writes natively; converted down to the target opset
 FP32_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| on tokens and logits, fp32 graphs
 # fp16 graphs: max |onnxruntime fp16 - PyTorch fp32| <= FP16_RELATIVE_TOLERANCE x max(1, max |PyTorch fp32|), per
@@ -325,7 +328,12 @@ def export_graph(module: nn.Module, inputs: Sequence[torch.Tensor], input_names:
         if opset == 13:
             _decompose_layer_norm(model)
             _relabel_opset13(model)
+        if len(model.functions):
+            raise ExportError(f'the exporter left {len(model.functions)} local functions in the graph')
+        model.ir_version = IR_VERSIONS[opset]
         onnx.checker.check_model(model, full_check=True)
+    except ExportError:
+        raise
     except Exception as e:  # onnx raises its own ValidationError / ConvertError / RuntimeError
         raise ExportError(f'{os.path.basename(path)}: conversion to opset {opset} failed: {type(e).__name__}: '
                           f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}') from e

@@ -146,6 +146,7 @@ def test_operators_tensorrt_imports(trained, tmp_path):
     for f in exported_graphs(out)[1]:
         model = onnx.load(str(out / f))
         assert {(o.domain or '', o.version) for o in model.opset_import} == {('', 17)}, f
+        assert model.ir_version == 8, f  # the oldest IR of opset 17: older onnxruntime builds load it
         ops = _ops(out / f)
         assert {d for d, _ in ops} == {''}, f
         types = {t for _, t in ops}
@@ -183,6 +184,7 @@ def test_shrunk_mixed_family_export_opset13(tmp_path, capsys):
     for f in exported_graphs(out)[1]:
         model = onnx.load(str(out / f))
         assert [o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')] == [13]
+        assert model.ir_version == 7
         types = {t for _, t in _ops(out / f)}
         assert 'LayerNormalization' not in types and types <= onnx_export.TENSORRT_OPS, (f, sorted(types))
     x = torch.randn(2, 1, 28, 28)
