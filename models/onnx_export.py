@@ -24,10 +24,12 @@ outside `TENSORRT_OPS` or the default domain, so a model that would fail the eng
 import argparse
 import contextlib
 import ctypes
+import inspect
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -298,6 +300,17 @@ def _relabel_opset13(model) -> None:
             entry.version = 13
 
 
+def _summary(err: BaseException) -> str:
+    """One line for an exporter error: its 'Exception summary' line when it has one (torch.onnx wraps the real
+    error in pages of advice), else its first line; terminal colour codes removed."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(err)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    summary = next((line for line in lines if line.startswith("<class '")), None)
+    if summary is not None:
+        return re.sub(r"^<class '([\w.]+)'>:\s*", lambda m: m.group(1).rsplit('.', 1)[-1] + ': ', summary)
+    return f'{type(err).__name__}: {lines[0] if lines else ""}'
+
+
 def export_graph(module: nn.Module, inputs: Sequence[torch.Tensor], input_names: Sequence[str], output_name: str,
                  path: str, opset: int = 17, doc: str = '') -> None:
     """torch.onnx.export(dynamo=True) of `module(*inputs)` with a dynamic batch dimension, converted to `opset`,
@@ -308,7 +321,8 @@ def export_graph(module: nn.Module, inputs: Sequence[torch.Tensor], input_names:
         raise ExportError(f'opset {opset} is not supported; choose one of {", ".join(map(str, OPSETS))}')
     batch = torch.export.Dim('batch')
     dynamic = ({0: batch},) * len(inputs)
-    if len(inputs) > 1:  # HeadGraph(*tokens): one varargs entry holding every input
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # HeadGraph(*tokens): one varargs entry
         dynamic = (dynamic,)
     quiet = io.StringIO()
     try:
@@ -318,9 +332,7 @@ def export_graph(module: nn.Module, inputs: Sequence[torch.Tensor], input_names:
                                         output_names=[output_name], opset_version=EXPORTER_OPSET, dynamo=True,
                                         dynamic_shapes=dynamic, verbose=False, optimize=True)
     except Exception as e:  # torch.export / translation errors come as many types; all mean "not exportable"
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise ExportError(f'torch.onnx.export failed for {os.path.basename(path)}: {type(e).__name__}: {first}') \
-            from e
+        raise ExportError(f'torch.onnx.export failed for {os.path.basename(path)}: {_summary(e)}') from e
     model = program.model_proto
     try:
         model = onnx.version_converter.convert_version(model, 17)

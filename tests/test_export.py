@@ -277,3 +277,6 @@ def test_refusals_are_one_line(tmp_path, capsys):
     line = one_line_error(['--model-path', str(good), '--output_dir', str(tmp_path / 'mine')], capsys)
     assert 'not an ONNX export' in line and (tmp_path / 'mine' / 'thesis.tex').read_text() == 'x'
     assert not out.exists()
+    # The same one-device ensemble exports (its head has a single input).
+    m = export_onnx.main(['--model-path', str(good), '--output_dir', str(out), '--parity-images', '4'])
+    assert m['head']['inputs'] == ['tokens0'] and m['parity']['argmax_agreement'] == 1.0
