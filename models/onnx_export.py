@@ -190,11 +190,12 @@ def load_source(path: str | os.PathLike, use_ema: bool = False) -> Source:
             return _students(path, [path], use_ema)
         raise ExportError(f'{path} is {_describe(ckpt)}; give a stage-3 ensemble checkpoint (ensemble.py), a '
                           'stage-2 output folder or a stage-2 student checkpoint')
-    del ckpt
+    args = _args_dict(ckpt)
+    del ckpt  # load_ensemble reads the file again, so that its errors name it
     ens = load_ensemble(path, use_ema=use_ema).eval()
     devices = [{'checkpoint': path} for _ in range(ens.num_devices)]
     return Source('ensemble', path, list(ens.backbones), ens.distilled, HeadGraph(ens).eval(), ens.num_classes,
-                  _args_dict(read_checkpoint(path)), devices, None)
+                  args, devices, None)
 
 
 def input_spec(backbones: Sequence[nn.Module]) -> tuple[int, int]:
