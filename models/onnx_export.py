@@ -173,7 +173,7 @@ def _describe(ckpt: Mapping[str, Any]) -> str:
 def load_source(path: str | os.PathLike, use_ema: bool = False) -> Source:
     """The models of `path`: a stage-3 checkpoint (or its output folder holding checkpoint.pth), a stage-2 output
     folder (sub-dataset{i}/checkpoint.pth) or one stage-2 student checkpoint. Anything else: ExportError."""
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         if os.path.isdir(os.path.join(path, 'sub-dataset0')):
             return _students(path, student_checkpoint_paths(path), use_ema)
