@@ -12,11 +12,13 @@ The batch dimension is dynamic (`batch`) everywhere.
 The graphs come from `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's translation and optimiser):
 it gives plain default-domain graphs with no Identity/Constant clutter, where the TorchScript exporter (deprecated
 and slated for removal) leaves Where/Equal/ConstantOfShape patterns around dynamic shapes. The exporter writes
-opset 18; `onnx.version_converter` takes it to the target opset:
-- 17 (default): TensorRT 8.6 to 10 (JetPack 6, TensorRT 8.6/10 on PCs) and onnxruntime import it, and 17 is the
-  first opset with LayerNormalization, which TensorRT maps to one fused layer;
+opset 18; `onnx.version_converter` takes it to 17, Shape(start, end) and Reshape(allowzero) are rewritten into the
+forms every TensorRT parser reads (`_plain_shapes`), and the IR version is set to the oldest of the opset:
+- 17 (default): TensorRT 8.6 to 10 (JetPack 6, TensorRT 8.6/10 on PCs) and onnxruntime >= 1.12 import it, and 17
+  is the first opset with LayerNormalization, which TensorRT maps to one fused layer;
 - 13: for TensorRT 8.2 (JetPack 4.6, the Nano's last) and 8.5 (JetPack 5.1), whose ONNX parsers have no
-  LayerNormalization importer: each LayerNormalization is rewritten into ReduceMean/Sub/Mul/Add/Sqrt/Div first.
+  LayerNormalization importer: each LayerNormalization is written out in ReduceMean/Sub/Mul/Add/Sqrt/Div, then
+  the graph, whose other operators mean the same at 13, is declared opset 13 (`_relabel_opset13`).
 Attention is exported from PyTorch's scaled_dot_product_attention as MatMul/Softmax (never Einsum, never the
 `com.microsoft` attention ops that TensorRT has no importer for); `check_ops` refuses any graph with an operator
 outside `TENSORRT_OPS` or the default domain, so a model that would fail the engine build on a board fails here.
