@@ -29,7 +29,6 @@ import ctypes
 import inspect
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -69,7 +68,6 @@ TENSORRT_OPS = frozenset({
     'Split', 'Sqrt', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze',
 })
 
-_logger = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
