@@ -69,7 +69,6 @@ TENSORRT_OPS = frozenset({
 })
 
 
-
 class ExportError(ValueError):
     """A source that cannot be exported, a graph TensorRT could not import, or failed parity; one clear line."""
 
