@@ -1,8 +1,8 @@
 """Board power on a Jetson (jtop, INA3221 sysfs, tegrastats) or a PC (RAPL), and energy per inference.
 
 Sources, in the order ``--source auto`` tries them:
-  jtop        jetson-stats' service: ``jetson.power['tot']['power']`` (v4+; 3.x gave a tuple), when it imports and
-              its service answers
+  jtop        jetson-stats' service: ``jetson.power['tot']['power']`` (v4+; 3.x gave a tuple), when it imports, its
+              service answers and the board has a total rail; never with ``--rail`` (a chosen rail is read directly)
   sysfs       the INA3221 monitors read directly at the interval: JetPack 4 IIO driver (``rail_name_<n>``,
               ``in_power<n>_input`` mW) or JetPack 5+ hwmon (``in<N>_label``, ``in<N>_input`` mV, ``curr<N>_input`` mA)
   tegrastats  a ``tegrastats --interval MS`` process, one line per interval
@@ -283,18 +283,34 @@ class TegrastatsSource(_Source):
 
 
 class JtopSource(_Source):
+    """jetson-stats' board total. Only the total: a chosen rail is read directly (sysfs, tegrastats), and a board
+    whose rails include no total (AGX Xavier, AGX Orin) is refused, since jetson-stats 4 then reports the sum of
+    every rail it sees, I/O rails included, as 'tot'."""
     kind, label = 'jtop', 'tot'
 
+    def __init__(self, rail=None):
+        self.rail, self._jetson = rail, None
+
     def open(self, interval_s):
+        if self.rail:
+            raise SourceUnavailable(f'jtop gives the board total only; rail {self.rail!r} is read directly '
+                                    '(sysfs or tegrastats)')
         try:
             from jtop import jtop
         except ImportError as e:
             raise SourceUnavailable('jetson-stats (jtop) not installed') from e
-        self._jetson = None
         try:
             self._jetson = jtop(interval=max(interval_s, 0.1))
             self._jetson.start()
             self.read()
+            power = self._jetson.power
+            rails = power.get('rail') if isinstance(power, dict) else None
+            if rails is not None and not any(r in rails for r in BOARD_TOTAL_RAILS):
+                raise SourceUnavailable(f'jtop\'s total here is the sum of every rail ({", ".join(sorted(rails))}): '
+                                        'no board-total rail; choose one with rail=NAME or rail=sum')
+        except SourceUnavailable:
+            self.close()
+            raise
         except Exception as e:  # JtopException when the service is down; KeyError on a board with no total
             self.close()
             raise SourceUnavailable(f'jtop gave no total power: {type(e).__name__}: {e}') from e
@@ -337,7 +353,7 @@ class RaplSource(_Source):
 
 def open_source(kind='auto', interval_s=0.1, sys_root='/sys', rail=None, tegrastats='tegrastats'):
     """An opened source and the reasons the ones tried before it were skipped. ``auto`` ends at ``none``."""
-    makers = {'jtop': JtopSource, 'sysfs': lambda: SysfsSource(sys_root, rail),
+    makers = {'jtop': lambda: JtopSource(rail), 'sysfs': lambda: SysfsSource(sys_root, rail),
               'tegrastats': lambda: TegrastatsSource(tegrastats, rail), 'rapl': lambda: RaplSource(sys_root),
               'none': _Source}
     order = ('jtop', 'sysfs', 'tegrastats', 'rapl', 'none') if kind == 'auto' else (kind,)
@@ -629,12 +645,16 @@ def main(argv=None):
         i = argv.index('--')
         argv, cmd = argv[:i], argv[i + 1:]
     args = get_args_parser().parse_args(argv)
-    if args.parse_file:
-        summary, rc = _parse_file(args)
-    elif cmd:
-        summary, rc = _run_command(args, cmd)
-    else:
-        get_args_parser().error('give a command after --, or --parse-file LOG')
+    try:
+        if args.parse_file:
+            summary, rc = _parse_file(args)
+        elif cmd:
+            summary, rc = _run_command(args, cmd)
+        else:
+            get_args_parser().error('give a command after --, or --parse-file LOG')
+    except SourceUnavailable as e:
+        print(f'error: --source {args.source}: {e}', file=sys.stderr)
+        return 2
     print(_summary_line(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + '\n')

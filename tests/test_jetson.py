@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,52 @@ def test_tegrastats_process(tmp_path):
     assert {p for _, p in pm.samples} == {2132.0}
 
 
+def fake_jtop(monkeypatch, rails, total):
+    """jetson-stats 4 as its API looks: jtop(interval).start()/close(), .power = {'rail': {...}, 'tot': {...}}."""
+    class FakeJtop:
+        def __init__(self, interval=0.5):
+            self.power = {'rail': {name: {'power': mw} for name, mw in rails.items()}, 'tot': {'power': total}}
+
+        def start(self):
+            pass
+
+        def close(self):
+            pass
+    module = types.ModuleType('jtop')
+    module.jtop = FakeJtop
+    monkeypatch.setitem(sys.modules, 'jtop', module)
+
+
+def test_jtop_total_and_chosen_rail(tmp_path, monkeypatch):
+    fake_jtop(monkeypatch, {'VDD_IN': 15000, 'VDD_CPU_GPU_CV': 4000}, total=19000)
+    with power.PowerMonitor('auto', interval_ms=10, sys_root=tmp_path) as pm:
+        pass
+    assert pm.source_name == 'jtop:tot' and pm.samples[0][1] == 19000.0
+    # A chosen rail is read directly, never jtop's total: auto skips jtop, explicit jtop refuses.
+    root = fake_orin_hwmon(tmp_path)
+    with power.PowerMonitor('auto', interval_ms=10, sys_root=root, rail='VDD_CPU_GPU_CV') as pm:
+        pass
+    assert pm.source_name == 'sysfs:VDD_CPU_GPU_CV' and pm.samples[0][1] == 4000.0
+    assert pm.skipped and pm.skipped[0].startswith('jtop:') and 'read directly' in pm.skipped[0]
+    with pytest.raises(power.SourceUnavailable, match='read directly'):
+        power.PowerMonitor('jtop', rail='VDD_IN').__enter__()
+
+
+def test_jtop_without_total_rail_is_not_a_total(tmp_path, monkeypatch):
+    """AGX Orin: jetson-stats 4 reports the sum of every rail as 'tot'; auto does not take it for the board total."""
+    fake_jtop(monkeypatch, {'VDD_GPU_SOC': 2387, 'VDD_CPU_CV': 397, 'VIN_SYS_5V0': 3230}, total=6014)
+    with power.PowerMonitor('auto', sys_root=tmp_path, tegrastats=str(tmp_path / 'none')) as pm:
+        pass
+    assert pm.source_name != 'jtop:tot'
+    assert any(s.startswith('jtop:') and 'sum of every rail' in s for s in pm.skipped)
+
+
+def test_power_cli_jtop_with_rail_one_line(tmp_path):
+    r = _run([sys.executable, '-m', 'jetson.power', '--source', 'jtop', '--rail', 'VDD_IN', '--', 'true'])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --source jtop: jtop gives the board total only; rail 'VDD_IN' is read directly (sysfs or tegrastats)"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CLIs
 
@@ -321,25 +368,73 @@ def test_setup_off_jetson(tmp_path):
     assert f'sudo {tmp_path}/no-nvpmodel -m 1' in r.stdout
 
 
-def test_setup_on_fake_jetson(tmp_path):
+NANO_CONF = '< POWER_MODEL ID=0 NAME=MAXN >\nCPU_ONLINE CORE_0 1\n< POWER_MODEL ID=1 NAME=5W >\nCPU_ONLINE CORE_0 1\n'
+AGX_ORIN_CONF = ''.join(f'< POWER_MODEL ID={i} NAME={n} >\n' for i, n in enumerate(['MAXN', '15W', '30W', '50W']))
+
+
+def _fake_board(tmp_path, model, conf, mode=0, mode_name='MAXN'):
+    """nvpmodel and jetson_clocks as scripts that log their calls; nvpmodel -q prints mode `mode`."""
     bin_ = tmp_path / 'bin'
+    _write(bin_ / 'nvpmodel', f'#!/bin/sh\necho "nvpmodel $*" >> "{tmp_path}/calls"\n'
+                              f'[ "$1" = -q ] && printf "NVPM WARN: fan mode is not set!\\nNV Power Mode: {mode_name}'
+                              f'\\n{mode}\\n"\nexit 0\n')
+    _write(bin_ / 'jetson_clocks', f'#!/bin/sh\necho "jetson_clocks $*" >> "{tmp_path}/calls"\n'
+                                   '[ "$1" = --store ] && echo saved > "$2"\nexit 0\n')
     for tool in ('nvpmodel', 'jetson_clocks'):
-        _write(bin_ / tool, f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/calls"\n')
         (bin_ / tool).chmod(0o755)
-    _write(tmp_path / 'model', 'NVIDIA Jetson Nano Developer Kit\0')
-    env = _off_jetson_env(tmp_path, DT_MODEL=str(tmp_path / 'model'), NVPMODEL=str(bin_ / 'nvpmodel'),
-                          JETSON_CLOCKS=str(bin_ / 'jetson_clocks'), JETSON_CLOCKS_STORE=str(tmp_path / 'clocks.conf'),
-                          SUDO='')
+    _write(tmp_path / 'model', model + '\0')
+    _write(tmp_path / 'nvpmodel.conf', conf)
+    return _off_jetson_env(tmp_path, DT_MODEL=str(tmp_path / 'model'), NVPMODEL=str(bin_ / 'nvpmodel'),
+                           NVPMODEL_CONF=str(tmp_path / 'nvpmodel.conf'), JETSON_CLOCKS=str(bin_ / 'jetson_clocks'),
+                           JETSON_CLOCKS_STORE=str(tmp_path / 'clocks.conf'), SUDO='')
+
+
+def _calls(tmp_path):
+    path = tmp_path / 'calls'
+    calls = [c.strip() for c in path.read_text().splitlines()] if path.exists() else []
+    path.unlink(missing_ok=True)
+    return calls
+
+
+def test_setup_on_fake_jetson(tmp_path):
+    env = _fake_board(tmp_path, 'NVIDIA Jetson Nano Developer Kit', NANO_CONF)
     r = _run(['bash', str(SETUP), '--dry-run', '--mode', '0'], env=env)
-    assert r.returncode == 0 and 'would run' in r.stdout and f'{bin_}/nvpmodel -m 0' in r.stdout
-    assert not (tmp_path / 'calls').exists()  # dry run: nothing executed
+    assert r.returncode == 0 and 'would run' in r.stdout and f'{tmp_path}/bin/nvpmodel -m 0' in r.stdout
+    assert 'power mode now: MAXN (0); setting mode 0: MAXN' in r.stdout
+    assert _calls(tmp_path) == ['nvpmodel -q']  # dry run: only the read-only query
+    r = _run(['bash', str(SETUP), '--restore'], env=env)
+    assert r.returncode == 1 and 'no saved clocks' in r.stderr
+    _calls(tmp_path)
+
+    # The first run saves clocks and the current mode (0) before changing the mode to the Nano's 5 W mode.
     r = _run(['bash', str(SETUP)], env=env)
     assert r.returncode == 0, r.stderr
-    assert [c.strip() for c in (tmp_path / 'calls').read_text().splitlines()] == [
-        'nvpmodel -m 1', f'jetson_clocks --store {tmp_path}/clocks.conf', 'jetson_clocks', 'nvpmodel -q']
-    r = _run(['bash', str(SETUP), '--restore'], env=env)  # the fake --store wrote no file
-    assert r.returncode == 1 and 'no saved clocks' in r.stderr
+    assert 'power mode now: MAXN (0); setting mode 1: 5W' in r.stdout
+    assert _calls(tmp_path) == ['nvpmodel -q', f'jetson_clocks --store {tmp_path}/clocks.conf', 'nvpmodel -m 1',
+                                'jetson_clocks', 'nvpmodel -q']
+    assert (tmp_path / 'clocks.conf.nvpmodel').read_text().strip() == '0'
+    # A second run keeps that first saved state.
+    assert _run(['bash', str(SETUP)], env=env).returncode == 0
+    assert _calls(tmp_path) == ['nvpmodel -q', 'nvpmodel -m 1', 'jetson_clocks', 'nvpmodel -q']
+    r = _run(['bash', str(SETUP), '--restore'], env=env)
+    assert r.returncode == 0, r.stderr
+    assert _calls(tmp_path) == ['nvpmodel -q', 'nvpmodel -m 0', f'jetson_clocks --restore {tmp_path}/clocks.conf']
+
+    r = _run(['bash', str(SETUP), '--mode', '7'], env=env)
+    assert r.returncode == 2 and 'no power mode 7' in r.stderr and '0=MAXN 1=5W' in r.stderr
     assert _run(['bash', str(SETUP), '--mode', 'x'], env=env).returncode == 2
+    assert 'nvpmodel -m' not in ' '.join(_calls(tmp_path))
+
+
+def test_setup_other_board_needs_mode(tmp_path):
+    """Mode 1 is the Nano's 5 W mode; on an AGX Orin it is 15 W: setup.sh does not pick it there."""
+    env = _fake_board(tmp_path, 'NVIDIA Jetson AGX Orin Developer Kit', AGX_ORIN_CONF, mode=3, mode_name='50W')
+    r = _run(['bash', str(SETUP)], env=env)
+    assert r.returncode == 2 and '--mode is required' in r.stderr and '1=15W' in r.stderr
+    assert 'nvpmodel -m' not in ' '.join(_calls(tmp_path))
+    r = _run(['bash', str(SETUP), '--mode', '2', '--dry-run'], env=env)
+    assert r.returncode == 0 and 'power mode now: 50W (3); setting mode 2: 30W' in r.stdout
+    assert '(save power mode 3 to' in r.stdout
 
 
 def test_run_collab_dry_run(tmp_path):
@@ -353,3 +448,105 @@ def test_run_collab_dry_run(tmp_path):
     env.pop('NODE_RANK')
     r = _run(['bash', str(RUN_COLLAB), '--dry-run'], env=env)
     assert r.returncode == 2 and 'NODE_RANK' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# onnxruntime latency and TensorRT engines (no PyTorch on the device side)
+
+HIDE_TORCH = ("import runpy, sys; sys.modules.update(torch=None, timm=None, torchvision=None); "
+              "sys.argv = ['x'] + sys.argv[1:]; runpy.run_module(sys.argv.pop(1), run_name='__main__')")
+
+
+def tiny_graph(path, chans=1, size=4, width=6):
+    """An export-like graph without PyTorch: image B×C×S×S -> Flatten -> MatMul -> tokens B×W."""
+    onnx = pytest.importorskip('onnx')
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.ones((chans * size * size, width), dtype=np.float32), 'w')
+    graph = helper.make_graph(
+        [helper.make_node('Flatten', ['image'], ['flat']), helper.make_node('MatMul', ['flat', 'w'], ['tokens'])],
+        'device0', [helper.make_tensor_value_info('image', TensorProto.FLOAT, ['batch', chans, size, size])],
+        [helper.make_tensor_value_info('tokens', TensorProto.FLOAT, ['batch', width])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)], ir_version=8), str(path))
+    return path
+
+
+def test_latency_onnxruntime_without_torch(tmp_path):
+    pytest.importorskip('onnxruntime')
+    model, out = tiny_graph(tmp_path / 'device0.onnx'), tmp_path / 'lat.json'
+    r = _run([sys.executable, '-c', HIDE_TORCH, 'jetson.latency', '--backend', 'onnxruntime', '--model', str(model),
+              '--provider', 'cpu', '--warmup', '1', '--iters', '5', '--threads', '1', '--fp16', '--json', str(out)])
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    fp32 = res['results']['fp32']
+    assert fp32['iters'] == 5 and 0 < fp32['min_ms'] <= fp32['p50_ms'] <= fp32['max_ms']
+    assert res['backend'] == 'onnxruntime' and res['provider'] == 'CPUExecutionProvider' and res['torch'] is None
+    assert res['input_size'] == [1, 1, 4, 4] and res['params'] == 16 * 6 and res['threads'] == 1
+    assert 'fp16' in res['skipped'] and 'fp16' not in res['results']
+    r = _run([sys.executable, '-m', 'jetson.latency', '--backend', 'onnxruntime', '--model', str(model),
+              '--provider', 'tensorrt', '--iters', '1'])
+    assert r.returncode != 0 and 'no TensorrtExecutionProvider' in r.stderr and 'CPUExecutionProvider' in r.stderr
+
+
+def fake_export(folder, opset=17):
+    """The files build_engines reads: manifest.json and the graphs it names (their content is not read)."""
+    folder.mkdir(parents=True)
+    for f in ('device0.onnx', 'device1.onnx', 'head.onnx'):
+        (folder / f).write_bytes(b'onnx')
+    manifest = {'format': 'devit-onnx', 'version': 1, 'opset': opset, 'input': {'size': 224, 'channels': 3},
+                'operators': ['Add', 'LayerNormalization', 'MatMul'] if opset == 17 else ['Add', 'MatMul'],
+                'devices': [{'index': i, 'file': f'device{i}.onnx', 'input': 'image', 'output': 'tokens',
+                             'token_width': w} for i, w in enumerate((384, 192))],
+                'head': {'file': 'head.onnx', 'inputs': ['tokens0', 'tokens1'], 'output': 'logits'}}
+    (folder / 'manifest.json').write_text(json.dumps(manifest))
+    return folder
+
+
+def test_build_engines_dry_run(tmp_path):
+    export = fake_export(tmp_path / 'EXPORT')
+    r = _run([sys.executable, '-c', HIDE_TORCH, 'jetson.build_engines', str(export), '--fp16', '--dry-run',
+              '--max-batch', '4', '--trtexec', '/opt/trt/trtexec'])
+    assert r.returncode == 0, r.stderr
+    lines = [line.strip() for line in r.stdout.splitlines() if 'trtexec ' in line]
+    assert lines[0] == (f'/opt/trt/trtexec --onnx={export}/device0.onnx --saveEngine={export}/device0.plan '
+                        '--minShapes=image:1x3x224x224 --optShapes=image:1x3x224x224 --maxShapes=image:4x3x224x224 '
+                        f'--fp16 > {export}/device0.trtexec.log 2>&1')
+    assert f'--saveEngine={export}/device1.plan' in lines[1]
+    assert ('--minShapes=tokens0:1x384,tokens1:1x192 --optShapes=tokens0:1x384,tokens1:1x192 '
+            '--maxShapes=tokens0:4x384,tokens1:4x192 --fp16') in lines[2] and len(lines) == 3
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(export), '--device', '1', '--dry-run',
+              '--engine-dir', str(tmp_path / 'plans')])
+    lines = [line for line in r.stdout.splitlines() if 'trtexec ' in line]
+    assert r.returncode == 0 and len(lines) == 1 and f'--saveEngine={tmp_path}/plans/device1.plan' in lines[0]
+    assert '--fp16' not in lines[0]
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(tmp_path), '--dry-run'])
+    assert r.returncode == 2 and r.stderr.strip() == (f'error: {tmp_path}/manifest.json not found: give a folder '
+                                                      'written by export_onnx.py')
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(export), '--device', '5', '--dry-run'])
+    assert r.returncode == 2 and 'no device 5' in r.stderr
+
+
+def test_build_engines_runs_trtexec(tmp_path):
+    from jetson import build_engines
+    export = fake_export(tmp_path / 'EXPORT')
+    trtexec = tmp_path / 'trtexec'
+    trtexec.write_text('#!/bin/sh\necho "trtexec $*"\nfor a in "$@"; do case "$a" in --saveEngine=*) '
+                       'echo plan > "${a#--saveEngine=}";; --onnx=*head*) [ -n "$FAIL_HEAD" ] && exit 3;; esac; done\n'
+                       'exit 0\n')
+    trtexec.chmod(0o755)
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(export), '--fp16', '--trtexec', str(trtexec)])
+    assert r.returncode == 0, r.stderr
+    record = json.loads((export / 'engines.json').read_text())
+    assert record['precision'] == 'fp16' and [e['what'] for e in record['engines']] == ['device0', 'device1', 'head']
+    assert all((export / f).read_text() == 'plan\n' for f in ('device0.plan', 'device1.plan', 'head.plan'))
+    assert '--fp16' in (export / 'device0.trtexec.log').read_text()
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(export), '--trtexec', str(trtexec)],
+             env=dict(os.environ, FAIL_HEAD='1'))
+    assert r.returncode == 2 and 'error: trtexec failed for head.onnx (exit 3)' in r.stderr
+    # TensorRT before 8.6 cannot import opset-17 LayerNormalization: said before any build, with the fix.
+    manifest = json.loads((export / 'manifest.json').read_text())
+    assert '--opset 13' in build_engines.incompatibility((8, 2, 1), manifest)
+    assert build_engines.incompatibility((8, 6, 2), manifest) is None
+    assert build_engines.incompatibility((10, 3), manifest) is None
+    assert build_engines.incompatibility((8, 5, 2), {**manifest, 'opset': 13, 'operators': ['MatMul']}) is None
+    assert build_engines._version_tuple('8.2.1-1+cuda10.2') == (8, 2, 1)
