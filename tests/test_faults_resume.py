@@ -2,7 +2,8 @@
 (the launcher's whole process group) in the middle of an epoch, then rerun with ``--resume .../checkpoint_last.pth``
 (stage 1) or ``--auto-resume`` (stage 2). They must end exactly where an uninterrupted run ends: same epochs, same
 optimizer step count, same weights; and no kill, not even one inside ``utils.save_checkpoint``, may leave a
-checkpoint that does not load.
+checkpoint that does not load. Stages 2 and 3 of the trained chain (tests/conftest.py) lose a rank to a crash in the
+middle of an epoch and, resumed, end with the weights of the chain's own uninterrupted runs.
 """
 import glob
 import os
@@ -20,10 +21,12 @@ from faults import (
     load,
     make_split,
     read_log,
+    read_text,
     stage1_args,
     stage2_args,
     start,
     temp_files,
+    wait_exit,
     wait_for_text,
     wait_gone,
 )
@@ -111,6 +114,64 @@ def test_stage2_killed_mid_epoch_resumes_with_auto_resume(split, stage1_full, tm
     assert f'resumed from {folder / engine.CHECKPOINT_LAST}: epoch 1' in proc.stdout
     assert_complete(folder)
     assert load(folder / engine.CHECKPOINT_BEST)['stage'] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trained chain's stages 2 and 3 (5 and 4 epochs, --model-ema, 2 ranks): rank 1 is SIGKILLed (DEVIT_FAULT=crash,
+# as an OOM kill) in the middle of epoch 2, the launcher ends the run, and a rerun with --auto-resume must end with
+# the weights, EMA weights, optimizer state and per-epoch figures of the chain's uninterrupted run.
+
+def crash_then_resume(args, folder, steps_per_epoch, tmp_path):
+    crash_at = 2 * steps_per_epoch + steps_per_epoch // 2
+    output = tmp_path / 'crashed.out'
+    proc = start(launch(args), output, fault=f'crash@{crash_at}:1')
+    assert wait_exit(proc, 600) != 0
+    assert f'fault injected: crash at global step {crash_at}' in read_text(output)
+    assert not wait_gone(str(folder)), 'ranks outlived the crashed run'
+    assert [r['epoch'] for r in read_log(folder)] == [0, 1], 'the crash did not land in epoch 2'
+    assert load(folder / engine.CHECKPOINT_LAST)['epoch'] == 1
+    proc = run(launch([*args, '--auto-resume']), timeout=600)
+    assert f'resumed from {folder / engine.CHECKPOINT_LAST}: epoch 2' in proc.stdout
+
+
+def assert_same_as_uninterrupted(resumed, full):
+    log_resumed, log_full = read_log(resumed), read_log(full)
+    keys = ('epoch', 'num_updates', 'train_loss', 'test_acc1', 'test_ema_acc1', 'best_acc1')
+    assert [[r[k] for k in keys] for r in log_resumed] == [[r[k] for k in keys] for r in log_full]
+    a, b = load(full / engine.CHECKPOINT_LAST), load(resumed / engine.CHECKPOINT_LAST)
+    assert a['epoch'] == b['epoch'] and a['num_updates'] == b['num_updates']
+    for part in ('model', 'model_ema'):
+        assert a[part].keys() == b[part].keys()
+        for name, tensor in a[part].items():
+            torch.testing.assert_close(b[part][name], tensor, rtol=0, atol=0, msg=f'{part} {name}')
+    assert a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
+    for key, state in a['optimizer']['state'].items():
+        for name, value in state.items():
+            torch.testing.assert_close(b['optimizer']['state'][key][name], value, rtol=0, atol=0,
+                                       msg=f'optimizer state {key} {name}')
+    assert load(resumed / engine.CHECKPOINT_BEST)['epoch'] == load(full / engine.CHECKPOINT_BEST)['epoch']
+    assert not temp_files(resumed)
+
+
+@pytest.mark.slow
+def test_stage2_crashed_rank_resumes_to_the_uninterrupted_weights(trained_chain, tmp_path):
+    """Division 0 alone (--start-division 0) against division 0 of the chain's --all-divisions run: a division's
+    training does not depend on the divisions trained before it in the same call."""
+    out = tmp_path / 'stage2'
+    args = trained_chain.args('stage2', out, divisions=('--start-division', '0'))
+    full = trained_chain.stage2 / 'sub-dataset0'
+    crash_then_resume(args, out / 'sub-dataset0', read_log(full)[0]['num_updates'], tmp_path)
+    assert_same_as_uninterrupted(out / 'sub-dataset0', full)
+    assert load(out / 'sub-dataset0' / engine.CHECKPOINT_LAST)['stage'] == 2
+
+
+@pytest.mark.slow
+def test_stage3_crashed_rank_resumes_to_the_uninterrupted_weights(trained_chain, tmp_path):
+    out = tmp_path / 'stage3'
+    args = trained_chain.args('stage3', out)
+    crash_then_resume(args, out, read_log(trained_chain.stage3)[0]['num_updates'], tmp_path)
+    assert_same_as_uninterrupted(out, trained_chain.stage3)
+    assert load(out / engine.CHECKPOINT_LAST)['stage'] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
