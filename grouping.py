@@ -6,7 +6,8 @@ sub-datasets. A group is a sorted list of global class ids; group i has `sizes[i
 - `authors_sizes(C, N)`: the authors' cut, group i = labels[i*C//N:(i+1)*C//N] (10 classes into 4: 2, 3, 2, 3).
 - `random_groups(classes, sizes, seed)`: Python's `random.Random(seed).shuffle` of `classes`, cut at the cumulative
   sizes. With classes = range(C), seed 42 and the authors' sizes these are exactly the authors' groups.
-- `confusion_groups(matrix, sizes, together)`: groups that keep confusable classes together or spread them apart.
+- `confusion_groups(matrix, sizes, together)`: groups that keep confusable classes together or spread them apart
+  (exact for up to EXACT_LIMIT partitions, e.g. any split of 10 classes; local search beyond).
 - `confusion_from_json(obj, num_classes, ...)`: a checked C×C confusion matrix from a `confusion.json` object.
 """
 import itertools

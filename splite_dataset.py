@@ -23,12 +23,13 @@ Which classes form each division (module `grouping`):
 Each group is kept in ascending id order, so `--num_division 1` labels classes exactly as the full dataset does.
 
 confusion.json: {"format": "devit-confusion", "version": 1, "dataset", "split": "val", "classes": C,
-"class_names", "checkpoint", "model", "images", "accuracy", "matrix": C×C counts, rows = true class,
-columns = predicted}; only "matrix" is required of a file written by other tools.
+"class_names", "checkpoint", "model", "model_kwargs", "images", "accuracy" (top-1, fraction), "matrix": C×C counts,
+rows = true class, columns = predicted}; only "matrix" is required of a file written by other tools.
 
 Output: `OUT/split.json` and `OUT/sub-dataset{i}/`, which `datasets.build_dataset(name, OUT, split, division=i)`
 reads with labels 0..k-1. split.json: {"dataset", "num_division", "seed", "strategy", "plan" (path or null),
-"confusion" (its source or null), "divisions": [{"index", "classes", "class_names", ...}], ...}. ImageFolder
+"confusion" (its source or null), "confusion_within" (share of the off-diagonal confusion inside divisions, or
+null), "divisions": [{"index", "classes", "class_names", ...}], ...}. ImageFolder
 sources become `sub-dataset{i}/{train,val}/<class>/` trees of hard links (copies with `--copy`, or where the output
 is on another filesystem); array and annotation-file sources (CIFAR-100 pickles, Fashion-MNIST, Flowers102,
 StanfordCars) become `sub-dataset{i}/indices.json` = {"train": [...], "val": [...]}, row numbers into the source

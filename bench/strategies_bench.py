@@ -38,6 +38,10 @@ sys.path.insert(0, ROOT)
 import grouping  # noqa: E402
 import utils  # noqa: E402
 
+# splite_dataset.py flags that choose the classes: dropped from demo.sh's split, set per strategy here.
+SPLIT_CHOICE = {'--strategy', '--seed', '--confusion', '--teacher-path', '--teacher-model', '--teacher-kwargs',
+                '--plan', '--sub_classes', '--sub-classes', '--write-confusion', '--input-size', '--tiny-transforms',
+                '--batch-size'}
 DEMO_TEACHER = os.path.join(ROOT, 'output', 'demo', 'teacher', 'sub-dataset0', 'checkpoint.pth')
 RECORDER = '''#!{python}
 import json, os, sys
@@ -77,17 +81,21 @@ class Demo:
             if script is None:
                 continue
             if argv[script] == 'splite_dataset.py':
-                splits.append(argv[script:])
+                if {'--output_path', '--output-path'} & set(argv):  # not a --write-confusion alone
+                    splits.append(without(argv[script:], SPLIT_CHOICE))
             elif '--output_dir' in argv:
                 stage = os.path.basename(argv[argv.index('--output_dir') + 1])
                 self.stages[stage] = (argv[:script], argv[script:])
                 self.omp = r['omp']
         missing = [s for s in ('teacher', 'stage1', 'stage2', 'stage3') if s not in self.stages]
-        if len(splits) != 2 or missing:
-            sys.exit(f'error: demo.sh no longer runs two splits and stages teacher, stage1-3 (missing: {missing})')
-        self.split1, self.split = splits
-        self.num_division = int(self.split[self.split.index('--num_division') + 1])
-        self.data = self.split[self.split.index('--data_path') + 1]
+        one = [s for s in splits if value(s, '--num_division', '--num-division') == '1']
+        many = [s for s in splits if s not in one]
+        if len(one) != 1 or len(many) != 1 or missing:
+            sys.exit(f'error: demo.sh no longer runs a 1-division split, an N-division split and stages teacher, '
+                     f'stage1-3 (found {len(one)} and {len(many)} splits; stages missing: {missing})')
+        self.split1, self.split = one[0], many[0]
+        self.num_division = int(value(self.split, '--num_division', '--num-division'))
+        self.data = value(self.split, '--data_path', '--data-path')
         self.teacher_ckpt = os.path.join(self.out, 'teacher', 'sub-dataset0', 'checkpoint.pth')
         _, t = self.stages['teacher']
         self.teacher_model = t[t.index('--model') + 1]
@@ -110,6 +118,29 @@ class Demo:
         if stage == 'stage3' and '--eval-missing' not in argv:
             argv.append('--eval-missing')
         return [sys.executable, *launcher, *argv]
+
+
+def value(argv, *names):
+    """The value after the first of `names` in argv (`--flag value` or `--flag=value`), or None."""
+    for i, a in enumerate(argv):
+        flag, eq, rest = a.partition('=')
+        if flag in names:
+            return rest if eq else argv[i + 1]
+    return None
+
+
+def without(argv, flags):
+    """argv less the `flags` and their values (the split's choice of classes, which this bench sets itself)."""
+    out, skip = [], False
+    for a in argv:
+        if a.split('=', 1)[0] in flags:
+            skip = '=' not in a
+            continue
+        if skip and not a.startswith('--'):
+            continue
+        skip = False
+        out.append(a)
+    return out
 
 
 def kwargs_after(argv, flag):
@@ -188,6 +219,11 @@ def accuracy(path):
     return float(utils.checkpoint_info(path)['test_acc1'])
 
 
+def run_key(teacher, args, flags):
+    """What a finished run depends on: the teacher file (path and modification time), the mode, the split flags."""
+    return {'teacher': teacher, 'teacher_mtime_ns': os.stat(teacher).st_mtime_ns, 'quick': args.quick, 'flags': flags}
+
+
 def earlier_result(run, key):
     """The result.json of a finished run with the same teacher, mode and flags, or None."""
     path = os.path.join(run, 'result.json')
@@ -202,7 +238,7 @@ def run_strategy(name, flags, args, demo, teacher, confusion):
     """Split, stages 1-3 of demo.sh, and the row of the table."""
     run = os.path.join(args.out, 'runs', name)
     result_file = os.path.join(run, 'result.json')
-    key = {'teacher': teacher, 'quick': args.quick, 'flags': flags}
+    key = run_key(teacher, args, flags)
     if args.reuse and earlier_result(run, key) is not None:
         print(f'{name}: reusing {result_file}', flush=True)
         return earlier_result(run, key)
@@ -213,7 +249,7 @@ def run_strategy(name, flags, args, demo, teacher, confusion):
     for stage in ('stage1', 'stage2', 'stage3'):
         seconds[stage] = sh(demo.command(stage, run, teacher), os.path.join(run, f'{stage}.log'), demo.omp)
         print(f'  {name} {stage}: {seconds[stage]:.0f} s', flush=True)
-    split_dir = demo.mapped([demo.split[demo.split.index('--output_path') + 1]], run, teacher)[0]
+    split_dir = demo.mapped([value(demo.split, '--output_path', '--output-path')], run, teacher)[0]
     with open(os.path.join(split_dir, 'split.json')) as f:
         manifest = json.load(f)
     with open(os.path.join(run, 'stage3', 'missing_devices.json')) as f:
@@ -292,8 +328,7 @@ def main(argv=None):
     rows = []
     for name, flags, now in strategies(args):
         if not now:  # --only: the other strategies' finished runs still make their rows
-            earlier = earlier_result(os.path.join(args.out, 'runs', name), {'teacher': teacher, 'quick': args.quick,
-                                                                             'flags': flags})
+            earlier = earlier_result(os.path.join(args.out, 'runs', name), run_key(teacher, args, flags))
             rows += [earlier] if earlier else []
             continue
         print(f'{name}: {" ".join(flags)}', flush=True)
