@@ -1,6 +1,7 @@
 """Bad checkpoints: truncated, another architecture, another class count or division, or the wrong stage (a stage-2
 student where a stage-1 sub-teacher belongs, stage-1 sub-teachers as the ensemble's students, ...). Each is one
 ``error:`` line and exit code 2, before anything trains; nothing already on disk is touched."""
+import json
 import shutil
 
 import pytest
@@ -17,17 +18,29 @@ SMALL = [*TINY, '--limit-train', '64', '--limit-val', '50', '--epochs', '1']
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory, fmnist_root):
-    """Real checkpoints, trained in this process: stage 1 for divisions 0 and 1 (3 classes each), stage 2 for 0."""
+    """Real checkpoints, trained in this process: stage 1 for division 0 and the next division with as many classes
+    (`twin`), stage 2 for division 0."""
     root = tmp_path_factory.mktemp('ckpts')
     split = make_split(root / 'split4', fmnist_root)
     with one_thread():
-        for division in ('0', '1'):
+        for division in ('0', str(twin(root))):
             train_subdata.main([*SMALL, '--model', TEACHER, '--model-kwargs', *TEACHER_KW, '--data-path', str(split),
                                 '--start-division', division, '--output_dir', str(root / 'stage1')])
         distill_sub.main([*SMALL, '--model', 'dedeit', '--model-kwargs', *STUDENT_KW, '--teacher-model', TEACHER,
                           '--teacher-kwargs', *TEACHER_KW, '--teacher-path', str(root / 'stage1'), '--data-path',
                           str(split), '--distillation-type', 'hard', '--output_dir', str(root / 'stage2')])
     return root
+
+
+def classes(ckpts):
+    """The global class ids of each division of the split."""
+    return [d['classes'] for d in json.loads((ckpts / 'split4' / 'split.json').read_text())['divisions']]
+
+
+def twin(ckpts):
+    """The first division after 0 with as many classes as division 0 (its sub-teacher would load in its place)."""
+    groups = classes(ckpts)
+    return next(i for i in range(1, len(groups)) if len(groups[i]) == len(groups[0]))
 
 
 def stage1(ckpts, out, *extra):
@@ -85,16 +98,18 @@ def test_checkpoint_of_another_architecture(ckpts, tmp_path, capsys):
 
 def test_outside_teacher_of_another_class_count(ckpts, tmp_path, capsys):
     full = torch.load(ckpts / 'stage1' / 'sub-dataset0' / 'checkpoint.pth', weights_only=False)['model']
-    full = {k: (v[:2] if k.startswith('head') else v) for k, v in full.items()}  # a 2-class teacher, no metadata
+    k = len(classes(ckpts)[0])
+    full = {n: (v[:k - 1] if n.startswith('head') else v) for n, v in full.items()}  # one class fewer, no metadata
     torch.save(full, tmp_path / 'teacher.pth')
     expect_error(distill_sub.main, stage2(ckpts, tmp_path / 'out', tmp_path / 'teacher.pth'), capsys,
-                 'head.weight: checkpoint (2, 32) vs model (3, 32)')
+                 f'head.weight: checkpoint ({k - 1}, 32) vs model ({k}, 32)')
 
 
 def test_sub_teacher_of_another_division(ckpts, tmp_path, capsys):
-    other = ckpts / 'stage1' / 'sub-dataset1' / 'checkpoint.pth'  # also 3 classes: loading it would succeed
+    i, groups = twin(ckpts), classes(ckpts)
+    other = ckpts / 'stage1' / f'sub-dataset{i}' / 'checkpoint.pth'  # as many classes: loading it would succeed
     expect_error(distill_sub.main, stage2(ckpts, tmp_path / 'out', other), capsys,
-                 'has a head for classes [3, 5, 7] (3), but division 0 has classes [2, 4, 6]')
+                 f'has a head for classes {groups[i]} ({len(groups[i])}), but division 0 has classes {groups[0]}')
 
 
 def test_stage2_student_given_as_teacher(ckpts, tmp_path, capsys):
@@ -118,9 +133,10 @@ def test_stage2_student_given_as_full_teacher(ckpts, tmp_path, capsys, fmnist_ro
 
 
 def test_resume_from_another_stage_or_division(ckpts, tmp_path, capsys):
-    last1 = ckpts / 'stage1' / 'sub-dataset1' / 'checkpoint_last.pth'
+    i = twin(ckpts)
+    last1 = ckpts / 'stage1' / f'sub-dataset{i}' / 'checkpoint_last.pth'
     expect_error(train_subdata.main, stage1(ckpts, tmp_path / 'a', '--resume', str(last1)), capsys,
-                 'written with division 1, this run has division 0')
+                 f'written with division {i}, this run has division 0')
     last0 = ckpts / 'stage1' / 'sub-dataset0' / 'checkpoint_last.pth'
     expect_error(distill_sub.main, stage2(ckpts, tmp_path / 'b', ckpts / 'stage1', '--resume', str(last0)), capsys,
                  'written with stage 1, this run has stage 2')

@@ -154,13 +154,16 @@ def test_class_id_out_of_range_in_manifest(fmnist_split, tmp_path, capsys):
 
 
 def test_labels_outside_the_division(fmnist_split, tmp_path, capsys):
-    def edit(m):  # class 6 dropped from division 0, whose index list still holds its images
-        m['divisions'][0]['classes'] = m['divisions'][0]['classes'][:2]
-        m['divisions'][0]['class_names'] = m['divisions'][0]['class_names'][:2]
+    kept = []
+
+    def edit(m):  # the last class dropped from division 0, whose index list still holds its images
+        m['divisions'][0]['classes'] = m['divisions'][0]['classes'][:-1]
+        m['divisions'][0]['class_names'] = m['divisions'][0]['class_names'][:-1]
+        kept.append(len(m['divisions'][0]['classes']))
     split = tampered(fmnist_split, tmp_path, edit)
     code, err = run_inprocess(train_subdata.main, stage1(split, tmp_path / 'out'), capsys)
     assert code == 2 and len(err) == 1, err
-    assert 'train labels fall outside 0..1' in err[0] and 'sub-dataset0' in err[0]
+    assert f'train labels fall outside 0..{kept[0] - 1}' in err[0] and 'sub-dataset0' in err[0]
 
 
 def test_labels_beyond_the_model_are_refused_before_training():

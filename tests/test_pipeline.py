@@ -53,7 +53,7 @@ def pipeline(tmp_path_factory, fmnist_root):
                    '--data-path', str(out / 'split4'), '--all-divisions', '--output_dir', str(out / 'stage2')))
     run(launch_cmd('ensemble.py', *TINY, '--model', 'dedeit', '--model-path', str(out / 'stage2'), '--epochs', '1',
                    '--teacher-model', TEACHER, '--teacher-kwargs', *TEACHER_KW, '--teacher-path', str(teacher_ckpt),
-                   '--data-path', fmnist_root, '--num_division', '4', '--sub_classes', '3', '3', '2', '2',
+                   '--data-path', fmnist_root, '--num_division', '4', '--sub_classes', '2', '3', '2', '3',
                    '--output_dir', str(out / 'stage3'), '--eval-missing'))
     return out
 

@@ -213,8 +213,9 @@ def test_shrink_script_prunes_a_stage2_student(stage2):
                             '--redistill-epochs', '1', '--output_dir', str(stage2 / 'no_teacher')])
     assert not (stage2 / 'no_teacher' / 'sub-dataset0').exists()
     # a policy file re-applied to the unpruned weights (distill_sub.py --load-shrink shrink.json) gives the same model
-    student = tiny()
-    student.load_state_dict(torch.load(stage2 / 'stage2' / 'sub-dataset0' / 'checkpoint.pth')['model'])
+    unpruned = torch.load(stage2 / 'stage2' / 'sub-dataset0' / 'checkpoint.pth')
+    student = tiny(num_classes=unpruned['num_classes'])
+    student.load_state_dict(unpruned['model'])
     load_shrunk(student, out_dir / 'sub-dataset0' / 'shrink.json')
     for key, value in ckpt['model'].items():
         torch.testing.assert_close(student.state_dict()[key], value, atol=0, rtol=0)

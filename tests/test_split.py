@@ -2,18 +2,40 @@
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import env
 from test_datasets import labels_match_images, write_cars, write_cifar100, write_flowers, write_image_folder
 
+import grouping
 import splite_dataset
-from datasets import DatasetError, build_dataset
-from splite_dataset import main, plan_groups, split_dataset
+from datasets import FASHION_MNIST_CLASSES, DatasetError, build_dataset
+from splite_dataset import class_groups, main, split_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'splite_dataset.py')
+
+
+def authors_groups(num_classes, num_division, seed=42):
+    """The authors' split, written as they do it: the global `random` module, then floor cuts."""
+    random.seed(seed)
+    labels = list(range(num_classes))
+    random.shuffle(labels)
+    cuts = [i * num_classes // num_division for i in range(num_division)] + [num_classes]
+    return [sorted(labels[cuts[i]:cuts[i + 1]]) for i in range(num_division)]
+
+
+def shuffled_cut(num_classes, sizes, seed=42):
+    """The global-`random` shuffle cut at cumulative `sizes` (what --sub_classes and --plan sizes mean)."""
+    random.seed(seed)
+    labels = list(range(num_classes))
+    random.shuffle(labels)
+    bounds = np.cumsum([0, *sizes])
+    return [sorted(labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def leftovers(path) -> list:
@@ -28,9 +50,10 @@ def test_fashion_mnist_split_is_disjoint_complete_and_counted(fmnist_root, tmp_p
     m = split_dataset('fashion_mnist', fmnist_root, 3, tmp_path / 'out')
     groups = [d['classes'] for d in m['divisions']]
     assert sorted(c for g in groups for c in g) == list(range(10))  # disjoint and complete
-    assert [len(g) for g in groups] == [4, 3, 3] and all(g == sorted(g) for g in groups)
+    assert groups == authors_groups(10, 3) and [len(g) for g in groups] == [3, 3, 4]
     on_disk = json.loads((tmp_path / 'out' / 'split.json').read_text())
     assert on_disk['storage'] == 'indices' and on_disk['num_classes'] == 10 and on_disk['source_path'] == fmnist_root
+    assert (on_disk['strategy'], on_disk['seed'], on_disk['plan'], on_disk['confusion']) == ('random', 42, None, None)
     assert on_disk['divisions'] == m['divisions']
     full = build_dataset('fashion_mnist', fmnist_root, 'train', tiny=True)
     for d in m['divisions']:
@@ -53,18 +76,268 @@ def test_seeds_and_uneven_groups(fmnist_root, tmp_path):
     b = split_dataset('fashion_mnist', fmnist_root, 2, tmp_path / 'b', seed=7)
     c = split_dataset('fashion_mnist', fmnist_root, 2, tmp_path / 'c', seed=8)
     assert a['divisions'] == b['divisions'] and a['divisions'] != c['divisions']
+    assert [d['classes'] for d in c['divisions']] == authors_groups(10, 2, seed=8)
     m = split_dataset('fashion_mnist', fmnist_root, 3, tmp_path / 'u', sub_classes=[2, 3, 5])
-    assert [len(d['classes']) for d in m['divisions']] == [2, 3, 5]
+    assert [d['classes'] for d in m['divisions']] == shuffled_cut(10, [2, 3, 5])
     assert [d['train_count'] for d in m['divisions']] == [12000, 18000, 30000]
     one = split_dataset('fashion_mnist', fmnist_root, 1, tmp_path / 'one')
     assert one['divisions'][0]['classes'] == list(range(10))  # one division labels classes as the full dataset
 
 
-def test_plan_groups():
-    assert plan_groups(10, 4) == plan_groups(10, 4, seed=0)
-    assert [len(g) for g in plan_groups(10, 4)] == [3, 3, 2, 2]
-    assert [len(g) for g in plan_groups(100, 4, [10, 20, 30, 40], seed=3)] == [10, 20, 30, 40]
-    assert sorted(c for g in plan_groups(1000, 7, seed=5) for c in g) == list(range(1000))
+@pytest.mark.parametrize('num_classes,num_division', [(100, 4), (100, 6), (10, 4)])
+def test_authors_groups_reproduced(num_classes, num_division):
+    random.seed(1234)
+    state = random.getstate()
+    groups = class_groups(num_classes, num_division)
+    assert random.getstate() == state  # a private generator: the global one is untouched
+    assert groups == authors_groups(num_classes, num_division)
+    assert grouping.random_groups(range(num_classes), grouping.authors_sizes(num_classes, num_division), 42) == groups
+    assert class_groups(num_classes, num_division, seed=7) == authors_groups(num_classes, num_division, seed=7)
+
+
+def test_group_sizes_and_sub_classes():
+    assert [len(g) for g in class_groups(10, 4)] == [2, 3, 2, 3]  # the authors' floors, not larger groups first
+    assert class_groups(100, 4, [10, 20, 30, 40], seed=3) == shuffled_cut(100, [10, 20, 30, 40], seed=3)
+    assert class_groups(10, 1) == [list(range(10))]
+    assert sorted(c for g in class_groups(1000, 7, seed=5) for c in g) == list(range(1000))
+
+
+# --- confusion strategies ------------------------------------------------------------------------------------
+
+def block_confusion(num_classes, num_blocks, seed=0):
+    """Confusion counts where class c is confused (a lot) only with the classes c' = c mod num_blocks, plus faint
+    noise everywhere; returns (matrix, blocks)."""
+    rng = np.random.default_rng(seed)
+    m = rng.integers(0, 3, (num_classes, num_classes))
+    blocks = [list(range(b, num_classes, num_blocks)) for b in range(num_blocks)]
+    for block in blocks:
+        for a in block:
+            for b in block:
+                if a != b:
+                    m[a, b] += rng.integers(40, 100)
+    np.fill_diagonal(m, 900)
+    return m, blocks
+
+
+@pytest.mark.parametrize('exact', [True, False])
+def test_confusion_strategies_on_block_confusion(exact, monkeypatch):
+    if not exact:  # the local search used for many classes, on the same small problems
+        monkeypatch.setattr(grouping, 'EXACT_LIMIT', 0)
+    m, blocks = block_confusion(12, 3)
+    assert sorted(grouping.confusion_groups(m, [4, 4, 4], together=True)) == blocks  # each block one group
+    spread = grouping.confusion_groups(m, [3, 3, 3, 3], together=False)
+    assert all(sorted(c % 3 for c in g) == [0, 1, 2] for g in spread)  # one class of each block in each group
+    assert grouping.within_confusion(m, spread) < 0.05 < 0.95 < grouping.within_confusion(m, sorted(blocks))
+    m, blocks = block_confusion(10, 4, seed=1)  # blocks of 3, 3, 2, 2 into the authors' sizes 2, 3, 2, 3
+    together = class_groups(10, 4, strategy='confusion-together', confusion=m)
+    assert sorted(map(sorted, together)) == sorted(blocks) and [len(g) for g in together] == [2, 3, 2, 3]
+    assert together == class_groups(10, 4, strategy='confusion-together', confusion=m.copy())  # deterministic
+
+
+def test_exact_search_is_optimal_and_local_search_close():
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        m = rng.exponential(1.0, (9, 9)) ** 3
+        sizes = [[3, 3, 3], [2, 3, 4]][trial % 2]
+        best = {}
+        for together in (True, False):
+            g = grouping.confusion_groups(m, sizes, together)
+            w = grouping.within_confusion(m, g)
+            others = [grouping.within_confusion(m, grouping.random_groups(range(9), sizes, s)) for s in range(200)]
+            assert (w >= max(others)) if together else (w <= min(others)), (trial, together)
+            best[together] = w
+        assert best[True] > best[False]
+
+
+def test_confusion_split_through_the_cli(fmnist_root, tmp_path):
+    m, blocks = block_confusion(10, 2)  # {0,2,4,6,8} and {1,3,5,7,9}
+    conf = tmp_path / 'confusion.json'
+    conf.write_text(json.dumps({'format': 'devit-confusion', 'dataset': 'fashion_mnist', 'classes': 10,
+                                'class_names': FASHION_MNIST_CLASSES, 'matrix': m.tolist()}))
+    base = ['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--confusion', str(conf)]
+    assert main([*base, '--num_division', '5', '--strategy', 'confusion-spread', '--output_path',
+                 str(tmp_path / 'spread')]) == 0
+    manifest = json.loads((tmp_path / 'spread' / 'split.json').read_text())
+    assert all(sorted(c % 2 for c in d['classes']) == [0, 1] for d in manifest['divisions'])
+    assert (manifest['strategy'], manifest['confusion']) == ('confusion-spread', str(conf))
+    assert manifest['confusion_within'] < 0.05
+    assert main([*base, '--num_division', '2', '--strategy', 'confusion-together', '--output_path',
+                 str(tmp_path / 'together')]) == 0
+    manifest = json.loads((tmp_path / 'together' / 'split.json').read_text())
+    assert sorted(d['classes'] for d in manifest['divisions']) == blocks
+    ds = build_dataset('fashion_mnist', tmp_path / 'together', 'val', division=1, tiny=True)
+    assert ds.local_to_global == manifest['divisions'][1]['classes'] and len(ds) == 5000
+
+
+BAD_MATRICES = {
+    'wrong size': ([[1] * 9 for _ in range(9)], 'is 9x9 but the dataset has 10 classes'),
+    'not square': ([[1] * 11] + [[1] * 10 for _ in range(9)], 'is not square: row 0 has 11 entries, expected 10'),
+    'negative': ([[-(i == 3 and j == 5) for j in range(10)] for i in range(10)], 'negative entry (-1 at row 3'),
+    'NaN': ([[float('nan') if i == j == 2 else 1 for j in range(10)] for i in range(10)], 'non-finite entry (nan'),
+    'infinite': ([[float('inf') if (i, j) == (0, 1) else 1 for j in range(10)] for i in range(10)],
+                 'non-finite entry (inf at row 0, column 1)'),
+    'text': ([['x'] * 10 for _ in range(10)], 'row 0 has an entry that is not a number'),
+    'classes field': ({'classes': 12}, 'says "classes": 12 but its matrix is 10x10'),
+    'other dataset': ({'dataset': 'cifar100'}, 'is of dataset cifar100, not fashion_mnist'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_MATRICES))
+def test_bad_confusion_matrices_refused_with_one_line(case, fmnist_root, tmp_path, capsys):
+    matrix, expected = BAD_MATRICES[case]
+    obj = {'matrix': [[1] * 10 for _ in range(10)], **matrix} if isinstance(matrix, dict) else {'matrix': matrix}
+    path = tmp_path / f'{case}.json'
+    path.write_text(json.dumps(obj))  # NaN and Infinity as Python's json writes them
+    argv = ['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '2', '--strategy',
+            'confusion-together', '--confusion', str(path), '--output_path', str(tmp_path / 'out')]
+    if case in ('wrong size', 'not square', 'negative', 'NaN'):  # as a process: nothing but the one line
+        r = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120, env=env(),
+                           check=False)
+        rc, err = r.returncode, r.stderr
+    else:
+        rc, err = main(argv), capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+    assert expected in lines[0] and str(path) in lines[0], lines[0]
+    assert not (tmp_path / 'out').exists()
+
+
+def test_confusion_flags_misused(fmnist_root, tmp_path, capsys):
+    conf = tmp_path / 'c.json'
+    conf.write_text(json.dumps({'matrix': np.eye(10, dtype=int).tolist()}))
+    base = ['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '2', '--output_path',
+            str(tmp_path / 'out')]
+    for extra, expected in ((['--strategy', 'confusion-spread'], 'needs a confusion matrix: --confusion'),
+                            (['--confusion', str(conf)], 'are used by --strategy confusion-together or'),
+                            (['--teacher-path', 'x.pth'], '--teacher-path is used by --strategy'),
+                            (['--confusion', str(conf), '--teacher-path', 'x.pth', '--strategy', 'confusion-spread'],
+                             'not both')):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and expected in err, (extra, err)
+    assert not (tmp_path / 'out').exists()
+
+
+# --- a confusion matrix computed from a checkpoint ------------------------------------------------------------
+
+TINY_KW = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 16, 'depth': 1, 'num_heads': 1}
+
+
+def save_teacher(path, classes=tuple(range(10))):
+    """A random-weight full-class `dedeit` saved as train_subdata.py saves one (args record the model)."""
+    import torch
+
+    import utils
+    torch.manual_seed(0)
+    model = utils.create_model('dedeit', len(classes), TINY_KW)
+    utils.save_checkpoint({'model': model.state_dict(), 'classes': list(classes), 'stage': 1,
+                           'args': {'model': 'dedeit', 'model_kwargs': TINY_KW, 'tiny_transforms': True}}, path)
+    return model
+
+
+def test_write_confusion_from_a_checkpoint_and_split_with_it(fmnist_root, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    import engine
+    model = save_teacher(tmp_path / 'teacher.pth')
+    out = tmp_path / 'confusion.json'
+    r = subprocess.run([sys.executable, SCRIPT, '--dataset', 'fashion_mnist', '--data_path', fmnist_root,
+                        '--teacher-path', str(tmp_path / 'teacher.pth'), '--write-confusion', str(out),
+                        '--batch-size', '500'], capture_output=True, text=True, timeout=300, env=env(), check=False)
+    assert r.returncode == 0, r.stderr
+    conf = json.loads(out.read_text())
+    m = np.asarray(conf['matrix'])
+    assert m.shape == (10, 10) and conf['classes'] == 10 and conf['images'] == 10000 and conf['split'] == 'val'
+    assert (m.sum(axis=1) == 1000).all()  # rows are the true classes: 1,000 test images each
+    assert (conf['model'], conf['checkpoint'], conf['class_names']) == ('dedeit', str(tmp_path / 'teacher.pth'),
+                                                                         FASHION_MNIST_CLASSES)
+    val = build_dataset('fashion_mnist', fmnist_root, 'val', tiny=True, in_chans=1)
+    args = SimpleNamespace(rank=0, eval_batch_size=1000, num_workers=0, pin_mem=False)
+    acc = engine.evaluate(model, engine.build_eval_loader(args, val), torch.device('cpu'))['acc1']
+    assert abs(100 * conf['accuracy'] - acc) < 1e-6 and np.trace(m) == round(acc * 100)
+    predicted = m.sum(axis=0)  # the model's own argmax counts, by another route
+    with torch.inference_mode():
+        preds = torch.cat([model.eval()(x).argmax(1) for x, _ in torch.utils.data.DataLoader(val, batch_size=2000)])
+    assert predicted.tolist() == torch.bincount(preds, minlength=10).tolist()
+    # the file, or the checkpoint itself, drives a confusion split; the groups are those of the matrix
+    expected = grouping.confusion_groups(m, [2, 3, 2, 3], together=False)
+    assert main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '4', '--strategy',
+                 'confusion-spread', '--confusion', str(out), '--output_path', str(tmp_path / 'a')]) == 0
+    assert main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '4', '--strategy',
+                 'confusion-spread', '--teacher-path', str(tmp_path / 'teacher.pth'), '--output_path',
+                 str(tmp_path / 'b')]) == 0
+    for name in 'ab':
+        manifest = json.loads((tmp_path / name / 'split.json').read_text())
+        assert [d['classes'] for d in manifest['divisions']] == expected
+    assert manifest['confusion'] == str(tmp_path / 'teacher.pth')
+
+
+def test_teacher_of_other_classes_refused(fmnist_root, tmp_path, capsys):
+    save_teacher(tmp_path / 'sub.pth', classes=range(5))
+    assert main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--teacher-path', str(tmp_path / 'sub.pth'),
+                 '--write-confusion', str(tmp_path / 'c.json')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'not on all 10 classes of fashion_mnist' in err, err
+    assert not (tmp_path / 'c.json').exists()
+
+
+# --- device plans ---------------------------------------------------------------------------------------------
+
+def write_plan(path, counts, classes=None, **extra):
+    classes = classes or [None] * len(counts)
+    plan = {'format': 'devit-plan', 'version': 1, 'num_classes': sum(counts), **extra,
+            'devices': [{'index': i, 'num_classes': k, 'classes': c, 'model': 'dedeit',
+                         'model_kwargs': {'embed_dim': 64, 'depth': 2, 'num_heads': 2}}
+                        for i, (k, c) in enumerate(zip(counts, classes))]}
+    path.write_text(json.dumps(plan))
+    return str(path)
+
+
+def test_plan_sizes_and_pinned_classes(fmnist_root, tmp_path):
+    plan = write_plan(tmp_path / 'plan.json', [4, 6])
+    base = ['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--plan']
+    assert main([*base, plan, '--output_path', str(tmp_path / 'sizes')]) == 0  # --num_division from the plan
+    manifest = json.loads((tmp_path / 'sizes' / 'split.json').read_text())
+    assert [d['classes'] for d in manifest['divisions']] == shuffled_cut(10, [4, 6])
+    assert manifest['plan'] == plan and manifest['num_division'] == 2
+    pinned = write_plan(tmp_path / 'pinned.json', [3, 7], [[9, 0, 4], [1, 2, 3, 5, 6, 7, 8]])
+    assert main([*base, pinned, '--num_division', '2', '--output_path', str(tmp_path / 'pinned')]) == 0
+    manifest = json.loads((tmp_path / 'pinned' / 'split.json').read_text())
+    assert [d['classes'] for d in manifest['divisions']] == [[0, 4, 9], [1, 2, 3, 5, 6, 7, 8]]
+    ds = build_dataset('fashion_mnist', tmp_path / 'pinned', 'train', division=0, tiny=True)
+    assert ds.class_names == [FASHION_MNIST_CLASSES[c] for c in (0, 4, 9)]
+    # one device pinned, the others by the strategy on the remaining classes
+    m, _ = block_confusion(10, 2)
+    mixed = class_groups(10, None, strategy='confusion-together', confusion=m,
+                         plan=[(2, [1, 0]), (4, None), (4, None)])
+    assert mixed[0] == [0, 1] and sorted(mixed[1:]) == [[2, 4, 6, 8], [3, 5, 7, 9]]
+    assert class_groups(10, 3, plan=[(2, [1, 0]), (4, None), (4, None)])[0] == [0, 1]
+
+
+def test_bad_plans_refused_with_one_line(fmnist_root, tmp_path, capsys):
+    cases = {
+        'sum': (write_plan(tmp_path / 'sum.json', [4, 5], num_classes=10), [],
+                "the devices' class counts sum to 9 but the dataset has 10"),
+        'count': (write_plan(tmp_path / 'count.json', [4, 6]), ['--num_division', '3'],
+                  '--plan has 2 devices but --num_division is 3'),
+        'sub_classes': (write_plan(tmp_path / 'sub.json', [4, 6]), ['--sub_classes', '4', '6'],
+                        'do not pass --sub_classes with it'),
+        'twice': (write_plan(tmp_path / 'twice.json', [2, 8], [[0, 1], [1, 2, 3, 4, 5, 6, 7, 8]]), [],
+                  'class 1 is listed by devices 0 and 1'),
+        'range': (write_plan(tmp_path / 'range.json', [2, 8], [[0, 10], None]), [], 'lists class 10, outside 0..9'),
+        'length': (write_plan(tmp_path / 'len.json', [2, 8], [[0], None]), [],
+                   'device 0 lists 1 classes but "num_classes" is 2'),
+        'classes': (write_plan(tmp_path / 'cls.json', [50, 50]), [], 'is for 100 classes but the dataset has 10'),
+        'missing': (str(tmp_path / 'none.json'), [], 'none.json does not exist'),
+    }
+    for case, (plan, extra, expected) in cases.items():
+        rc = main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--plan', plan, *extra,
+                   '--output_path', str(tmp_path / 'out')])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count('\n') == 1 and err.startswith('error: ') and expected in err, (case, err)
+        assert not (tmp_path / 'out').exists()
 
 
 # --- ImageFolder: hard links ------------------------------------------------------------------------------------
