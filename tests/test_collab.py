@@ -1,7 +1,9 @@
-"""Collaborative inference: the distributed runtime on loopback against the in-process ensemble, faults, baselines.
+"""Collaborative inference: the runtime on loopback against the in-process ensemble, faults, baselines, backends.
 
-The distributed tests launch real processes (rank 0 the aggregator, ranks 1..N the devices) on tiny ensembles over
-real Fashion-MNIST test images; each launch has a subprocess timeout so a hang fails instead of blocking CI.
+The distributed tests launch real processes (rank 0 the aggregator, ranks 1..N the devices, talking over ZeroMQ) on
+tiny ensembles over real Fashion-MNIST test images; each launch has a subprocess timeout so a hang fails instead of
+blocking CI. The service (--serve, leave and rejoin, deadlines) is tests/test_service.py; the device side without
+PyTorch is tests/test_device_side.py.
 """
 import csv
 import json
@@ -12,16 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
-from helpers import ROOT, env, launch_cmd
+from helpers import ROOT, env, free_port, launch_cmd
+from onnx_export import export
 
 import collab_infer
 import utils
-from collab import modes, runtime
-from datasets import build_dataset
+from collab import dispatch, modes, torch_models, wire
+from datasets import build_dataset, default_mean_std
 from models.checkpoint import CheckpointError
-from models.ensemble_model import DeViTEnsemble, create_backbone
+from models.ensemble_model import DeViTEnsemble, create_backbone, load_ensemble, read_ensemble_checkpoint
 
 STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 WIDTH = 2 * 32  # floats per image and device: cls + dist tokens of width 32
@@ -54,8 +58,10 @@ def save_ensemble(path, num_devices, embed_dim=32, seed=0):
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp('collab')
-    return {n: save_ensemble(d / f'ens{n}.pth', n) for n in (1, 2, 4)} | {
+    out = {n: save_ensemble(d / f'ens{n}.pth', n) for n in (1, 2, 4)} | {
         'wide': save_ensemble(d / 'wide.pth', 1, embed_dim=48)}
+    out['export2'] = export(out[2], str(d / 'export2'))
+    return out
 
 
 def images(fmnist_root, k):
@@ -66,7 +72,7 @@ def images(fmnist_root, k):
 
 def reference(ckpt, x, present=None):
     """Predictions of the ensemble in this process (devices with present False zero-filled)."""
-    ens = runtime.load_ensemble(ckpt)
+    ens = load_ensemble(ckpt).eval()
     with torch.inference_mode():
         tokens = [ens.device_tokens(i, x) for i in range(ens.num_devices)]
         return ens.head_forward(tokens, present).eval_logits().argmax(1).tolist()
@@ -100,7 +106,7 @@ def launch(nproc, args, out, launcher='launch'):
     """Run collab_infer.py under the launcher, timestamping each output line as it arrives, so a test can time the
     fault -> error interval itself (process start-up on a loaded machine says nothing about the runtime)."""
     cmd = launch_cmd('collab_infer.py', *args, '--report', str(out / 'r.json'), '--csv', str(out / 'r.csv'),
-                     nproc=nproc, launcher=launcher)
+                     '--collab-port', str(free_port()), nproc=nproc, launcher=launcher)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
 
@@ -136,6 +142,8 @@ def runs(request, ckpts, fmnist_root, tmp_path_factory):
                        '--fault', 'stall', '--fault-rank', '1', '--fault-after', '2'], 'launch'),
         'dropout': (3, [*data, '--model-path', ckpts[2], '--limit', '6', '--timeout', '20', '--dropout-tolerant',
                         '--fault', 'exit', '--fault-rank', '1', '--fault-after', '2'], 'launch'),
+        'onnxruntime': (3, [*data, '--backend', 'onnxruntime', '--model-path', ckpts['export2'], '--limit', '10',
+                            '--timeout', '30', '--dataset', 'fashion_mnist', '--tiny-transforms'], 'launch'),
     }
     selected = {item.name for item in request.session.items}
     wanted = {k: v for k, v in specs.items() if any(k in name for name in selected)}
@@ -150,71 +158,99 @@ def runs(request, ckpts, fmnist_root, tmp_path_factory):
 
 def test_load_ensemble_errors(tmp_path, ckpts):
     with pytest.raises(CheckpointError, match='not found'):
-        runtime.load_ensemble(tmp_path / 'missing.pth')
+        load_ensemble(tmp_path / 'missing.pth')
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(open(ckpts[1], 'rb').read()[:1000])
     with pytest.raises(ValueError, match='truncated'):
-        runtime.load_ensemble(truncated)
+        load_ensemble(truncated)
     student = tmp_path / 'student.pth'
     utils.save_checkpoint({'model': {}, 'args': {}}, student)
     with pytest.raises(ValueError, match='ensemble_config'):
-        runtime.load_ensemble(student)
+        torch_models.load_device(student, 0)
 
 
 def test_worker_backbone_equals_ensemble_device(ckpts):
-    ens = runtime.load_ensemble(ckpts[2])
-    ckpt = runtime.read_ensemble_checkpoint(ckpts[2])
+    ens = load_ensemble(ckpts[2]).eval()
+    ckpt = read_ensemble_checkpoint(ckpts[2])
     x = torch.randn(3, 1, 28, 28)
     for i in range(2):
-        backbone = runtime.load_backbone(ckpt, i)
+        backbone = torch_models.load_backbone(ckpt, i)
         assert backbone.width == WIDTH
         torch.testing.assert_close(backbone(x), ens.device_tokens(i, x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match='holds 2 backbones; there is no device 2'):
+        torch_models.load_backbone(ckpt, 2)
 
 
 @pytest.mark.parametrize('n', [1, 3, 4])
 def test_layer_split_stages_chain_to_the_model(n):
     kwargs = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 48, 'depth': 4, 'num_heads': 2}
-    teacher = runtime.build_teacher('deit_tiny_distilled_patch16_224', kwargs, num_classes=10)
+    teacher = torch_models.build_teacher('deit_tiny_distilled_patch16_224', kwargs, num_classes=10)
     x = torch.randn(2, 1, 28, 28)
     out = x
-    stages = runtime.split_stages(teacher, n)
+    stages = torch_models.split_stages(teacher, n)
     assert [s.end - s.start for s in stages] == [4 // n + (i < 4 % n) for i in range(n)]
     with torch.inference_mode():
         for s in stages:
             out = s(out)
         torch.testing.assert_close(out, teacher(x))
-    assert runtime.activation_shape(teacher, 2) == (2, 16 + 2, 48)
+    assert torch_models.activation_shape(teacher, 2) == (2, 16 + 2, 48)
+    assert torch_models.teacher_shape('deit_tiny_distilled_patch16_224', kwargs) == (28, 1, 18, 48)
     with pytest.raises(ValueError, match='cannot cut'):
-        runtime.split_stages(teacher, 5)
+        torch_models.split_stages(teacher, 5)
 
 
 def test_uint8_input_is_lossless_for_native_pixels(fmnist_root):
     x, _ = images(fmnist_root, 4)
-    codec = runtime.InputCodec('uint8', in_chans=1)
-    sent = codec.encode(x)
-    assert sent.dtype == torch.uint8 and sent.shape == x.shape
-    # Equal up to float rounding (a vectorised x/255 is x·(1/255)): pixels are recovered exactly.
-    torch.testing.assert_close(codec.decode(sent), x, rtol=0, atol=1e-6)
-    assert torch.equal(codec.encode(codec.decode(sent)), sent)
+    mean, std = default_mean_std(1)
+    codec = wire.ImageCodec('uint8', mean, std)
+    sent = codec.encode(x.numpy())
+    assert sent.dtype == np.uint8 and sent.shape == tuple(x.shape)
+    # Equal up to float rounding: the pixels are recovered exactly.
+    np.testing.assert_allclose(codec.decode(sent), x.numpy(), rtol=0, atol=1e-6)
+    assert np.array_equal(codec.encode(codec.decode(sent)), sent)
 
 
-def test_worker_with_wrong_checkpoint_is_refused(ckpts):
-    """What rank 0 checks in each worker's hello answer: [floats sent per image, image size, channels]. (The
-    same check over a real launch costs a launch: `--worker-model-path` gives the workers another checkpoint.)"""
-    ckpt = runtime.read_ensemble_checkpoint(ckpts['wide'])
-    wide = runtime.load_backbone(ckpt, 0)
-    widths = runtime.load_ensemble(ckpts[2]).token_widths()
-    modes.check_workers({1: [WIDTH, 28, 1], 2: [WIDTH, 28, 1]}, widths, 28, 1)
-    with pytest.raises(ValueError, match=r'worker rank 2 \(device 1\) sends 96 floats per image but the ensemble '
-                                         r'head expects 64'):
-        modes.check_workers({1: [WIDTH, 28, 1], 2: [wide.width, 28, 1]}, widths, 28, 1)
-    with pytest.raises(ValueError, match=r'worker rank 1 \(device 0\) expects 1×32×32 images'):
-        modes.check_workers({1: [WIDTH, 32, 1]}, None, 28, 1)
+def test_wire_messages_round_trip_and_malformed_ones_are_refused():
+    tokens = np.arange(6, dtype=np.float16).reshape(2, 3)
+    image = np.zeros((1, 1, 4, 4), dtype=np.uint8)
+    header, arrays = wire.unpack(wire.pack({'type': 'result', 'id': 7}, [tokens, image]))
+    assert header['type'] == 'result' and header['id'] == 7
+    assert arrays[0].dtype == np.float16 and np.array_equal(arrays[0], tokens) and arrays[1].shape == (1, 1, 4, 4)
+    frames = wire.pack({'type': 'run'}, [tokens])
+    with pytest.raises(wire.ProtocolError, match='not JSON'):
+        wire.unpack([b'\x80not json', frames[1]])
+    with pytest.raises(wire.ProtocolError, match='describes 1 arrays but 0 buffers'):
+        wire.unpack(frames[:1])
+    with pytest.raises(wire.ProtocolError, match='does not have shape'):
+        wire.unpack([frames[0], b'123'])
+    with pytest.raises(wire.ProtocolError, match='unsupported dtype'):
+        wire.unpack([b'{"type": "run", "arrays": [["|O", [1]]]}', b'12345678'])
 
 
-def test_world_size_must_be_devices_plus_one():
+def test_worker_with_wrong_model_is_refused(ckpts):
+    """What the aggregator checks in each worker's hello (the same check over real processes:
+    tests/test_service.py::test_refused_join_says_why_on_both_sides)."""
+    wide = torch_models.load_device(ckpts['wide'], 0)
+    ok = torch_models.load_device(ckpts[2], 1)
+    head = load_ensemble(ckpts[2])
+    expected = {'input': ok[1], 'token_width': head.token_widths()[1], 'model': ok[2]}
+    hello = {'index': 1, 'token_width': ok[0].width, 'input': ok[1], 'model': ok[2], 'source': 'ens2.pth'}
+    assert dispatch.mismatch(expected, hello) is None
+    bad = dict(hello, token_width=wide[0].width, source='wide.pth')
+    assert dispatch.mismatch(expected, bad).startswith('sends 96 floats per image but the ensemble head expects 64 '
+                                                       'from device 1: wide.pth does not match')
+    small = dict(hello, input=dict(ok[1], size=32))
+    assert dispatch.mismatch(expected, small).startswith('expects 1×32×32 images, the aggregator 1×28×28')
+    other = dict(hello, model={'model': 'devit', 'kwargs': ok[2]['kwargs']})
+    assert "runs 'devit' but the head was trained with 'dedeit'" in dispatch.mismatch(expected, other)
+    kwargs = dict(hello, model={'model': 'dedeit', 'kwargs': dict(ok[2]['kwargs'], depth=3)})
+    assert 'depth: 3 here, 2 there' in dispatch.mismatch(expected, kwargs)
+
+
+def test_world_size_must_be_devices_plus_one(monkeypatch):
+    monkeypatch.setenv('LOCAL_RANK', '0')
     with pytest.raises(ValueError, match=r'needs 5 processes \(--nproc_per_node=5\).*got world size 3'):
-        modes._check_world(3, 4, 'collab', 0)
+        modes._check_world(3, 4, 'collab')
 
 
 def test_monolithic_modes_in_one_process(tmp_path, ckpts, fmnist_root, capsys):
@@ -296,7 +332,7 @@ def test_worker_that_dies_gives_clear_error(runs):
     t_fault, _ = run.first('fault injected')
     t_error, error = run.first('error: worker rank 1')
     assert run.rc not in (0, 'timeout') and t_fault is not None and error is not None, run.text()
-    assert 'closed the connection' in error and 'at image 3' in error
+    assert 'closed the connection' in error and 'at image 3' in error, error
     assert t_error - t_fault < 10  # a closed link is noticed at once, long before the 20 s timeout
     assert run.end - t_error < 20  # and the launcher tears down the rest
 
@@ -320,3 +356,14 @@ def test_dropout_tolerant_answers_from_devices_still_up(runs, ckpts, fmnist_root
     x, _ = images(fmnist_root, 6)
     expected = reference(ckpts[2], x[:2]) + reference(ckpts[2], x[2:], present=[False, True])
     assert run.preds() == expected
+
+
+def test_onnxruntime_backend_matches_torch_on_loopback(runs, ckpts, fmnist_root):
+    """Workers and head with --backend onnxruntime on the export of the same checkpoint: the same predictions."""
+    run = runs['onnxruntime']
+    assert run.rc == 0, run.text()
+    report = run.report()
+    x, _ = images(fmnist_root, 10)
+    assert run.preds() == reference(ckpts[2], x)
+    assert report['backend'] == 'onnxruntime' and report['bytes_per_image'] == 2 * WIDTH * 4
+    assert {w['backend'] for w in report['workers']} == {'onnxruntime'}
