@@ -126,13 +126,18 @@ class Preprocess:
     def bytes(self, data: bytes) -> torch.Tensor:
         import io
 
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
+        if not data:
+            raise DatasetError('the body is empty: send the image file (PNG or JPEG) as the body')
         try:
             with Image.open(io.BytesIO(data)) as img:
                 return self.transform(img.convert('RGB'))
+        except UnidentifiedImageError:
+            raise DatasetError(f'the body ({len(data)} bytes) is not an image file PIL can read (send a PNG or '
+                               'JPEG)') from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise DatasetError(f'cannot read the image: {err}') from None
+            raise DatasetError(f'cannot read the image ({len(data)} bytes): {err}') from None
 
 
 def class_names_for(args, spec_names, size, chans):

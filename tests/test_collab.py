@@ -17,17 +17,16 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from collab_fixtures import export, images, reference, save_ensemble
 from helpers import ROOT, env, free_port, launch_cmd
-from onnx_export import export
 
 import collab_infer
 import utils
 from collab import dispatch, modes, torch_models, wire
-from datasets import build_dataset, default_mean_std
+from datasets import default_mean_std
 from models.checkpoint import CheckpointError
-from models.ensemble_model import DeViTEnsemble, create_backbone, load_ensemble, read_ensemble_checkpoint
+from models.ensemble_model import load_ensemble, read_ensemble_checkpoint
 
-STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 WIDTH = 2 * 32  # floats per image and device: cls + dist tokens of width 32
 PIXELS = 28 * 28
 TEACHER = ['--teacher-model', 'deit_tiny_distilled_patch16_224', '--teacher-kwargs', 'img_size=28', 'patch_size=7',
@@ -44,17 +43,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def save_ensemble(path, num_devices, embed_dim=32, seed=0):
-    """A random tiny stage-3 checkpoint in the format ensemble.py writes."""
-    torch.manual_seed(seed)
-    backbones = [create_backbone('dedeit', {**STUDENT, 'embed_dim': embed_dim}) for _ in range(num_devices)]
-    ens = DeViTEnsemble(backbones, num_classes=10, embed_dim=48)
-    utils.save_checkpoint({'model': ens.state_dict(), 'model_ema': None, 'ensemble_config': ens.config,
-                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'input_size': 28},
-                           'epoch': 0, 'best_acc1': 0.0}, path)
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp('collab')
@@ -62,20 +50,6 @@ def ckpts(tmp_path_factory):
         'wide': save_ensemble(d / 'wide.pth', 1, embed_dim=48)}
     out['export2'] = export(out[2], str(d / 'export2'))
     return out
-
-
-def images(fmnist_root, k):
-    ds = build_dataset('fashion_mnist', fmnist_root, 'val', input_size=28, in_chans=1, tiny=True)
-    x, y = zip(*(ds[i] for i in range(k)))
-    return torch.stack(x), torch.tensor(y)
-
-
-def reference(ckpt, x, present=None):
-    """Predictions of the ensemble in this process (devices with present False zero-filled)."""
-    ens = load_ensemble(ckpt).eval()
-    with torch.inference_mode():
-        tokens = [ens.device_tokens(i, x) for i in range(ens.num_devices)]
-        return ens.head_forward(tokens, present).eval_logits().argmax(1).tolist()
 
 
 def read_csv(path):

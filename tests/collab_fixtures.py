@@ -1,19 +1,66 @@
-"""A minimal writer of the ONNX export folder the runtime reads (collab/backends.py documents its manifest), for the
-tests: torch.onnx.export (TorchScript exporter, opset 17) of each backbone and of the head of a stage-3 checkpoint.
-export_onnx.py is the product's exporter; this fixture only has to produce the same contract."""
+"""What the runtime's tests share: tiny stage-3 checkpoints, their ONNX export, real Fashion-MNIST images as PNG files,
+the in-process reference predictions.
+
+`export` is a minimal writer of the export folder the runtime reads (collab/backends.py documents its manifest):
+torch.onnx.export (TorchScript exporter, opset 17) of each backbone and of the head. export_onnx.py is the product's
+exporter; this fixture only has to produce the same contract.
+"""
 import json
 import os
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 import utils
 from collab import torch_models
-from datasets import default_mean_std
-from models.ensemble_model import CONFIG_KEY, load_ensemble, read_ensemble_checkpoint
+from datasets import build_dataset, default_mean_std
+from models.ensemble_model import CONFIG_KEY, DeViTEnsemble, create_backbone, load_ensemble, read_ensemble_checkpoint
 
 OPSET = 17
+STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
+
+
+def save_ensemble(path, num_devices, embed_dim=32, seed=0, depth=2):
+    """A random tiny stage-3 checkpoint in the format ensemble.py writes."""
+    torch.manual_seed(seed)
+    backbones = [create_backbone('dedeit', {**STUDENT, 'embed_dim': embed_dim, 'depth': depth})
+                 for _ in range(num_devices)]
+    ens = DeViTEnsemble(backbones, num_classes=10, embed_dim=48)
+    utils.save_checkpoint({'model': ens.state_dict(), 'model_ema': None, 'ensemble_config': ens.config,
+                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'input_size': 28},
+                           'epoch': 0, 'best_acc1': 0.0}, path)
+    return str(path)
+
+
+def images(fmnist_root, k, start=0):
+    """The first k Fashion-MNIST test images (tiny transforms, 1×28×28) and their labels."""
+    ds = build_dataset('fashion_mnist', fmnist_root, 'val', input_size=28, in_chans=1, tiny=True)
+    x, y = zip(*(ds[i] for i in range(start, start + k)))
+    return torch.stack(x), torch.tensor(y)
+
+
+def write_pngs(x, folder):
+    """Normalised 1×28×28 images back to the PNG files a camera would send; their paths."""
+    from PIL import Image
+
+    mean, std = default_mean_std(1)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, img in enumerate(x):
+        pixels = np.clip(np.round((img[0].numpy() * std[0] + mean[0]) * 255), 0, 255).astype(np.uint8)
+        paths.append(os.path.join(folder, f'img{i}.png'))
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def reference(ckpt, x, present=None):
+    """Predictions of the ensemble in this process (devices with present False zero-filled)."""
+    ens = load_ensemble(ckpt).eval()
+    with torch.inference_mode():
+        tokens = [ens.device_tokens(i, x) for i in range(ens.num_devices)]
+        return ens.head_forward(tokens, present).eval_logits().argmax(1).tolist()
 
 
 class _Head(nn.Module):
