@@ -12,7 +12,8 @@ back. Three ways of moving it, alternated in rounds:
 - dispatcher: the runtime itself, collab.dispatch.Dispatcher and collab.worker.Worker with a model that returns
   zeros: what a request costs end to end through the dispatcher's I/O thread.
 Payloads: the demo's (28x28 uint8 image, 2x64 fp32 tokens) and the paper's (224x224x3 uint8, 2x192 fp32 tokens).
-Medians of per-request round-trip times; the ratio is zmq (and dispatcher) over gloo.
+Medians of per-request round-trip times, gloo and zmq alternated in blocks of 10 requests so that both see the same
+load; the ratio is zmq (and dispatcher) over gloo.
 """
 import argparse
 import json
@@ -198,7 +199,7 @@ def bench(quick, workers=4, verbose=True):
     from tests.helpers import env as test_env
     from tests.helpers import free_port
 
-    rounds, per_round = (3, 100) if quick else (7, 200)
+    rounds, per_round = (30, 10) if quick else (100, 10)  # short blocks, alternated: both see the same load
     tmp = tempfile.mkdtemp(prefix='devit-transport-')
     try:
         out = os.path.join(tmp, 'raw.json')

@@ -23,7 +23,7 @@ every target answered, or at the deadline (``deadline_ms``: answer with what arr
 the head), or at ``timeout`` without a deadline. A missing device is an error (`CollabError`) unless the dispatcher
 is dropout-tolerant or has a deadline. Replies to requests that are already answered are discarded by id.
 
-Device-side-free: numpy + pyzmq only, like the workers (the aggregator may run where PyTorch does not).
+Without PyTorch: numpy + pyzmq only, like the workers (Python 3.6+).
 """
 import collections
 import json
@@ -223,6 +223,8 @@ class Dispatcher:
                 self.changed.wait(0.1)
 
     def close(self):
+        if self._closing:
+            return
         self._closing = True
         self._wake()
         self.thread.join(5)

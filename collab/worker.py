@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import zmq
@@ -105,8 +106,9 @@ class Worker:
         """Join and serve until stopped. Returns the exit code (0 stopped, 1 aggregator lost, 2 refused)."""
         def on_signal(signum, frame):
             raise Stopped(signal.Signals(signum).name)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
+        if threading.current_thread() is threading.main_thread():  # (a worker may also run in a thread: tests)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, on_signal)
         self.ctx = zmq.Context()
         try:
             self.sock = wire.dealer(self.ctx, self.endpoint)

@@ -109,7 +109,7 @@ def runs(request, ckpts, fmnist_root, tmp_path_factory):
         'two_workers': (3, [*data, '--model-path', ckpts[2], '--limit', '10', '--timeout', '30'], 'launch'),
         'four_workers': (5, [*data, '--model-path', ckpts[4], '--limit', '7', '--batch-size', '3',
                              '--input-dtype', 'uint8'], 'torchrun'),
-        'layer_split': (3, [*data, '--mode', 'layer-split', *TEACHER, '--limit', '4'], 'launch'),
+        'layer_split': (3, [*data, '--mode', 'layer-split', *TEACHER, '--limit', '4', '--fp16-tokens'], 'launch'),
         'dies': (2, [*data, '--model-path', ckpts[1], '--limit', '8', '--timeout', '20', '--fault', 'exit',
                      '--fault-rank', '1', '--fault-after', '3'], 'launch'),
         'stalls': (2, [*data, '--model-path', ckpts[1], '--limit', '8', '--timeout', str(STALL_TIMEOUT),
@@ -294,10 +294,10 @@ def test_layer_split_ships_activations(runs):
     run = runs['layer_split']
     assert run.rc == 0, run.text()
     report = run.report()
-    hop = 18 * 48 * 4  # one B×T×D activation between the two stages, fp32
+    hop = 18 * 48 * 2  # one B×T×D activation between the two stages, fp16 (--fp16-tokens)
     assert report['bytes_by_kind_per_image']['activations'] == hop
     assert report['bytes_per_image'] == hop + 10 * 4  # plus the logits back to rank 0
-    assert report['bytes_per_image'] > 2 * WIDTH * 4  # more than DeViT's two devices send
+    assert report['bytes_per_image'] > 2 * WIDTH * 2  # more than DeViT's two devices send
     assert report['input_bytes_per_image'] == PIXELS * 4 and report['random_weights']
 
 

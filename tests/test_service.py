@@ -284,3 +284,20 @@ def test_sigterm_to_the_launcher_stops_everything(procs, model, tmp_path):
     left = [p for p in tree if os.path.exists(f'/proc/{p}')]
     assert not left, f'processes left after SIGTERM: {left}\n{procs.logs()}'
     assert 'stopped after 1 requests' in procs.log('launcher'), procs.log('launcher')
+
+
+def test_runtime_follows_a_killed_launcher(procs, model, fmnist_root):
+    """SIGKILL the launcher of a batch run while it serves: the aggregator and the workers notice and exit."""
+    cmd = launch_cmd('collab_infer.py', '--model-path', model['ckpt'], '--data-path', fmnist_root, '--limit',
+                     '10000', '--collab-port', str(free_port()), nproc=N + 1)
+    launcher = procs.start('launcher', cmd)
+    wait_for('the workers joined', lambda: procs.log('launcher').count('joined the aggregator') == N, procs)
+    tree = descendants(launcher.pid)
+    assert len(tree) >= N + 1
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    end = time.monotonic() + 20
+    while time.monotonic() < end and any(os.path.exists(f'/proc/{p}') for p in tree):
+        time.sleep(0.1)
+    assert not [p for p in tree if os.path.exists(f'/proc/{p}')], procs.log('launcher')
+    assert procs.log('launcher').count('the launcher (pid') >= 1
