@@ -1,30 +1,36 @@
-"""Collaborative inference with a DeViT ensemble: N workers each run one backbone, rank 0 runs the head.
+"""Collaborative inference with a DeViT ensemble: N workers each run one backbone, the aggregator runs the head.
 
-Run with N+1 processes (rank 0 the aggregator, rank r the device holding backbone r-1), on one machine:
+Batch evaluation under a launcher, N+1 processes (rank 0 the aggregator, rank r the device holding backbone r-1):
 
     python -m torch.distributed.launch --nproc_per_node=5 --master_addr=127.0.0.1 --master_port=29500 --use_env \\
-        collab_infer.py --model-path output/ensemble/checkpoint.pth --limit 200 --timeout 10 --report collab.json
+        collab_infer.py --model-path output/demo/stage3/checkpoint.pth --limit 200 --timeout 10 --report collab.json
 
-or across hosts with torchrun (host 0 runs the aggregator and maybe some workers):
+The launcher only starts the processes: they talk over ZeroMQ (collab/wire.py), the aggregator listening on
+MASTER_PORT + 1 (or --collab-port), so the same runs across hosts with torchrun (--nnodes/--node_rank; rank 0 on
+the node at MASTER_ADDR), or with no launcher at all: the aggregator alone (`python collab_infer.py ...
+--collab-port 29501`) and on each board `python -m collab.worker --aggregator tcp://AGGREGATOR:29501
+--device-index I --model-path ...` (no PyTorch needed there with --backend onnxruntime).
 
-    torchrun --nnodes=2 --node_rank=K --nproc_per_node=... --master_addr=HOST0 --master_port=29500 \\
-        collab_infer.py --model-path ENSEMBLE_CKPT ...
+As a service (until SIGINT/SIGTERM; workers may join, leave and come back while it runs):
 
-(ranks are numbered node by node, so rank 0 runs on node 0; set GLOO_SOCKET_IFNAME when the hosts have several
-network interfaces). Each host may pass its own --model-path: a worker takes backbone r-1 from it, and rank 0
-refuses a worker whose tokens do not fit the head.
+    python collab_infer.py --serve --port 8080 --deadline-ms 200 --model-path ... [--collab-port 29501]
+    curl -s --data-binary @image.png http://localhost:8080/predict ; curl -s http://localhost:8080/health
 
-Baselines on the same images: `--mode layer-split` (the teacher's blocks cut into N consecutive stages, random
-weights unless --teacher-path; same N+1 processes) and `--mode monolithic` (the teacher, or the whole ensemble,
-in one process: plain `python collab_infer.py --mode monolithic ...`). `--images a.png b.png` predicts files.
+Backends: --backend torch (the stage-3 checkpoint) or --backend onnxruntime (--model-path: the folder
+export_onnx.py writes), for the workers and the head alike. Baselines on the same images: --mode layer-split (the
+teacher's blocks cut into N consecutive stages, activations passed stage to stage; random weights unless
+--teacher-path; same N+1 processes) and --mode monolithic (the teacher, or the whole ensemble, in one process).
+--images a.png b.png predicts files. --cpu-quota 1 1 0.25 0.25 emulates slow devices (worker r limited to that
+fraction of one core).
 """
 import argparse
-import os
 import sys
 
 import utils
-from collab.comm import PeerError, env_rank
-from collab.modes import MODES, run
+from collab import launcher
+from collab.backends import BACKENDS
+from collab.dispatch import CollabError
+from collab.modes import MODES, run, run_worker
 
 DEFAULT_TEACHER = 'deit_base_distilled_patch16_224'
 
@@ -36,20 +42,25 @@ def get_parser():
     group = parser.add_argument_group('collaborative inference')
     group.add_argument('--mode', default='collab', choices=MODES,
                        help='collab (DeViT), layer-split (teacher cut into N stages) or monolithic (one process)')
+    group.add_argument('--backend', default='torch', choices=BACKENDS,
+                       help='torch: --model-path is the stage-3 checkpoint; onnxruntime: the export_onnx.py folder')
     group.add_argument('--limit', type=utils.positive_int, default=None, help='first K images of the test set')
     group.add_argument('--images', nargs='+', default=None, metavar='FILE',
                        help='predict these image files instead of evaluating a dataset')
     group.add_argument('--timeout', type=utils.positive_float, default=30.0,
                        help='seconds a request may take before a silent worker counts as failed')
+    group.add_argument('--deadline-ms', type=utils.positive_float, default=None,
+                       help='answer each request with the devices whose tokens arrived within D ms (the others '
+                            'zero-filled; a late device stays in service)')
     group.add_argument('--startup-timeout', type=utils.positive_float, default=300.0,
-                       help='seconds the workers may take to load their models')
+                       help='seconds the workers may take to join (batch runs)')
     group.add_argument('--dropout-tolerant', action='store_true',
-                       help='drop a failed worker and answer from the others (its tokens zero-filled)')
+                       help='answer from the devices still up when one fails (its tokens zero-filled)')
     group.add_argument('--fp16-tokens', action='store_true', help='send tokens (and activations) as fp16')
     group.add_argument('--input-dtype', default='fp32', choices=['uint8', 'fp32'],
                        help='send the preprocessed image as uint8 pixels (normalised by the worker) or fp32')
     group.add_argument('--worker-model-path', default=None,
-                       help='checkpoint a worker takes its backbone from (default: --model-path)')
+                       help='checkpoint (or export) a worker takes its model from (default: --model-path)')
     group.add_argument('--ema', action='store_true', help="use the checkpoint's EMA weights")
     group.add_argument('--nb-classes', type=utils.positive_int, default=None,
                        help='classes of a teacher without an ensemble checkpoint (default: the dataset\'s)')
@@ -57,9 +68,20 @@ def get_parser():
                        help='what --mode monolithic runs (default: the teacher if --teacher-model/--teacher-path '
                             'is given or there is no --model-path, else the ensemble)')
     group.add_argument('--warmup', type=utils.non_negative_int, default=2, help='unmeasured requests first')
-    group.add_argument('--threads', type=utils.positive_int, default=None, help='torch threads per process')
+    group.add_argument('--threads', type=utils.positive_int, default=None,
+                       help='intra-op threads per process (torch threads, onnxruntime sessions)')
+    group.add_argument('--cpu-quota', type=utils.positive_float, nargs='+', default=None, metavar='Q',
+                       help='limit worker r to Q[r-1] of one CPU core (cgroup CFS quota: emulated slow devices)')
+    group.add_argument('--collab-port', type=utils.positive_int, default=None,
+                       help=f'port the aggregator listens on for workers (default MASTER_PORT + 1 under a launcher, '
+                            f'else {launcher.DEFAULT_PORT})')
     group.add_argument('--report', default=None, metavar='FILE.json', help='write the report here')
     group.add_argument('--csv', default=None, metavar='FILE.csv', help='write one row per image here')
+    group = parser.add_argument_group('service')
+    group.add_argument('--serve', action='store_true', help='serve HTTP requests until SIGINT/SIGTERM')
+    group.add_argument('--port', type=utils.positive_int, default=8080, help='HTTP port of --serve')
+    group.add_argument('--host', default='0.0.0.0', help='HTTP address of --serve (default: every interface)')
+    group.add_argument('--topk', type=utils.positive_int, default=5, help='classes in each answer')
     # Fault injection for the tests: worker R exits, is killed or stalls at the request holding image K.
     group.add_argument('--fault', default=None, choices=['exit', 'kill', 'stall'], help=argparse.SUPPRESS)
     group.add_argument('--fault-rank', type=int, default=None, help=argparse.SUPPRESS)
@@ -77,6 +99,15 @@ def parse_args(argv=None):
     args.teacher_model = args.teacher_model or DEFAULT_TEACHER
     if args.dropout_tolerant and args.mode != 'collab':
         parser.error('--dropout-tolerant needs --mode collab (a pipeline cannot skip a stage)')
+    if args.deadline_ms is not None and args.mode != 'collab':
+        parser.error('--deadline-ms needs --mode collab (a pipeline cannot skip a stage)')
+    if args.serve and args.mode != 'collab':
+        parser.error('--serve needs --mode collab')
+    if args.serve and (args.images or args.report or args.csv or args.limit):
+        parser.error('--serve answers HTTP requests: --images, --limit, --report and --csv are for batch runs')
+    if args.mode == 'collab' and not args.model_path:
+        parser.error('--mode collab needs --model-path (the stage-3 checkpoint, or an export folder with '
+                     '--backend onnxruntime)')
     if args.fault and args.fault_rank is None:
         parser.error('--fault needs --fault-rank')
     return args
@@ -84,13 +115,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if launcher.env_rank()[0] > 0:  # ranks 1..N of a launcher: a device (or stage) worker
+        sys.exit(run_worker(args))
+    if launcher.launched():
+        launcher.exit_with_launcher(name='[rank 0]')
     try:
-        run(args)
-    except PeerError as err:
-        rank = env_rank()[0]
-        print(f'{f"[rank {rank}] " if rank else ""}error: {err}', file=sys.stderr, flush=True)
-        # A process group with a dead or stalled peer can block in its teardown: leave at once.
-        os._exit(1)
+        if args.serve:
+            from collab.service import serve
+
+            return serve(args)
+        return run(args)
+    except CollabError as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == '__main__':

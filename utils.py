@@ -13,8 +13,6 @@ import os
 import random
 import sys
 import tempfile
-import threading
-import time
 
 import numpy as np
 import torch
@@ -253,20 +251,11 @@ def init_distributed(args):
 
 
 def exit_with_launcher(interval=1.0):
-    """End this rank when its launcher dies. torch's launchers start each rank in a session of its own, so a
-    launcher killed with SIGKILL (or its process group) cannot stop them: orphaned ranks would train on, hang, or
-    write checkpoints beside a rerun. A daemon thread watches the parent and exits once it is gone."""
-    parent = os.getppid()
+    """End this rank when its launcher dies (collab.launcher.exit_with_launcher: one watchdog for the stage scripts
+    and the runtime, which needs one without PyTorch)."""
+    from collab.launcher import exit_with_launcher as follow
 
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(interval)
-        try:
-            print(f'[rank {os.environ.get("RANK", "?")}] error: the launcher (pid {parent}) is gone; stopping',
-                  file=sys.stderr, flush=True)
-        finally:
-            os._exit(1)
-    threading.Thread(target=watch, name='exit-with-launcher', daemon=True).start()
+    follow(interval)
 
 
 def is_main_process():

@@ -3,9 +3,9 @@
     python bench/collab_bench.py [--quick] [--json bench/collab.json]
 
 Every number comes from real runs of `collab_infer.py` under `torch.distributed.launch` on loopback (one process per
-device plus the aggregator, each limited to `--threads` intra-op threads), with random-weight ensembles written by
-`write_ensemble` (models.ensemble_model: create_backbone + DeViTEnsemble, saved as {'model', 'ensemble_config', 'args'})
-and random-weight teachers. Two scales:
+device plus the aggregator, each limited to `--threads` intra-op threads, talking over the runtime's ZeroMQ wire),
+with random-weight ensembles written by `write_ensemble` (models.ensemble_model: create_backbone + DeViTEnsemble,
+saved as {'model', 'ensemble_config', 'args'}) and random-weight teachers. Two scales:
 
 - paper: 224x224, four `dedeit` students (DeiT-Tiny shape) vs `deit_base_distilled_patch16_224`;
 - demo:  28x28 Fashion-MNIST with demo.sh's own student and teacher shapes (read from demo.sh).
@@ -53,7 +53,7 @@ import utils  # noqa: E402
 from models.ensemble_model import DeViTEnsemble, create_backbone  # noqa: E402
 from models.features import token_width  # noqa: E402
 from tests.helpers import env as test_env  # noqa: E402
-from tests.helpers import launch_cmd  # noqa: E402
+from tests.helpers import free_port, launch_cmd  # noqa: E402
 
 DEMO_CHECKPOINT = os.path.join(ROOT, 'output', 'demo', 'stage3', 'checkpoint.pth')
 DATA_ARGS = ['--dataset', 'fashion_mnist', '--tiny-transforms']
@@ -145,7 +145,8 @@ class Runner:
     def __call__(self, nproc: int, argv: Sequence[str], threads: int, tag: str, timeout: float = 900) -> dict:
         self.count += 1
         stem = os.path.join(self.workdir, f'{self.count:02d}-{tag}')
-        argv = [*map(str, argv), '--threads', str(threads), '--report', stem + '.json', '--csv', stem + '.csv']
+        argv = [*map(str, argv), '--threads', str(threads), '--report', stem + '.json', '--csv', stem + '.csv',
+                '--collab-port', str(free_port())]
         cmd = [*self.prefix, *launch_cmd('collab_infer.py', *argv, nproc=nproc)]
         env = dict(test_env(), OMP_NUM_THREADS=str(threads))
         started = time.perf_counter()

@@ -10,6 +10,9 @@ Suites, each in its own process and one after another, so that none disturbs ano
 - profile:  bench/profile_bench.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
                                  the before/after of the fix);
 - onnx:     bench/onnx_bench.py    -- onnx_vs_torch_student (+ _demo): onnxruntime / PyTorch eager, one student.
+- serve:    bench/serve_bench.py, bench/transport_bench.py -- serve_fault_drill, serve_rejoin_s, serve_throughput,
+                                 transport_zmq_vs_gloo (+ _demo): the service under faults and load, and the
+                                 runtime's transport against gloo.
 `--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes 15-20 minutes.
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
 "min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
@@ -30,7 +33,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-SUITES = ('training', 'split', 'collab', 'profile', 'onnx')
+SUITES = ('training', 'split', 'collab', 'profile', 'onnx', 'serve')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,6 +130,26 @@ def suite_collab(quick):
         return collab.bench(quick, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def suite_serve(quick):
+    import serve_bench
+    import transport_bench
+
+    results = serve_bench.bench(quick)
+    t = transport_bench.bench(quick)
+    for key, name in (('transport_zmq_vs_gloo', 'paper'), ('transport_zmq_vs_gloo_demo', 'demo')):
+        r = t[name]
+        p = r['p50_us']
+        results[key] = {
+            'ratio': r['ratio_zmq_vs_gloo'], 'target': 1.25, 'direction': 'max',
+            'what': f'{name} payload ({r["image_bytes"]} B uint8 image to each of {r["workers"]} workers, '
+                    f'{r["token_bytes"]} B of tokens back), no compute: p50 round trip of the runtime\'s ZeroMQ wire '
+                    f'{p["zmq"]:.0f} us / torch.distributed gloo isend/irecv {p["gloo"]:.0f} us, alternated in the '
+                    f'same processes; through the whole dispatcher (its I/O thread, the worker loop) '
+                    f'{p["dispatcher"]:.0f} us',
+            **r}
+    return results
 
 
 def suite_profile(quick):

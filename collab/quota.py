@@ -7,8 +7,9 @@
 A child cgroup ``devit-<pid>`` is made under the ``cpu`` controller: cgroup v1 (``/sys/fs/cgroup/cpu``,
 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) or cgroup v2 (``/sys/fs/cgroup`` with ``cpu`` in
 ``cgroup.subtree_control``, ``cpu.max``). The period is 10 ms, short next to a forward pass, so a throttled model
-runs slowly and evenly instead of at full speed for 25 ms and then not at all for 75. Writing there needs root (or
-a delegated cgroup); where it is not possible, ``QuotaError`` says why in one line.
+runs slowly and evenly instead of at full speed for 25 ms and then not at all for 75. Below 0.1 of a core the
+period grows instead (the kernel's smallest quota is 1 ms), up to 1 s: 0.01 is 1 ms every 100 ms. Writing there
+needs root (or a delegated cgroup); where it is not possible, ``QuotaError`` says why in one line.
 
 Device-side module: Python 3.6+, standard library only.
 """
@@ -18,6 +19,7 @@ import os
 
 PERIOD_US = 10000
 MIN_QUOTA_US = 1000  # the kernel's lower bound for cfs_quota_us
+MAX_PERIOD_US = 1000000  # and its upper bound for cfs_period_us
 V1_ROOT = '/sys/fs/cgroup/cpu'
 V2_ROOT = '/sys/fs/cgroup'
 PREFIX = 'devit-'
@@ -44,12 +46,11 @@ def controller():
     elif os.path.isfile(os.path.join(V2_ROOT, 'cgroup.controllers')):
         root, version = V2_ROOT, 'v2'
         if 'cpu' not in _read(os.path.join(V2_ROOT, 'cgroup.controllers')).split():
-            raise QuotaError('cgroup v2 at {} has no cpu controller'.format(V2_ROOT))
+            raise QuotaError(f'cgroup v2 at {V2_ROOT} has no cpu controller')
     else:
-        raise QuotaError('no cgroup cpu controller is mounted ({} or {} with cpu)'.format(V1_ROOT, V2_ROOT))
+        raise QuotaError(f'no cgroup cpu controller is mounted ({V1_ROOT} or {V2_ROOT} with cpu)')
     if not os.access(root, os.W_OK):
-        raise QuotaError('the cgroup cpu controller at {} is not writable (run as root or delegate a cgroup)'
-                         .format(root))
+        raise QuotaError(f'the cgroup cpu controller at {root} is not writable (run as root or delegate a cgroup)')
     return version, root
 
 
@@ -63,18 +64,20 @@ def unavailable_reason():
 
 
 def quota_us(fraction, period_us=PERIOD_US):
-    """CFS quota for `fraction` of one core (may exceed 1 for several cores)."""
+    """(CFS quota, period) in µs for `fraction` of one core (may exceed 1 for several cores); below
+    MIN_QUOTA_US / period_us of a core the period is lengthened so that the quota stays at the kernel's minimum."""
     try:
         fraction = float(fraction)
     except (TypeError, ValueError):
-        raise QuotaError('a CPU quota must be a number (fraction of one core), got {!r}'.format(fraction)) from None
+        raise QuotaError(f'a CPU quota must be a number (fraction of one core), got {fraction!r}') from None
     if not fraction > 0:
-        raise QuotaError('a CPU quota must be > 0 (fraction of one core), got {}'.format(fraction))
-    quota = int(round(fraction * period_us))
-    if quota < MIN_QUOTA_US:
-        raise QuotaError('a CPU quota of {} is below the kernel minimum of {:.2f} of a core'
-                         .format(fraction, MIN_QUOTA_US / period_us))
-    return quota
+        raise QuotaError(f'a CPU quota must be > 0 (fraction of one core), got {fraction}')
+    if fraction * period_us < MIN_QUOTA_US:
+        period_us = int(round(MIN_QUOTA_US / fraction))
+        if period_us > MAX_PERIOD_US:
+            raise QuotaError(f'a CPU quota of {fraction} is below the kernel minimum of '
+                             f'{MIN_QUOTA_US / MAX_PERIOD_US:g} of a core')
+    return max(int(round(fraction * period_us)), MIN_QUOTA_US), period_us
 
 
 def _members(group):
@@ -100,28 +103,30 @@ def remove_stale(root=None):
     return removed
 
 
-class CpuLimit(object):
+class CpuLimit:
     """A process held in its own cgroup at `fraction` of a core. `remove()` undoes it (registered at exit)."""
 
     def __init__(self, fraction, pid=None):
         self.fraction = float(fraction)
         self.pid = os.getpid() if pid is None else int(pid)
         self.version, self.root = controller()
-        quota = quota_us(fraction)
+        quota, period = quota_us(fraction)
         remove_stale(self.root)
-        self.path = os.path.join(self.root, '{}{}'.format(PREFIX, self.pid))
+        self.path = os.path.join(self.root, f'{PREFIX}{self.pid}')
         try:
             os.makedirs(self.path, exist_ok=True)
             if self.version == 'v1':
-                _write(os.path.join(self.path, 'cpu.cfs_period_us'), str(PERIOD_US))
+                # The quota first: the kernel refuses a period under which the current quota would not fit.
+                _write(os.path.join(self.path, 'cpu.cfs_quota_us'), '-1')
+                _write(os.path.join(self.path, 'cpu.cfs_period_us'), str(period))
                 _write(os.path.join(self.path, 'cpu.cfs_quota_us'), str(quota))
             else:
-                _write(os.path.join(self.path, 'cpu.max'), '{} {}'.format(quota, PERIOD_US))
+                _write(os.path.join(self.path, 'cpu.max'), f'{quota} {period}')
             _write(os.path.join(self.path, 'cgroup.procs'), str(self.pid))  # every thread of the process
         except OSError as err:
             self._rmdir()
-            raise QuotaError('cannot limit pid {} to {} of a core in {}: {}'.format(
-                self.pid, fraction, self.path, err.strerror or err)) from None
+            raise QuotaError(f'cannot limit pid {self.pid} to {fraction} of a core in {self.path}: '
+                             f'{err.strerror or err}') from None
         if self.pid == os.getpid():
             atexit.register(self.remove)
 
@@ -142,7 +147,7 @@ class CpuLimit(object):
             pass
 
     def __repr__(self):
-        return 'CpuLimit(pid={}, fraction={}, {})'.format(self.pid, self.fraction, self.path)
+        return f'CpuLimit(pid={self.pid}, fraction={self.fraction}, {self.path})'
 
 
 def limit_cpu(fraction, pid=None):

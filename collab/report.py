@@ -6,7 +6,8 @@ workers' compute, the transfers back and any waiting) + head (ensemble head on r
 worker's own forward time in that request (collab), the sum of the stages' (layer-split), or the whole forward
 (monolithic). Bytes are tensor payload bytes on the wire per image: `bytes_per_image` is what the devices return
 (tokens; for layer-split the activations between stages plus the logits), `input_bytes_per_image` the image
-distribution, `control_bytes_per_image` headers and timing records.
+distribution, `control_bytes_per_image` the messages' JSON headers (ids, timings). `devices` (CSV) lists the devices
+whose tokens answered each request.
 """
 import csv
 import math
@@ -18,7 +19,7 @@ import utils
 
 RESULT_KINDS = ('tokens', 'activations', 'output')
 CSV_FIELDS = ('image', 'label', 'pred', 'correct', 'request', 'latency_ms', 'send_ms', 'compute_ms', 'gather_ms',
-              'head_ms', 'bytes', 'input_bytes')
+              'head_ms', 'bytes', 'input_bytes', 'devices')
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -96,7 +97,9 @@ def format_table(r: Mapping) -> str:
                              f"control {r['control_bytes_per_image']:.0f}")),
     ]
     if r.get('dropped_ranks'):
-        rows.append(('dropped', ', '.join(f"rank {d['rank']} at image {d['at_image']} ({d['reason']})"
-                                          for d in r['dropped_ranks'])))
+        rows.append(('missing', ', '.join(
+            f"device {d['device']} from image {d['at_image']}"
+            + (f" to {d['back_at_image']}" if 'back_at_image' in d else '') + f" ({d['reason']})"
+            for d in r['dropped_ranks'])))
     width = max(len(k) for k, _ in rows)
     return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)

@@ -1,33 +1,35 @@
 #!/usr/bin/env bash
-# Start this board's process of the collaborative runtime (collab_infer.py) across N worker boards + 1 aggregator.
-# Run it once on every host, each with its own NODE_RANK; rank 0 is the aggregator (ensemble head) and hosts the
-# rendezvous at MASTER_ADDR, ranks 1..N are the workers (one backbone each). Transport is gloo over TCP: NCCL does
-# not exist on Jetson.
+# Start this board's process of the collaborative runtime: N worker boards + 1 aggregator host.
+# Node 0 runs the aggregator (collab_infer.py: the ensemble head; a batch evaluation, or --serve); node R = 1..N runs
+# device R-1 as `python -m collab.worker` (numpy + pyzmq + onnxruntime or PyTorch, Python 3.6+; no torch.distributed,
+# which NVIDIA's Jetson wheels often lack). Workers connect to the aggregator over ZeroMQ; only the aggregator
+# listens (on every interface), so no board has to pick an interface, and JetPack's 127.0.1.1 hostname entry does
+# not matter. Boards may start before the aggregator, be restarted, or reboot: they join (again) on their own.
 #
-#   MASTER_ADDR=192.168.1.10 NODE_RANK=2 GLOO_SOCKET_IFNAME=eth0 \
-#       jetson/run_collab.sh --model-path output/ensemble/checkpoint.pth --dataset IMNET --data-path /data/imagenet
+#   MASTER_ADDR=192.168.1.10 NODE_RANK=2 jetson/run_collab.sh --backend onnxruntime --model-path export/
+#   MASTER_ADDR=192.168.1.10 NODE_RANK=0 jetson/run_collab.sh --backend onnxruntime --model-path export/ \
+#       --dataset IMNET --data-path /data/imagenet --limit 1000 --report collab.json      # or: --serve --port 8080
 #
 # Environment (flags win over it):
-#   MASTER_ADDR         address of the rank-0 host, reachable from every board   (--master ADDR; required)
-#   MASTER_PORT         rendezvous port, default 29500                           (--port P)
-#   NODE_RANK           this host's rank: 0 aggregator, 1..N workers              (--node-rank R; required)
-#   NNODES              hosts in all, default 5 (4 Nanos + 1 aggregator)         (--nnodes K)
-#   GLOO_SOCKET_IFNAME  interface gloo binds to (eth0 on a Nano); set it when a board has docker0/l4tbr0/wlan0 too,
-#                       or gloo may pick an address the others cannot reach       (--ifname IF)
-#   CKPT                ensemble checkpoint, used as --model-path when none is given
+#   MASTER_ADDR         address of the aggregator host, reachable from every board    (--master ADDR; required)
+#   COLLAB_PORT         port the aggregator listens on for workers, default 29501     (--port P)
+#   NODE_RANK           this host: 0 aggregator, 1..N workers (device NODE_RANK-1)     (--node-rank R; required)
+#   NNODES              hosts in all, default 5 (4 Nanos + 1 aggregator)              (--nnodes K)
+#   CKPT                checkpoint or export folder, used as --model-path when none is given
 #   PYTHON              interpreter, default python3
 #   POWER_INTERVAL_MS   sampling interval of --power, default 100
 # Options of this script: --dry-run (print the command, run nothing), --power (log this board's power to
-# power_node<R>.csv and its energy to power_node<R>.json with jetson/power.py), --local (all NNODES processes on
-# this host, for a check without boards), --script PATH (default collab_infer.py of this repo). Everything else goes to
-# collab_infer.py as it is: --model-path --dataset --data-path --limit --timeout --report ...
+# power_node<R>.csv and its energy to power_node<R>.json with jetson/power.py), --local (every process on this host
+# under torch's launcher, for a check without boards), --script PATH (default collab_infer.py of this repo).
+# Everything else goes to collab_infer.py on node 0. A worker takes only its own flags from it: --model-path
+# (--worker-model-path wins), --backend, --threads, --device, --ema, --startup-timeout.
 #
-# All boards at once from a laptop, with the repo at ~/devit on each (keys in ~/.ssh, same checkpoint paths):
+# All boards at once from a laptop, with the repo at ~/devit on each (keys in ~/.ssh, same paths):
 #   HOSTS=(agg nano1 nano2 nano3 nano4); MASTER=192.168.1.10
 #   for r in "${!HOSTS[@]}"; do
-#       ssh "${HOSTS[$r]}" "cd ~/devit && MASTER_ADDR=$MASTER NODE_RANK=$r GLOO_SOCKET_IFNAME=eth0 \
-#           jetson/run_collab.sh --power --model-path ckpt/ensemble.pth --dataset IMNET --data-path /data/val \
-#           --limit 1000 --timeout 30 --report collab_$r.json" > "collab_$r.log" 2>&1 &
+#       ssh "${HOSTS[$r]}" "cd ~/devit && MASTER_ADDR=$MASTER NODE_RANK=$r jetson/run_collab.sh --power \
+#           --backend onnxruntime --model-path export/ --dataset IMNET --data-path /data/val --limit 1000 \
+#           --timeout 30 --report collab_$r.json" > "collab_$r.log" 2>&1 &
 #   done; wait
 #   scp agg:devit/collab_0.json . ; for h in "${HOSTS[@]}"; do scp "$h:devit/power_node*.json" . ; done
 set -euo pipefail
@@ -35,10 +37,9 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 MASTER=${MASTER_ADDR:-}
-PORT=${MASTER_PORT:-29500}
+PORT=${COLLAB_PORT:-29501}
 RANK=${NODE_RANK:-}
 NNODES=${NNODES:-5}
-IFNAME=${GLOO_SOCKET_IFNAME:-}
 INTERVAL=${POWER_INTERVAL_MS:-100}
 SCRIPT=$REPO/collab_infer.py
 DRY_RUN=0
@@ -56,7 +57,6 @@ while [ $# -gt 0 ]; do
         --port) need "$1" $#; PORT=$2; shift ;;
         --node-rank) need "$1" $#; RANK=$2; shift ;;
         --nnodes) need "$1" $#; NNODES=$2; shift ;;
-        --ifname) need "$1" $#; IFNAME=$2; shift ;;
         --script) need "$1" $#; SCRIPT=$2; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         --) shift; ARGS+=("$@"); break ;;
@@ -73,16 +73,33 @@ if [ -n "${CKPT:-}" ]; then
     [ "$has_ckpt" -eq 1 ] || ARGS=(--model-path "$CKPT" "${ARGS[@]+"${ARGS[@]}"}")
 fi
 
+# The flags of ARGS a worker takes (with their values); --worker-model-path becomes its --model-path.
+worker_args() {
+    local out=() model="" wmodel="" i=0 a
+    local -a all=("${ARGS[@]+"${ARGS[@]}"}")
+    while [ "$i" -lt "${#all[@]}" ]; do
+        a=${all[$i]}
+        case "$a" in
+            --model-path) model=${all[$((i + 1))]:-}; i=$((i + 1)) ;;
+            --worker-model-path) wmodel=${all[$((i + 1))]:-}; i=$((i + 1)) ;;
+            --backend|--threads|--device|--startup-timeout) out+=("$a" "${all[$((i + 1))]:-}"); i=$((i + 1)) ;;
+            --ema) out+=("$a") ;;
+        esac
+        i=$((i + 1))
+    done
+    model=${wmodel:-$model}
+    [ -z "$model" ] || out=(--model-path "$model" "${out[@]+"${out[@]}"}")
+    WORKER_ARGS=("${out[@]+"${out[@]}"}")
+}
+
+case "$PORT" in ''|*[!0-9]*) echo "run_collab.sh: the port must be a number, got '$PORT'" >&2; exit 2 ;; esac
 if [ "$LOCAL" -eq 1 ]; then
     # One host plays every board: rank 0 aggregator, ranks 1..NNODES-1 workers, over loopback.
     RANK=0
-    LAUNCH=("$PYTHON" -m torch.distributed.run --nnodes=1 --node_rank=0 --nproc_per_node="$NNODES"
-            --master_addr=127.0.0.1 --master_port="$PORT")
+    CMD=("$PYTHON" -m torch.distributed.run --nnodes=1 --node_rank=0 --nproc_per_node="$NNODES"
+         --master_addr=127.0.0.1 --master_port=$((PORT - 1)) "$SCRIPT" --collab-port "$PORT"
+         "${ARGS[@]+"${ARGS[@]}"}")
 else
-    if [ -z "$MASTER" ]; then
-        echo "run_collab.sh: set MASTER_ADDR (or --master) to the rank-0 host's address" >&2
-        exit 2
-    fi
     if [ -z "$RANK" ]; then
         echo "run_collab.sh: set NODE_RANK (or --node-rank): 0 aggregator, 1..$((NNODES - 1)) workers" >&2
         exit 2
@@ -92,19 +109,31 @@ else
         echo "run_collab.sh: NODE_RANK $RANK is not below NNODES $NNODES" >&2
         exit 2
     fi
-    LAUNCH=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$RANK" --nproc_per_node=1
-            --master_addr="$MASTER" --master_port="$PORT")
+    if [ "$RANK" -eq 0 ]; then
+        CMD=("$PYTHON" "$SCRIPT" --collab-port "$PORT" "${ARGS[@]+"${ARGS[@]}"}")
+    else
+        if [ -z "$MASTER" ]; then
+            echo "run_collab.sh: set MASTER_ADDR (or --master) to the aggregator host's address" >&2
+            exit 2
+        fi
+        case "$MASTER" in
+            127.*|localhost|::1)
+                echo "run_collab.sh: MASTER_ADDR=$MASTER is this board's own loopback: give the aggregator's" \
+                     "address on the network (use --local to run everything on one host)" >&2
+                exit 2 ;;
+        esac
+        worker_args
+        CMD=("$PYTHON" -m collab.worker --aggregator "tcp://$MASTER:$PORT" --device-index $((RANK - 1))
+             "${WORKER_ARGS[@]+"${WORKER_ARGS[@]}"}")
+    fi
 fi
-CMD=("${LAUNCH[@]}" "$SCRIPT" "${ARGS[@]+"${ARGS[@]}"}")
 if [ "$POWER" -eq 1 ]; then
     CMD=("$PYTHON" -m jetson.power --interval-ms "$INTERVAL" --csv "power_node$RANK.csv"
          --json "power_node$RANK.json" -- "${CMD[@]}")
 fi
 
-[ -z "$IFNAME" ] || export GLOO_SOCKET_IFNAME="$IFNAME"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # for python -m jetson.power from any directory
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # for python -m collab.worker / jetson.power from anywhere
 if [ "$DRY_RUN" -eq 1 ]; then
-    [ -z "$IFNAME" ] || printf 'GLOO_SOCKET_IFNAME=%q ' "$IFNAME"
     printf '%q ' "${CMD[@]}"
     echo
     exit 0
@@ -113,5 +142,5 @@ if [ ! -e "$SCRIPT" ]; then
     echo "run_collab.sh: $SCRIPT not found" >&2
     exit 1
 fi
-echo "run_collab.sh: node $RANK of $NNODES, master ${MASTER:-127.0.0.1}:$PORT${IFNAME:+, gloo on $IFNAME}" >&2
+echo "run_collab.sh: node $RANK of $NNODES, aggregator ${MASTER:-this host}:$PORT" >&2
 exec "${CMD[@]}"

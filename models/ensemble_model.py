@@ -29,6 +29,7 @@ from .pruning import checkpoint_shape, reshape_, shape_of
 _logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+CONFIG_KEY = 'ensemble_config'  # where a stage-3 checkpoint keeps `DeViTEnsemble.config`
 
 
 class EnsembleOutput(NamedTuple):
@@ -289,13 +290,21 @@ def load_students(
     return ens
 
 
-def load_ensemble(source: PathLike | Mapping[str, Any], use_ema: bool = False,
-                  config_key: str = 'ensemble_config') -> DeViTEnsemble:
-    """Rebuild and load a stage-3 checkpoint, which must hold the ensemble's `config` under `config_key`."""
+def read_ensemble_checkpoint(source: PathLike | Mapping[str, Any], config_key: str = CONFIG_KEY) -> Mapping[str, Any]:
+    """The checkpoint dict of a stage-3 checkpoint (a path or the dict itself); CheckpointError naming it if it is
+    missing, truncated or holds no ensemble `config` under `config_key`."""
     name = '<dict>' if isinstance(source, Mapping) else os.fspath(source)
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(name)
     if config_key not in ckpt:
         raise CheckpointError(f'{name} has no {config_key!r}; is it a stage-3 (ensemble) checkpoint?')
+    return ckpt
+
+
+def load_ensemble(source: PathLike | Mapping[str, Any], use_ema: bool = False,
+                  config_key: str = CONFIG_KEY) -> DeViTEnsemble:
+    """Rebuild and load a stage-3 checkpoint, which must hold the ensemble's `config` under `config_key`."""
+    name = '<dict>' if isinstance(source, Mapping) else os.fspath(source)
+    ckpt = read_ensemble_checkpoint(source, config_key)
     ens = build_ensemble(ckpt[config_key])
     load_state_dict_checked(ens, extract_state_dict(ckpt, use_ema=use_ema, source=name), reset_head=False,
                             resample_pos_embed=False, what='ensemble', source=name)

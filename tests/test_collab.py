@@ -1,7 +1,9 @@
-"""Collaborative inference: the distributed runtime on loopback against the in-process ensemble, faults, baselines.
+"""Collaborative inference: the runtime on loopback against the in-process ensemble, faults, baselines, backends.
 
-The distributed tests launch real processes (rank 0 the aggregator, ranks 1..N the devices) on tiny ensembles over
-real Fashion-MNIST test images; each launch has a subprocess timeout so a hang fails instead of blocking CI.
+The distributed tests launch real processes (rank 0 the aggregator, ranks 1..N the devices, talking over ZeroMQ) on
+tiny ensembles over real Fashion-MNIST test images; each launch has a subprocess timeout so a hang fails instead of
+blocking CI. The service (--serve, leave and rejoin, deadlines) is tests/test_service.py; the device side without
+PyTorch is tests/test_device_side.py.
 """
 import csv
 import json
@@ -12,18 +14,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
-from helpers import ROOT, env, launch_cmd
+from collab_fixtures import export, images, reference, save_ensemble
+from helpers import ROOT, env, free_port, launch_cmd
 
 import collab_infer
 import utils
-from collab import modes, runtime
-from datasets import build_dataset
+from collab import dispatch, modes, torch_models, wire
+from datasets import default_mean_std
 from models.checkpoint import CheckpointError
-from models.ensemble_model import DeViTEnsemble, create_backbone
+from models.ensemble_model import load_ensemble, read_ensemble_checkpoint
 
-STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 WIDTH = 2 * 32  # floats per image and device: cls + dist tokens of width 32
 PIXELS = 28 * 28
 TEACHER = ['--teacher-model', 'deit_tiny_distilled_patch16_224', '--teacher-kwargs', 'img_size=28', 'patch_size=7',
@@ -40,36 +43,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def save_ensemble(path, num_devices, embed_dim=32, seed=0):
-    """A random tiny stage-3 checkpoint in the format ensemble.py writes."""
-    torch.manual_seed(seed)
-    backbones = [create_backbone('dedeit', {**STUDENT, 'embed_dim': embed_dim}) for _ in range(num_devices)]
-    ens = DeViTEnsemble(backbones, num_classes=10, embed_dim=48)
-    utils.save_checkpoint({'model': ens.state_dict(), 'model_ema': None, 'ensemble_config': ens.config,
-                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'input_size': 28},
-                           'epoch': 0, 'best_acc1': 0.0}, path)
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp('collab')
-    return {n: save_ensemble(d / f'ens{n}.pth', n) for n in (1, 2, 4)} | {
+    out = {n: save_ensemble(d / f'ens{n}.pth', n) for n in (1, 2, 4)} | {
         'wide': save_ensemble(d / 'wide.pth', 1, embed_dim=48)}
-
-
-def images(fmnist_root, k):
-    ds = build_dataset('fashion_mnist', fmnist_root, 'val', input_size=28, in_chans=1, tiny=True)
-    x, y = zip(*(ds[i] for i in range(k)))
-    return torch.stack(x), torch.tensor(y)
-
-
-def reference(ckpt, x, present=None):
-    """Predictions of the ensemble in this process (devices with present False zero-filled)."""
-    ens = runtime.load_ensemble(ckpt)
-    with torch.inference_mode():
-        tokens = [ens.device_tokens(i, x) for i in range(ens.num_devices)]
-        return ens.head_forward(tokens, present).eval_logits().argmax(1).tolist()
+    out['export2'] = export(out[2], str(d / 'export2'))
+    return out
 
 
 def read_csv(path):
@@ -100,7 +80,7 @@ def launch(nproc, args, out, launcher='launch'):
     """Run collab_infer.py under the launcher, timestamping each output line as it arrives, so a test can time the
     fault -> error interval itself (process start-up on a loaded machine says nothing about the runtime)."""
     cmd = launch_cmd('collab_infer.py', *args, '--report', str(out / 'r.json'), '--csv', str(out / 'r.csv'),
-                     nproc=nproc, launcher=launcher)
+                     '--collab-port', str(free_port()), nproc=nproc, launcher=launcher)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
 
@@ -129,12 +109,14 @@ def runs(request, ckpts, fmnist_root, tmp_path_factory):
         'two_workers': (3, [*data, '--model-path', ckpts[2], '--limit', '10', '--timeout', '30'], 'launch'),
         'four_workers': (5, [*data, '--model-path', ckpts[4], '--limit', '7', '--batch-size', '3',
                              '--input-dtype', 'uint8'], 'torchrun'),
-        'layer_split': (3, [*data, '--mode', 'layer-split', *TEACHER, '--limit', '4'], 'launch'),
+        'layer_split': (3, [*data, '--mode', 'layer-split', *TEACHER, '--limit', '4', '--fp16-tokens'], 'launch'),
         'dies': (2, [*data, '--model-path', ckpts[1], '--limit', '8', '--timeout', '20', '--fault', 'exit',
                      '--fault-rank', '1', '--fault-after', '3'], 'launch'),
         'stalls': (2, [*data, '--model-path', ckpts[1], '--limit', '8', '--timeout', str(STALL_TIMEOUT),
                        '--fault', 'stall', '--fault-rank', '1', '--fault-after', '2'], 'launch'),
-        'dropout': (3, [*data, '--model-path', ckpts[2], '--limit', '6', '--timeout', '20', '--dropout-tolerant',
+        # The onnxruntime backend (workers and head), on the export of the checkpoint the reference runs.
+        'dropout': (3, [*data, '--backend', 'onnxruntime', '--model-path', ckpts['export2'], '--dataset',
+                        'fashion_mnist', '--tiny-transforms', '--limit', '6', '--timeout', '20', '--dropout-tolerant',
                         '--fault', 'exit', '--fault-rank', '1', '--fault-after', '2'], 'launch'),
     }
     selected = {item.name for item in request.session.items}
@@ -150,71 +132,99 @@ def runs(request, ckpts, fmnist_root, tmp_path_factory):
 
 def test_load_ensemble_errors(tmp_path, ckpts):
     with pytest.raises(CheckpointError, match='not found'):
-        runtime.load_ensemble(tmp_path / 'missing.pth')
+        load_ensemble(tmp_path / 'missing.pth')
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(open(ckpts[1], 'rb').read()[:1000])
     with pytest.raises(ValueError, match='truncated'):
-        runtime.load_ensemble(truncated)
+        load_ensemble(truncated)
     student = tmp_path / 'student.pth'
     utils.save_checkpoint({'model': {}, 'args': {}}, student)
     with pytest.raises(ValueError, match='ensemble_config'):
-        runtime.load_ensemble(student)
+        torch_models.load_device(student, 0)
 
 
 def test_worker_backbone_equals_ensemble_device(ckpts):
-    ens = runtime.load_ensemble(ckpts[2])
-    ckpt = runtime.read_ensemble_checkpoint(ckpts[2])
+    ens = load_ensemble(ckpts[2]).eval()
+    ckpt = read_ensemble_checkpoint(ckpts[2])
     x = torch.randn(3, 1, 28, 28)
     for i in range(2):
-        backbone = runtime.load_backbone(ckpt, i)
+        backbone = torch_models.load_backbone(ckpt, i)
         assert backbone.width == WIDTH
         torch.testing.assert_close(backbone(x), ens.device_tokens(i, x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match='holds 2 backbones; there is no device 2'):
+        torch_models.load_backbone(ckpt, 2)
 
 
 @pytest.mark.parametrize('n', [1, 3, 4])
 def test_layer_split_stages_chain_to_the_model(n):
     kwargs = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 48, 'depth': 4, 'num_heads': 2}
-    teacher = runtime.build_teacher('deit_tiny_distilled_patch16_224', kwargs, num_classes=10)
+    teacher = torch_models.build_teacher('deit_tiny_distilled_patch16_224', kwargs, num_classes=10)
     x = torch.randn(2, 1, 28, 28)
     out = x
-    stages = runtime.split_stages(teacher, n)
+    stages = torch_models.split_stages(teacher, n)
     assert [s.end - s.start for s in stages] == [4 // n + (i < 4 % n) for i in range(n)]
     with torch.inference_mode():
         for s in stages:
             out = s(out)
         torch.testing.assert_close(out, teacher(x))
-    assert runtime.activation_shape(teacher, 2) == (2, 16 + 2, 48)
+    assert torch_models.activation_shape(teacher, 2) == (2, 16 + 2, 48)
+    assert torch_models.teacher_shape('deit_tiny_distilled_patch16_224', kwargs) == (28, 1, 18, 48)
     with pytest.raises(ValueError, match='cannot cut'):
-        runtime.split_stages(teacher, 5)
+        torch_models.split_stages(teacher, 5)
 
 
 def test_uint8_input_is_lossless_for_native_pixels(fmnist_root):
     x, _ = images(fmnist_root, 4)
-    codec = runtime.InputCodec('uint8', in_chans=1)
-    sent = codec.encode(x)
-    assert sent.dtype == torch.uint8 and sent.shape == x.shape
-    # Equal up to float rounding (a vectorised x/255 is x·(1/255)): pixels are recovered exactly.
-    torch.testing.assert_close(codec.decode(sent), x, rtol=0, atol=1e-6)
-    assert torch.equal(codec.encode(codec.decode(sent)), sent)
+    mean, std = default_mean_std(1)
+    codec = wire.ImageCodec('uint8', mean, std)
+    sent = codec.encode(x.numpy())
+    assert sent.dtype == np.uint8 and sent.shape == tuple(x.shape)
+    # Equal up to float rounding: the pixels are recovered exactly.
+    np.testing.assert_allclose(codec.decode(sent), x.numpy(), rtol=0, atol=1e-6)
+    assert np.array_equal(codec.encode(codec.decode(sent)), sent)
 
 
-def test_worker_with_wrong_checkpoint_is_refused(ckpts):
-    """What rank 0 checks in each worker's hello answer: [floats sent per image, image size, channels]. (The
-    same check over a real launch costs a launch: `--worker-model-path` gives the workers another checkpoint.)"""
-    ckpt = runtime.read_ensemble_checkpoint(ckpts['wide'])
-    wide = runtime.load_backbone(ckpt, 0)
-    widths = runtime.load_ensemble(ckpts[2]).token_widths()
-    modes.check_workers({1: [WIDTH, 28, 1], 2: [WIDTH, 28, 1]}, widths, 28, 1)
-    with pytest.raises(ValueError, match=r'worker rank 2 \(device 1\) sends 96 floats per image but the ensemble '
-                                         r'head expects 64'):
-        modes.check_workers({1: [WIDTH, 28, 1], 2: [wide.width, 28, 1]}, widths, 28, 1)
-    with pytest.raises(ValueError, match=r'worker rank 1 \(device 0\) expects 1×32×32 images'):
-        modes.check_workers({1: [WIDTH, 32, 1]}, None, 28, 1)
+def test_wire_messages_round_trip_and_malformed_ones_are_refused():
+    tokens = np.arange(6, dtype=np.float16).reshape(2, 3)
+    image = np.zeros((1, 1, 4, 4), dtype=np.uint8)
+    header, arrays = wire.unpack(wire.pack({'type': 'result', 'id': 7}, [tokens, image]))
+    assert header['type'] == 'result' and header['id'] == 7
+    assert arrays[0].dtype == np.float16 and np.array_equal(arrays[0], tokens) and arrays[1].shape == (1, 1, 4, 4)
+    frames = wire.pack({'type': 'run'}, [tokens])
+    with pytest.raises(wire.ProtocolError, match='not JSON'):
+        wire.unpack([b'\x80not json', frames[1]])
+    with pytest.raises(wire.ProtocolError, match='describes 1 arrays but 0 buffers'):
+        wire.unpack(frames[:1])
+    with pytest.raises(wire.ProtocolError, match='does not have shape'):
+        wire.unpack([frames[0], b'123'])
+    with pytest.raises(wire.ProtocolError, match='unsupported dtype'):
+        wire.unpack([b'{"type": "run", "arrays": [["|O", [1]]]}', b'12345678'])
 
 
-def test_world_size_must_be_devices_plus_one():
+def test_worker_with_wrong_model_is_refused(ckpts):
+    """What the aggregator checks in each worker's hello (the same check over real processes:
+    tests/test_service.py::test_refused_join_says_why_on_both_sides)."""
+    wide = torch_models.load_device(ckpts['wide'], 0)
+    ok = torch_models.load_device(ckpts[2], 1)
+    head = load_ensemble(ckpts[2])
+    expected = {'input': ok[1], 'token_width': head.token_widths()[1], 'model': ok[2]}
+    hello = {'index': 1, 'token_width': ok[0].width, 'input': ok[1], 'model': ok[2], 'source': 'ens2.pth'}
+    assert dispatch.mismatch(expected, hello) is None
+    bad = dict(hello, token_width=wide[0].width, source='wide.pth')
+    assert dispatch.mismatch(expected, bad).startswith('sends 96 floats per image but the ensemble head expects 64 '
+                                                       'from device 1: wide.pth does not match')
+    small = dict(hello, input=dict(ok[1], size=32))
+    assert dispatch.mismatch(expected, small).startswith('expects 1×32×32 images, the aggregator 1×28×28')
+    other = dict(hello, model={'model': 'devit', 'kwargs': ok[2]['kwargs']})
+    assert "runs 'devit' but the head was trained with 'dedeit'" in dispatch.mismatch(expected, other)
+    kwargs = dict(hello, model={'model': 'dedeit', 'kwargs': dict(ok[2]['kwargs'], depth=3)})
+    assert 'depth: 3 here, 2 there' in dispatch.mismatch(expected, kwargs)
+
+
+def test_world_size_must_be_devices_plus_one(monkeypatch):
+    monkeypatch.setenv('LOCAL_RANK', '0')
     with pytest.raises(ValueError, match=r'needs 5 processes \(--nproc_per_node=5\).*got world size 3'):
-        modes._check_world(3, 4, 'collab', 0)
+        modes._check_world(3, 4, 'collab')
 
 
 def test_monolithic_modes_in_one_process(tmp_path, ckpts, fmnist_root, capsys):
@@ -284,10 +294,10 @@ def test_layer_split_ships_activations(runs):
     run = runs['layer_split']
     assert run.rc == 0, run.text()
     report = run.report()
-    hop = 18 * 48 * 4  # one B×T×D activation between the two stages, fp32
+    hop = 18 * 48 * 2  # one B×T×D activation between the two stages, fp16 (--fp16-tokens)
     assert report['bytes_by_kind_per_image']['activations'] == hop
     assert report['bytes_per_image'] == hop + 10 * 4  # plus the logits back to rank 0
-    assert report['bytes_per_image'] > 2 * WIDTH * 4  # more than DeViT's two devices send
+    assert report['bytes_per_image'] > 2 * WIDTH * 2  # more than DeViT's two devices send
     assert report['input_bytes_per_image'] == PIXELS * 4 and report['random_weights']
 
 
@@ -296,7 +306,7 @@ def test_worker_that_dies_gives_clear_error(runs):
     t_fault, _ = run.first('fault injected')
     t_error, error = run.first('error: worker rank 1')
     assert run.rc not in (0, 'timeout') and t_fault is not None and error is not None, run.text()
-    assert 'closed the connection' in error and 'at image 3' in error
+    assert 'closed the connection' in error and 'at image 3' in error, error
     assert t_error - t_fault < 10  # a closed link is noticed at once, long before the 20 s timeout
     assert run.end - t_error < 20  # and the launcher tears down the rest
 
@@ -312,6 +322,8 @@ def test_worker_that_stalls_times_out(runs):
 
 
 def test_dropout_tolerant_answers_from_devices_still_up(runs, ckpts, fmnist_root):
+    """--backend onnxruntime: device0.onnx, device1.onnx and head.onnx (device 0 zero-filled once it is gone) give
+    the PyTorch ensemble's predictions."""
     run = runs['dropout']
     assert run.rc == 0, run.text()
     report = run.report()
@@ -320,3 +332,6 @@ def test_dropout_tolerant_answers_from_devices_still_up(runs, ckpts, fmnist_root
     x, _ = images(fmnist_root, 6)
     expected = reference(ckpts[2], x[:2]) + reference(ckpts[2], x[2:], present=[False, True])
     assert run.preds() == expected
+    assert report['backend'] == 'onnxruntime' and {w['backend'] for w in report['workers']} == {'onnxruntime'}
+    assert report['bytes_per_image'] == (2 * 2 + 4) * WIDTH * 4 / 6  # both devices for 2 images, then one
+    assert [r['devices'] for r in read_csv(run.out / 'r.csv')] == ['0 1'] * 2 + ['1'] * 4

@@ -7,25 +7,11 @@ import signal
 import sys
 import time
 
-import torch
+from collab_fixtures import save_ensemble
 from faults import processes_with, read_text, start, wait_exit, wait_for_text, wait_gone
 from helpers import ROOT, free_port
 
-import utils
-from models.ensemble_model import DeViTEnsemble, create_backbone
-
-STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 STALL = 2  # seconds the worker pauses at image 20 (the marker that serving is under way)
-
-
-def save_ensemble(path):
-    """A random one-device stage-3 checkpoint in the format ensemble.py writes."""
-    torch.manual_seed(0)
-    ens = DeViTEnsemble([create_backbone('dedeit', STUDENT)], num_classes=10, embed_dim=48)
-    utils.save_checkpoint({'model': ens.state_dict(), 'model_ema': None, 'ensemble_config': ens.config,
-                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'input_size': 28},
-                           'epoch': 0, 'best_acc1': 0.0}, path)
-    return str(path)
 
 
 def node_cmd(node, port, ckpt, data):
@@ -47,7 +33,7 @@ def rank_pid(marker, rank):
 
 
 def test_aggregator_host_dies_worker_exits_with_clear_error(tmp_path, fmnist_root):
-    ckpt = save_ensemble(tmp_path / 'ensemble.pth')
+    ckpt = save_ensemble(tmp_path / 'ensemble.pth', 1)
     port = free_port()
     nodes = [start(node_cmd(n, port, ckpt, fmnist_root), tmp_path / f'node{n}.out') for n in (0, 1)]
     try:
@@ -66,7 +52,8 @@ def test_aggregator_host_dies_worker_exits_with_clear_error(tmp_path, fmnist_roo
         left = wait_gone(ckpt, timeout=10)
     worker = read_text(tmp_path / 'node1.out')
     assert code != 0, worker
-    assert '[rank 1] error: lost its link to rank 0' in worker, worker
+    assert '[rank 1] error: lost its link to rank 0 (the aggregator at tcp://127.0.0.1:' in worker, worker
+    assert 'closed the connection' in worker, worker
     assert ended - killed < STALL + 20
     assert nodes[0].wait() != 0  # the aggregator's launcher reports its dead rank too
     assert not left, 'a collab process outlived the run'

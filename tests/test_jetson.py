@@ -438,13 +438,21 @@ def test_setup_other_board_needs_mode(tmp_path):
 
 
 def test_run_collab_dry_run(tmp_path):
-    env = dict(os.environ, MASTER_ADDR='192.168.1.10', NODE_RANK='3', GLOO_SOCKET_IFNAME='eth0', CKPT='ens.pth')
-    r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--power', '--dataset', 'IMNET', '--limit', '10'], env=env)
+    env = dict(os.environ, MASTER_ADDR='192.168.1.10', NODE_RANK='3', CKPT='ens.pth')
+    r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--power', '--dataset', 'IMNET', '--limit', '10', '--backend',
+              'onnxruntime'], env=env)
     assert r.returncode == 0, r.stderr
-    for part in ('GLOO_SOCKET_IFNAME=eth0', '-m jetson.power', '--csv power_node3.csv', '-m torch.distributed.run',
-                 '--nnodes=5', '--node_rank=3', '--nproc_per_node=1', '--master_addr=192.168.1.10',
-                 '--master_port=29500', 'collab_infer.py --model-path ens.pth --dataset IMNET --limit 10'):
+    # A board runs the worker alone, with the flags a worker takes (not the aggregator's --dataset / --limit).
+    for part in ('-m jetson.power', '--csv power_node3.csv', '-m collab.worker --aggregator tcp://192.168.1.10:29501 '
+                 '--device-index 2 --model-path ens.pth --backend onnxruntime'):
         assert part in r.stdout
+    assert 'torch.distributed' not in r.stdout and '--dataset' not in r.stdout
+    r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--dataset', 'IMNET', '--limit', '10'],
+             env=dict(env, NODE_RANK='0'))
+    assert r.returncode == 0 and 'collab_infer.py --collab-port 29501 --model-path ens.pth --dataset IMNET --limit 10' \
+        in r.stdout
+    r = _run(['bash', str(RUN_COLLAB), '--dry-run'], env=dict(env, MASTER_ADDR='127.0.0.1'))
+    assert r.returncode == 2 and 'loopback' in r.stderr  # across hosts a board must dial the aggregator's address
     env.pop('NODE_RANK')
     r = _run(['bash', str(RUN_COLLAB), '--dry-run'], env=env)
     assert r.returncode == 2 and 'NODE_RANK' in r.stderr

@@ -1,12 +1,10 @@
-"""The model side of deployment: what each process loads, how the image travels, how a ViT is cut into stages.
+"""The PyTorch side of deployment: device i's backbone alone, the layer-split baseline's stages, the compute device.
 
-- `load_ensemble` (aggregator, monolithic) and `load_backbone` (worker i: backbone i only) read a stage-3
-  checkpoint, a dict with 'model', 'model_ema', 'ensemble_config' (= DeViTEnsemble.config) and 'args'.
-- `InputCodec` sends the preprocessed image either as fp32 or as uint8 pixels (4x fewer bytes), normalised on the
-  receiving worker, as a camera that ships raw frames would.
+- `load_device` (a worker with --backend torch): backbone i of a stage-3 checkpoint (read by
+  models.ensemble_model.read_ensemble_checkpoint: a dict with 'model', 'model_ema', 'ensemble_config', 'args'),
+  built alone from its spec and loaded from the keys `backbones.{i}.*`.
 - `Stage` / `split_stages`: a timm ViT's blocks cut into consecutive groups for the layer-split baseline.
 """
-import argparse
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -16,45 +14,11 @@ import torch
 from torch import nn
 
 import models  # noqa: F401  (registers dedeit / devit with timm)
+import utils
 from datasets import default_mean_std
-from models.checkpoint import (
-    CheckpointError,
-    extract_state_dict,
-    load_state_dict_checked,
-    load_weights,
-    read_checkpoint,
-)
-from models.ensemble_model import DeViTEnsemble, build_ensemble, create_backbone
+from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, load_weights
+from models.ensemble_model import CONFIG_KEY, create_backbone, read_ensemble_checkpoint
 from models.features import has_dist_token, prefix_tokens, token_width
-
-CONFIG_KEY = 'ensemble_config'
-
-
-def read_ensemble_checkpoint(path: str) -> dict[str, Any]:
-    """The checkpoint dict; CheckpointError (a ValueError) naming the path if missing, truncated or not stage 3."""
-    ckpt = read_checkpoint(path)
-    if CONFIG_KEY not in ckpt:
-        raise CheckpointError(f'{path} has no {CONFIG_KEY!r}: give the checkpoint written by ensemble.py (stage 3)')
-    return ckpt
-
-
-def checkpoint_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The training arguments saved in a checkpoint, as a dict ({} when absent)."""
-    a = ckpt.get('args')
-    return vars(a) if isinstance(a, argparse.Namespace) else dict(a or {})
-
-
-def ensemble_from_checkpoint(ckpt: Mapping[str, Any], use_ema: bool = False, source: str = '<dict>'
-                             ) -> DeViTEnsemble:
-    ens = build_ensemble(ckpt[CONFIG_KEY])
-    load_state_dict_checked(ens, extract_state_dict(ckpt, use_ema=use_ema, source=source), reset_head=False,
-                            resample_pos_embed=False, what='ensemble', source=source)
-    return ens.eval()
-
-
-def load_ensemble(path: str, use_ema: bool = False) -> DeViTEnsemble:
-    """The whole ensemble (backbones + head) of a stage-3 checkpoint, in eval mode."""
-    return ensemble_from_checkpoint(read_ensemble_checkpoint(path), use_ema, os.fspath(path))
 
 
 class Backbone(nn.Module):
@@ -86,6 +50,18 @@ def load_backbone(ckpt: Mapping[str, Any], index: int, use_ema: bool = False, pa
     return Backbone(backbone, has_dist_token(backbone) if distilled is None else bool(distilled)).eval()
 
 
+def load_device(path: str, index: int, use_ema: bool = False) -> tuple[Backbone, dict, dict]:
+    """(backbone `index` of the checkpoint at `path`, its input {size, channels, mean, std}, its spec)."""
+    path = os.fspath(path)
+    ckpt = read_ensemble_checkpoint(path)
+    module = load_backbone(ckpt, index, use_ema, path)
+    size, chans = utils.input_spec(module.backbone)
+    mean, std = default_mean_std(chans)
+    spec = ckpt[CONFIG_KEY]['backbones'][index]
+    return module, {'size': int(size), 'channels': int(chans), 'mean': list(mean), 'std': list(std)}, \
+        {'model': spec['model'], 'kwargs': dict(spec.get('kwargs') or {})}
+
+
 def build_teacher(name: str, kwargs: Mapping[str, Any], num_classes: int, path: str | None = None,
                   seed: int = 0) -> nn.Module:
     """A timm teacher in eval mode; weights from `path`, else random from `seed` (the same on every rank)."""
@@ -96,45 +72,6 @@ def build_teacher(name: str, kwargs: Mapping[str, Any], num_classes: int, path: 
     if path:
         load_weights(model, path, reset_head=False, what='teacher')
     return model.eval()
-
-
-def input_spec(model: nn.Module) -> tuple[int, int]:
-    """(image size, input channels) of a timm ViT-like model."""
-    embed = model.patch_embed
-    return int(embed.img_size[0]), int(embed.proj.in_channels)
-
-
-class InputCodec:
-    """Image on the wire: 'fp32' sends the normalised tensor; 'uint8' sends pixels, normalised by the receiver.
-
-    uint8 quantises the preprocessed (resized, cropped) image; for images that were uint8 at that size already
-    (Fashion-MNIST and CIFAR at native size) the pixels arrive exactly and the worker's tensor equals the
-    aggregator's up to float rounding.
-    """
-
-    def __init__(self, dtype: str, in_chans: int):
-        if dtype not in ('uint8', 'fp32'):
-            raise ValueError(f'input dtype must be uint8 or fp32, got {dtype!r}')
-        self.dtype = dtype
-        mean, std = default_mean_std(in_chans)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.dtype == 'uint8' else torch.float32
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """B×C×H×W normalised float -> what is sent."""
-        if self.dtype == 'fp32':
-            return x.float()
-        return (x * self.std + self.mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """What was received -> B×C×H×W normalised float (as datasets.TinyTransform normalises)."""
-        if self.dtype == 'fp32':
-            return x
-        return (x.float().div_(255) - self.mean) / self.std
 
 
 class Stage(nn.Module):
@@ -175,12 +112,15 @@ def activation_shape(model: nn.Module, batch: int) -> tuple[int, int, int]:
     return batch, model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim
 
 
-def teacher_input_spec(name: str, kwargs: Mapping[str, Any]) -> tuple[int, int]:
-    """(image size, channels) of a teacher without building its weights (on the meta device)."""
+def teacher_shape(name: str, kwargs: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(image size, channels, tokens T, width D) of a teacher, without building its weights (meta device)."""
     if not timm.is_model(name):
         raise ValueError(f'unknown teacher model {name!r} (not registered in timm)')
     with torch.device('meta'):
-        return input_spec(timm.create_model(name, num_classes=1, **dict(kwargs)))
+        model = timm.create_model(name, num_classes=1, **dict(kwargs))
+    size, chans = utils.input_spec(model)
+    _, tokens, dim = activation_shape(model, 1)
+    return int(size), int(chans), int(tokens), int(dim)
 
 
 def compute_device(requested: str | None, local_rank: int) -> torch.device:
@@ -192,8 +132,3 @@ def compute_device(requested: str | None, local_rank: int) -> torch.device:
             raise ValueError('--device cuda was asked for but CUDA is not available')
         return torch.device('cpu')
     return torch.device('cuda', local_rank % torch.cuda.device_count())
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)

@@ -1,0 +1,389 @@
+"""The service under faults and load: the fault drill, and throughput with concurrent clients.
+
+    python bench/serve_bench.py [--quick] [--model-path STAGE3_CKPT] [--json bench/serve.json]
+
+Real processes on loopback: `collab_infer.py --serve --deadline-ms D` and four standalone workers (`python -m
+collab.worker`, the command a board runs), on real Fashion-MNIST test images sent as PNG files over HTTP.
+
+- serve_fault_drill: a client sends 400 requests at a fixed rate (one thread per request, so a slow answer does not
+  delay the schedule); worker 2 is SIGKILLed after request 100 and the same command is started again after request
+  200. Every request must be answered exactly once; between the kill and the rejoin the answers use 3 devices,
+  after the rejoin all 4. Reported per phase: requests, devices used, p50/p99 latency, accuracy; and the rejoin
+  time (restart -> the worker is up, and -> the first answer with 4 devices). ratio = requests answered exactly
+  once / requests sent (target 1).
+- serve_rejoin_s: seconds from starting the killed worker's command again to its joining (target <= 10).
+- serve_throughput: requests per second with 4 concurrent clients / with 1 client, at the demo's scale (target
+  >= 1.5: compute is small, so overlapping requests across the devices pays).
+
+Workers and head run the onnxruntime backend by default, as a board would (a board's worker also starts in a second
+or two, where a PyTorch one spends seconds importing torch): the checkpoint is exported with export_onnx.py (the
+tests' minimal exporter where that script is absent). `--backend torch` serves the checkpoint itself.
+
+The model: `--model-path` (a stage-3 checkpoint trained with `ensemble.py --device-dropout 0.2`, so that answers
+without a device stay accurate), else a demo-shaped ensemble (demo.sh's students) trained here for a few hundred
+steps with device dropout 0.2 on the Fashion-MNIST training set, from scratch (its accuracy is below the demo's:
+the drill measures what losing a device costs, not the model). This machine is shared: absolute latencies say little,
+the phases compare with each other.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+
+DATA = '/usr/share/datasets/fashion-mnist'
+N = 4
+KILLED = 2
+
+
+def train_dropout_ensemble(path, data, steps, seed=0):
+    """demo.sh's students (4 of them) and the ensemble head trained together with device dropout 0.2."""
+    import torch
+
+    import utils
+    from bench.collab_bench import demo_shapes
+    from datasets import build_dataset
+    from models.ensemble_model import DeViTEnsemble, create_backbone
+
+    student, teacher = demo_shapes()
+    torch.manual_seed(seed)
+    ens = DeViTEnsemble([create_backbone(student.name, student.kwargs) for _ in range(N)], num_classes=10,
+                        embed_dim=teacher.kwargs.get('embed_dim', 128), device_dropout=0.2)
+    ds = build_dataset('fashion_mnist', data, 'train', input_size=28, in_chans=1, tiny=True)
+    batch = 128
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(steps * batch, len(ds)))),
+                                         batch_size=batch, shuffle=True)
+    opt = torch.optim.AdamW(ens.parameters(), lr=2e-3, weight_decay=0.05)
+    ens.train()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            out = ens(x)
+            loss = sum(torch.nn.functional.cross_entropy(o, y) for o in (out.logits, out.logits_dist) if o is not None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    ens.eval()
+    utils.save_checkpoint({'model': ens.state_dict(), 'model_ema': None, 'ensemble_config': ens.config,
+                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'data_path': data},
+                           'epoch': 0, 'best_acc1': 0.0}, path)
+    return path
+
+
+def export_for(ckpt, folder):
+    """The ONNX export of `ckpt` (export_onnx.py where the repository has it, else the tests' minimal exporter)."""
+    script = os.path.join(ROOT, 'export_onnx.py')
+    if os.path.isfile(script):
+        from tests.helpers import env
+
+        subprocess.run([sys.executable, script, '--model-path', ckpt, '--output_dir', folder], cwd=ROOT, env=env(),
+                       check=True, capture_output=True, timeout=1800)
+        return folder
+    from collab_fixtures import export
+
+    return export(ckpt, folder)
+
+
+class Service:
+    """The aggregator and N standalone workers, each in a session of its own, output to files in `folder`."""
+
+    def __init__(self, folder, model_path, deadline_ms, threads=1, backend='torch'):
+        from tests.helpers import env, free_port
+
+        self.folder, self.model_path, self.env = folder, model_path, dict(env(), OMP_NUM_THREADS=str(threads))
+        self.http, self.port = free_port(), free_port()
+        self.url = f'http://127.0.0.1:{self.http}'
+        self.procs = {}
+        self.backend = backend
+        self.start('aggregator', [sys.executable, os.path.join(ROOT, 'collab_infer.py'), '--serve', '--port',
+                                  str(self.http), '--host', '127.0.0.1', '--collab-port', str(self.port),
+                                  '--model-path', model_path, '--backend', backend, '--deadline-ms',
+                                  str(deadline_ms), '--threads', str(threads), '--dataset', 'fashion_mnist',
+                                  '--tiny-transforms'])
+        for i in range(N):
+            self.start_worker(i)
+
+    def worker_cmd(self, i):
+        return [sys.executable, '-m', 'collab.worker', '--aggregator', f'tcp://127.0.0.1:{self.port}',
+                '--device-index', str(i), '--model-path', self.model_path, '--backend', self.backend, '--threads', '1']
+
+    def start(self, name, cmd):
+        log = open(os.path.join(self.folder, f'{name}.log'), 'a')
+        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def start_worker(self, i):
+        self.start(f'worker{i}', self.worker_cmd(i))
+
+    def health(self):
+        with urllib.request.urlopen(self.url + '/health', timeout=10) as r:
+            return json.loads(r.read())
+
+    def states(self):
+        try:
+            return [d['state'] for d in self.health()['devices']]
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, check, what, timeout=300):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if check():
+                return time.monotonic()
+            time.sleep(0.02)
+        raise RuntimeError(f'{what} not within {timeout} s; logs in {self.folder}')
+
+    def stop(self):
+        agg = self.procs.get('aggregator')
+        if agg and agg.poll() is None:
+            agg.send_signal(signal.SIGTERM)
+            try:
+                agg.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+def predict(url, body, timeout=60):
+    req = urllib.request.Request(url + '/predict', data=body, method='POST')
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b'{}')
+
+
+def test_images(data, k):
+    """k real test images as PNG bytes, and their labels."""
+    import io
+
+    from PIL import Image
+
+    from datasets import read_samples
+
+    samples = read_samples('fashion_mnist', data, 'val')
+    bodies = []
+    for i in range(k):
+        buf = io.BytesIO()
+        Image.fromarray(samples.images[i, 0].numpy()).save(buf, format='PNG')
+        bodies.append(buf.getvalue())
+    return bodies, [int(t) for t in samples.targets[:k]]
+
+
+def _stats(rows, labels):
+    lat = [r['ms'] for r in rows]
+    devices = sorted({tuple(r['devices']) for r in rows})
+    return {'requests': len(rows), 'devices_used': [list(d) for d in devices],
+            'p50_ms': statistics.median(lat) if lat else None,
+            'p99_ms': float(np.percentile(lat, 99)) if lat else None,
+            'accuracy': sum(r['pred'] == labels[r['i']] for r in rows) / len(rows) if rows else None}
+
+
+def drill(folder, model_path, data, requests=400, rate=20.0, kill_after=100, restart_after=200, deadline_ms=1000,
+          backend='onnxruntime', verbose=True):
+    bodies, labels = test_images(data, requests)
+    svc = Service(folder, model_path, deadline_ms, backend=backend)
+    try:
+        svc.wait(lambda: svc.states() == ['up'] * N, 'the four workers up')
+        for k in range(10):  # warm-up, unmeasured
+            predict(svc.url, bodies[k])
+        rows, lost, threads = [None] * requests, [], []
+        events = {}
+        t0 = time.monotonic()
+
+        def one(i):
+            sent = time.monotonic()
+            try:
+                status, answer = predict(svc.url, bodies[i])
+            except OSError as err:
+                lost.append((i, str(err)))
+                return
+            if status != 200:
+                lost.append((i, f'HTTP {status}: {answer.get("error")}'))
+                return
+            rows[i] = {'i': i, 'sent': sent - t0, 'ms': (time.monotonic() - sent) * 1e3, 'id': answer['request'],
+                       'devices': answer['devices'], 'pred': answer['top'][0]['class']}
+        for i in range(requests):
+            time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            if i == kill_after:
+                os.kill(svc.procs[f'worker{KILLED}'].pid, signal.SIGKILL)
+                events['killed'] = time.monotonic() - t0
+            if i == restart_after:
+                svc.start_worker(KILLED)
+                events['restarted'] = time.monotonic() - t0
+
+                def watch():
+                    svc.wait(lambda: (svc.states() or [''] * N)[KILLED] == 'up', 'the restarted worker up', 60)
+                    events['rejoined'] = time.monotonic() - t0
+                threads.append(threading.Thread(target=watch, daemon=True))
+                threads[-1].start()
+            t = threading.Thread(target=one, args=(i,), daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(120)
+    finally:
+        svc.stop()
+    answered = [r for r in rows if r is not None]
+    ids = [r['id'] for r in answered]
+    first4 = next((r for r in sorted(answered, key=lambda r: r['sent'])
+                   if r['sent'] > events['restarted'] and len(r['devices']) == N), None)
+    rejoined = events.get('rejoined')
+    phases = {
+        'before kill (4 devices)': [r for r in answered if r['i'] < kill_after],
+        'killed, before restart': [r for r in answered if kill_after <= r['i'] < restart_after],
+        'restarted, rejoining': [r for r in answered if r['i'] >= restart_after and
+                                 (rejoined is None or r['sent'] < rejoined)],
+        'after rejoin': [r for r in answered if rejoined is not None and r['sent'] >= rejoined],
+    }
+    table = {name: _stats(rows_, labels) for name, rows_ in phases.items()}
+    down = [r for r in answered if events['killed'] + 0.0 <= r['sent'] and (rejoined is None or r['sent'] < rejoined)
+            and r['i'] >= kill_after]
+    result = {
+        'requests': requests, 'rate_per_s': rate, 'deadline_ms': deadline_ms, 'answered': len(answered),
+        'answered_once': len(set(ids)) == len(ids) == requests, 'lost': lost, 'events_s': events,
+        'rejoin_s': None if rejoined is None else rejoined - events['restarted'],
+        'first_answer_with_4_after_restart_s': None if first4 is None else first4['sent'] - events['restarted'],
+        'down_answers_use_3_devices': all(len(r['devices']) == N - 1 and KILLED not in r['devices']
+                                          for r in down if r['sent'] > events['killed'] + 0.001),
+        'after_rejoin_answers_use_4_devices': all(len(r['devices']) == N for r in phases['after rejoin']),
+        'phases': table,
+    }
+    if verbose:
+        print(drill_table(result), flush=True)
+    return result
+
+
+def drill_table(r):
+    lines = ['| phase | requests | devices used | p50 ms | p99 ms | accuracy |', '|---|---:|---|---:|---:|---:|']
+    for name, s in r['phases'].items():
+        lines.append(f'| {name} | {s["requests"]} | {" / ".join(",".join(map(str, d)) for d in s["devices_used"])} | '
+                     + ' | '.join('-' if s[k] is None else f'{s[k]:.{2 if k == "accuracy" else 1}f}'.rstrip()
+                                  for k in ('p50_ms', 'p99_ms')) + ' | '
+                     + ('-' if s['accuracy'] is None else f'{s["accuracy"]:.3f}') + ' |')
+    rj = r['rejoin_s']
+    lines.append(f'\n{r["answered"]}/{r["requests"]} answered (exactly once: {r["answered_once"]}), rejoin '
+                 f'{"-" if rj is None else f"{rj:.1f}"} s after the restart, first 4-device answer '
+                 f'{r["first_answer_with_4_after_restart_s"] or float("nan"):.1f} s after it')
+    return '\n'.join(lines)
+
+
+def throughput(folder, model_path, data, clients=(1, 4), seconds=8.0, deadline_ms=1000, rounds=2,
+               backend='onnxruntime', verbose=True):
+    """Requests per second with each number of closed-loop clients, alternated over `rounds`."""
+    bodies, _ = test_images(data, 64)
+    svc = Service(folder, model_path, deadline_ms, backend=backend)
+    try:
+        svc.wait(lambda: svc.states() == ['up'] * N, 'the four workers up')
+        for k in range(10):
+            predict(svc.url, bodies[k])
+        rates = {c: [] for c in clients}
+        for _ in range(rounds):
+            for c in clients:
+                counts, stop = [0] * c, threading.Event()
+
+                def loop(j, c=c, counts=counts, stop=stop):
+                    k = j
+                    while not stop.is_set():
+                        status, _ = predict(svc.url, bodies[k % len(bodies)])
+                        counts[j] += status == 200
+                        k += c
+                threads = [threading.Thread(target=loop, args=(j,), daemon=True) for j in range(c)]
+                start = time.monotonic()
+                for t in threads:
+                    t.start()
+                time.sleep(seconds)
+                stop.set()
+                for t in threads:
+                    t.join(60)
+                rates[c].append(sum(counts) / (time.monotonic() - start))
+    finally:
+        svc.stop()
+    med = {c: statistics.median(v) for c, v in rates.items()}
+    if verbose:
+        print('  throughput: ' + ', '.join(f'{c} client(s) {r:.1f} req/s' for c, r in med.items()), flush=True)
+    return {'requests_per_s': med, 'runs': rates, 'seconds_each': seconds}
+
+
+def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True):
+    workdir = tempfile.mkdtemp(prefix='devit-serve-')
+    try:
+        trained = model_path
+        if not trained:
+            steps = 200 if quick else 1200
+            if verbose:
+                print(f'training a demo-shaped ensemble with device dropout 0.2 ({steps} steps)', flush=True)
+            trained = train_dropout_ensemble(os.path.join(workdir, 'dropout.pth'), data, steps)
+        served = export_for(trained, os.path.join(workdir, 'export')) if backend == 'onnxruntime' else trained
+        d = drill(workdir, served, data, requests=400, backend=backend, verbose=verbose)
+        t = throughput(workdir, served, data, seconds=4.0 if quick else 10.0, rounds=1 if quick else 3,
+                       backend=backend, verbose=verbose)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    source = os.path.relpath(model_path, ROOT) if model_path else 'a demo-shaped ensemble trained here with device ' \
+                                                                  'dropout 0.2'
+    ratio = t['requests_per_s'][4] / t['requests_per_s'][1]
+    return {
+        'serve_fault_drill': {
+            'ratio': d['answered'] / d['requests'] if d['answered_once'] else 0.0, 'target': 1.0, 'direction': 'min',
+            'what': f'400 requests at {d["rate_per_s"]:g}/s to the service (4 {backend} workers, deadline '
+                    f'{d["deadline_ms"]} ms, {source}); worker {KILLED} SIGKILLed after request 100, restarted '
+                    'after 200: requests answered exactly once / sent; 3 devices while it was down: '
+                    f'{d["down_answers_use_3_devices"]}, 4 after its rejoin: {d["after_rejoin_answers_use_4_devices"]}',
+            **d, 'table': drill_table(d)},
+        'serve_rejoin_s': {
+            'ratio': d['rejoin_s'] if d['rejoin_s'] is not None else float('inf'), 'target': 10.0, 'direction': 'max',
+            'what': 'seconds from starting the killed worker\'s command again to its joining the running service '
+                    '(process start, imports and model load included)'},
+        'serve_throughput': {
+            'ratio': ratio, 'target': 1.5, 'direction': 'min',
+            'what': f'demo scale, requests/s with 4 concurrent HTTP clients / with 1 ({t["requests_per_s"][4]:.1f} / '
+                    f'{t["requests_per_s"][1]:.1f}), closed loop, the 4 workers and the aggregator on this machine\'s '
+                    f'{os.cpu_count()} cores', **t},
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='a shorter training and throughput run (the drill is whole)')
+    p.add_argument('--model-path', default=None, help='a stage-3 checkpoint trained with --device-dropout')
+    p.add_argument('--data-path', default=DATA)
+    p.add_argument('--backend', default='onnxruntime', choices=['onnxruntime', 'torch'],
+                   help="the workers' (and the head's) backend: onnxruntime, as on a board (default), or torch")
+    p.add_argument('--json', default=None)
+    args = p.parse_args(argv)
+    results = bench(args.quick, args.model_path, args.data_path, args.backend)
+    for key, r in results.items():
+        print(f'{key:<24} ratio {r["ratio"]:.3f} (target {r["target"]})')
+    if args.json:
+        import utils
+
+        utils.write_json_atomic(args.json, results)
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,524 @@
+"""The aggregator's dispatcher: who the workers are and every request in flight, on one ZeroMQ ROUTER socket.
+
+One I/O thread owns the socket (ZeroMQ sockets are not thread-safe); any thread may `submit` a request and wait for
+it, so the HTTP service has several requests in flight across the devices while the batch evaluation has one. Both
+run on this same code.
+
+Slots. The ensemble has N devices (or the layer-split pipeline N stages); slot i is whichever worker process last
+joined as device i. Its state:
+- waiting: nobody joined yet;
+- up: joined, answering;
+- late: joined, but its answer to the last request missed the deadline (or --timeout); it is still connected. With a
+  deadline it keeps getting requests (its late replies are discarded, the aggregator cancels what it no longer
+  wants); without one it gets none until its late reply shows it is back, so a stalled device does not hold every
+  request for --timeout;
+- gone: its connection closed (process killed, board rebooted: seen at once through the socket monitor, or after
+  the ZMTP heartbeat timeout for a silent host), or it said bye. The same worker command started again joins as a
+  new session, and the slot is up again from its first answer.
+A second worker joining for a slot that is up replaces the first (a board that rebooted faster than its old
+connection timed out), which is told to stop.
+
+Requests. ``submit(image)`` sends it to the slots the policy picks and returns a `Request`; its `wait()` returns when
+every target answered, or at the deadline (``deadline_ms``: answer with what arrived, missing devices zero-filled by
+the head), or at ``timeout`` without a deadline. A missing device is an error (`CollabError`) unless the dispatcher
+is dropout-tolerant or has a deadline. Replies to requests that are already answered are discarded by id.
+
+Without PyTorch: numpy + pyzmq only, like the workers (Python 3.6+).
+"""
+import collections
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+
+import zmq
+
+from . import wire
+
+STATES = ('waiting', 'up', 'late', 'gone')
+STOP_WAIT_S = 3.0
+
+
+class CollabError(RuntimeError):
+    """A request that cannot be answered: a device failed (and the run is not dropout-tolerant), or none is up."""
+
+
+def _now():
+    return time.perf_counter()
+
+
+def _normal(obj):
+    """JSON round trip: tuples and lists, int and float keys compare as they would after travelling."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def mismatch(expected, hello):
+    """Why a worker's hello does not fit what the aggregator expects of its slot (None when it fits).
+
+    expected: {'input': {size, channels, mean, std}, 'token_width' (devices) or 'activation' (stages),
+    'model': {model, kwargs}}; missing keys are not checked.
+    """
+    src = hello.get('source') or 'its model'
+    e, h = expected.get('input') or {}, hello.get('input') or {}
+    if e and (h.get('size'), h.get('channels')) != (e.get('size'), e.get('channels')):
+        return (f'expects {h.get("channels")}×{h.get("size")}×{h.get("size")} images, the aggregator '
+                f'{e.get("channels")}×{e.get("size")}×{e.get("size")}: {src} does not match the aggregator\'s model')
+    for key in ('mean', 'std'):
+        if e.get(key) is not None and h.get(key) is not None and \
+                any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(e[key], h[key])):
+            return f'normalises with {key} {h[key]}, the aggregator with {e[key]}'
+    if 'token_width' in expected and hello.get('token_width') != expected['token_width']:
+        return (f'sends {hello.get("token_width")} floats per image but the ensemble head expects '
+                f'{expected["token_width"]} from device {hello.get("index")}: {src} does not match the '
+                "aggregator's --model-path")
+    if 'activation' in expected and hello.get('activation') != expected['activation']:
+        return f'passes activations of {hello.get("activation")}, the aggregator expects {expected["activation"]}'
+    em, hm = expected.get('model') or {}, hello.get('model') or {}
+    if em.get('model') and hm.get('model') and em['model'] != hm['model']:
+        return f'runs {hm["model"]!r} but the head was trained with {em["model"]!r} on device {hello.get("index")}'
+    if em.get('kwargs') is not None and hm.get('kwargs') is not None:
+        a, b = _normal(em['kwargs']), _normal(hm['kwargs'])
+        if a != b:
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            return (f'runs {hm.get("model")} with other kwargs than the head was trained with (' + ', '.join(
+                f'{k}: {b.get(k)!r} here, {a.get(k)!r} there' for k in keys) + ')')
+    return None
+
+
+class Slot:
+    """Device (or stage) i as the aggregator sees it."""
+
+    def __init__(self, index, name):
+        self.index, self.name = index, name
+        self.state, self.reason, self.since = 'waiting', 'not joined yet', time.time()
+        self.peer = self.session = self.fd = None
+        self.info = {}
+        self.joins = self.answered = self.missed = self.late_replies = 0
+        self.last_latency_ms = self.last_compute_ms = None
+
+    def set(self, state, reason=None):
+        if state != self.state:
+            self.since = time.time()
+        self.state, self.reason = state, reason
+
+    def health(self):
+        i = self.info
+        return {'index': self.index, 'state': self.state, 'reason': self.reason, 'since': self.since,
+                'last_latency_ms': self.last_latency_ms, 'last_compute_ms': self.last_compute_ms,
+                'model': (i.get('model') or {}).get('model'), 'model_kwargs': (i.get('model') or {}).get('kwargs'),
+                'backend': i.get('backend'), 'source': i.get('source'), 'host': i.get('host'), 'pid': i.get('pid'),
+                'session': self.session, 'cpu_quota': i.get('cpu_quota'), 'joins': self.joins,
+                'answered': self.answered, 'missed': self.missed, 'late_replies': self.late_replies}
+
+
+class Request:
+    """One image (or batch) in flight. After `wait()`: results {slot: (array, header)}, missing {slot: reason},
+    times (perf_counter: submitted, sent, done) and nbytes by kind (payload; 'control' is the JSON headers)."""
+
+    def __init__(self, rid, payload, index):
+        self.id, self.payload, self.index = rid, payload, index
+        self.batch = int(payload.shape[0])
+        self.send_to, self.expect = [], []
+        self.results, self.missing = {}, {}
+        self.error = None
+        self.nbytes = collections.Counter()
+        self.submitted = _now()
+        self.sent = self.done_at = self.expires = None
+        self.done = threading.Event()
+
+    def complete(self):
+        return all(i in self.results or i in self.missing for i in self.expect)
+
+    def wait(self, timeout=None):
+        if not self.done.wait(timeout):
+            raise CollabError(f'request {self.id} got no answer within {timeout:g} s (the dispatcher is stuck?)')
+        if self.error:
+            raise CollabError(self.error)
+        return self
+
+
+class Dispatcher:
+    """The aggregator's side of the wire.
+
+    num_slots: devices of the ensemble (or stages of the pipeline). expected(i): what slot i's hello must match
+    (see `mismatch`). settings: the run's settings sent in every welcome (input_dtype, wire_dtype, mean, std,
+    num_classes). endpoint: where to bind (tcp://*:PORT). timeout: seconds a request may wait without a deadline.
+    deadline_ms: answer with what arrived by then. dropout_tolerant: a missing device is not an error.
+    pipeline: layer-split (image to slot 0, the answer from slot N-1, all slots needed). names(i): how messages
+    name slot i. log: where join/leave lines go (a callable taking one line).
+    """
+
+    def __init__(self, num_slots, expected, settings, endpoint, timeout=30.0, deadline_ms=None,
+                 dropout_tolerant=False, pipeline=False, names=None, log=None):
+        self.expected, self.settings, self.endpoint = expected, dict(settings), endpoint
+        self.timeout, self.deadline_ms = float(timeout), deadline_ms
+        self.dropout_tolerant, self.pipeline = dropout_tolerant, pipeline
+        names = names or (lambda i: f'device {i}')
+        self.slots = [Slot(i, names(i)) for i in range(num_slots)]
+        self.log = log or (lambda line: (sys.stderr.write(line + '\n'), sys.stderr.flush()))
+        self.session = wire.session_id()
+        self.refusals = []  # (slot index or None, hello, reason)
+        self.by_peer = {}
+        self.open = {}  # request id -> Request
+        self.changed = threading.Condition()
+        self._ids = 0
+        self._calls = queue.Queue()
+        self._closing = False
+        self.stopping = False  # told the workers to stop: their leaving is expected, not news
+        self.broken = None
+        self.late_discarded = 0
+        self.ctx = zmq.Context()
+        self.sock = wire.router(self.ctx, endpoint)
+        self.mon = wire.monitor(self.sock)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True)
+        self.thread.start()
+
+    # -- called from any thread
+
+    def submit(self, payload, index=-1):
+        """Send `payload` (the encoded image batch, B×C×H×W) to the workers; returns the Request to wait() on."""
+        if self.broken:
+            raise CollabError(self.broken)
+        with self.changed:
+            self._ids += 1
+            req = Request(self._ids, payload, index)
+        self._call(lambda: self._start(req))
+        return req
+
+    def wait_ready(self, timeout, strict=True):
+        """Block until every slot is up. strict: a refused worker is an error at once (the batch evaluation, whose
+        workers were started with it). CollabError naming the missing slots after `timeout` seconds."""
+        end = _now() + timeout
+        with self.changed:
+            while True:
+                if strict and self.refusals:
+                    i, hello, reason = self.refusals[0]
+                    who = self.slots[i].name if i is not None else f'a worker (pid {hello.get("pid")})'
+                    raise CollabError(f'{who} was refused: {reason}')
+                waiting = [s for s in self.slots if s.state != 'up']
+                if not waiting:
+                    return
+                if self.broken:
+                    raise CollabError(self.broken)
+                left = end - _now()
+                if left <= 0:
+                    raise CollabError('no worker joined for ' + ', '.join(s.name for s in waiting)
+                                      + f' within {timeout:g} s (their own errors, if any, are above)')
+                self.changed.wait(min(left, 0.5))
+
+    def health(self):
+        return [s.health() for s in self.slots]
+
+    def stop_workers(self, reason='the aggregator is stopping', wait_s=STOP_WAIT_S):
+        """Tell every connected worker to stop and wait (up to `wait_s`) until they have left."""
+        self._call(lambda: self._stop_all(reason))
+        end = _now() + wait_s
+        with self.changed:
+            while any(s.state in ('up', 'late') for s in self.slots) and _now() < end:
+                self.changed.wait(0.1)
+
+    def close(self):
+        if self._closing:
+            return
+        self._closing = True
+        self._wake()
+        self.thread.join(5)
+        for s in (self.mon, self.sock):
+            s.close(linger=wire.LINGER_MS)
+        self.ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _call(self, fn):
+        self._calls.put(fn)
+        self._wake()
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b'x')
+        except OSError:
+            pass
+
+    # -- the I/O thread
+
+    def _loop(self):
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.mon, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._closing:
+                poller.poll(self._poll_ms())
+                self._on_events()  # connections first: a closed fd is forgotten before it can be reused
+                self._on_calls()
+                self._on_messages()
+                self._expire()
+        except Exception:  # the dispatcher must never die silently with requests waiting on it
+            self.broken = 'the dispatcher failed: ' + traceback.format_exc().strip().splitlines()[-1]
+            self.log(f'error: {self.broken}\n{traceback.format_exc()}')
+            for req in list(self.open.values()):
+                req.error = self.broken
+                req.done.set()
+            with self.changed:
+                self.changed.notify_all()
+
+    def _poll_ms(self):
+        if not self.open:
+            return 1000
+        soonest = min(r.expires for r in self.open.values())
+        return max(0, min(1000, int((soonest - _now()) * 1e3) + 1))
+
+    def _on_calls(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _on_events(self):
+        for event, fd in wire.events(self.mon):
+            if event != zmq.EVENT_DISCONNECTED:
+                continue
+            for s in self.slots:
+                if s.fd == fd and s.state in ('up', 'late'):
+                    self._lose(s, 'closed the connection (process died?)')
+
+    def _on_messages(self):
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer, body = frames[0].bytes, frames[1:]
+            try:
+                header, arrays = wire.unpack(body)
+            except wire.ProtocolError as err:
+                self.log(f'warning: dropped a malformed message from a worker: {err}')
+                continue
+            kind = header['type']
+            if kind == 'hello':
+                self._on_hello(peer, wire.source_fd(frames[0]), header)
+            elif kind in ('result', 'failed'):
+                self._on_result(peer, header, arrays, wire.sizes(body))
+            elif kind == 'bye':
+                s = self._slot_of(peer)
+                if s is not None:
+                    self._lose(s, f'left: {header.get("reason", "bye")}')
+
+    def _slot_of(self, peer):
+        i = self.by_peer.get(peer)
+        return None if i is None or self.slots[i].peer != peer else self.slots[i]
+
+    def _send(self, peer, header, arrays=()):
+        """Payload bytes sent, or None when the peer is not reachable (gone, or its queue is full)."""
+        frames = wire.pack(header, arrays)
+        try:
+            self.sock.send_multipart([peer] + frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            return None
+        return wire.sizes(frames)
+
+    def _notify(self):
+        with self.changed:
+            self.changed.notify_all()
+
+    def _refuse(self, peer, index, hello, reason):
+        self._send(peer, {'type': 'refused', 'reason': reason})
+        where = f'pid {hello.get("pid")} on {hello.get("host")}'
+        who = self.slots[index].name if index is not None else f'a worker ({where})'
+        self.log(f'refused {who} ({where}): {reason}')
+        self.refusals.append((index, hello, reason))
+        self._notify()
+
+    def _on_hello(self, peer, fd, hello):
+        index = hello.get('index')
+        role = 'stage' if self.pipeline else 'device'
+        if hello.get('v') != wire.PROTOCOL:
+            return self._refuse(peer, None, hello, f'it speaks protocol {hello.get("v")}, this aggregator '
+                                                   f'{wire.PROTOCOL}: update both')
+        if hello.get('role') != role:
+            return self._refuse(peer, None, hello, f'it is a {hello.get("role")} but this aggregator runs '
+                                                   f'{"the layer-split pipeline" if self.pipeline else "collab"}')
+        if not isinstance(index, int) or not 0 <= index < len(self.slots):
+            return self._refuse(peer, None, hello, f'there is no {role} {index} (this run has '
+                                                   f'{len(self.slots)}: 0..{len(self.slots) - 1})')
+        s = self.slots[index]
+        if s.session == hello.get('session') and s.state in ('up', 'late'):
+            if s.peer != peer:  # the same process reconnected (a link that came back)
+                self.by_peer[peer], s.peer, s.fd = index, peer, fd
+            return self._welcome(s)  # a resent hello: its welcome may still be on the way
+        reason = mismatch(self.expected(index), hello)
+        if reason:
+            return self._refuse(peer, index, hello, reason)
+        if s.state in ('up', 'late') and s.peer is not None:
+            self._send(s.peer, {'type': 'stop', 'reason': f'replaced by a newer worker (pid {hello.get("pid")} on '
+                                                          f'{hello.get("host")})'})
+            self.log(f'{s.name}: pid {hello.get("pid")} replaces pid {s.info.get("pid")}')
+            self._lose(s, 'replaced by a newer worker')
+        rejoin = s.joins > 0
+        s.peer, s.fd, s.session, s.info = peer, fd, hello.get('session'), hello
+        s.joins += 1
+        self.by_peer[peer] = index
+        s.set('up', None)
+        self.log(f'{s.name} {"rejoined" if rejoin else "joined"}: pid {hello.get("pid")} on {hello.get("host")}, '
+                 f'{hello.get("backend")}, {(hello.get("model") or {}).get("model")}'
+                 + (f', cpu quota {hello["cpu_quota"]:g}' if hello.get('cpu_quota') else ''))
+        if self.pipeline:
+            if all(x.state == 'up' for x in self.slots):
+                for x in self.slots:
+                    self._welcome(x)
+        else:
+            self._welcome(s)
+        self._notify()
+
+    def _welcome(self, s):
+        if self.pipeline and not all(x.state == 'up' for x in self.slots):
+            return  # stages are told where the next one is once all have joined
+        w = dict(self.settings, type='welcome', agg=self.session, index=s.index)
+        if self.pipeline and s.index + 1 < len(self.slots):
+            w['next'] = self.slots[s.index + 1].info.get('endpoint')
+        self._send(s.peer, w)
+
+    def _lose(self, s, reason):
+        """Slot s is gone: forget its peer, and answer (or fail) what waited for it."""
+        if s.state == 'gone':
+            return
+        was_up = s.state in ('up', 'late')
+        s.set('gone', reason)
+        self.by_peer.pop(s.peer, None)
+        s.peer = s.fd = None
+        if was_up and not self.stopping:
+            self.log(f'{s.name} is gone: {reason}')
+        for req in list(self.open.values()):
+            if self.pipeline:  # every stage is on the path of every request
+                req.missing.setdefault(s.index, reason)
+                self._finish(req)
+            elif s.index in req.expect and s.index not in req.results:
+                req.missing.setdefault(s.index, reason)
+                self._finish_if_complete(req)
+        self._notify()
+
+    def _stop_all(self, reason):
+        self.stopping = True
+        for s in self.slots:
+            if s.peer is not None and s.state in ('up', 'late'):
+                self._send(s.peer, {'type': 'stop', 'reason': reason})
+
+    # -- requests
+
+    def _strict(self):
+        return self.pipeline or (self.deadline_ms is None and not self.dropout_tolerant)
+
+    def _start(self, req):
+        now = _now()
+        req.expires = now + (self.deadline_ms / 1e3 if self.deadline_ms is not None else self.timeout)
+        if self.pipeline:
+            req.send_to, req.expect = [0], [len(self.slots) - 1]
+            usable = [s for s in self.slots if s.state in ('up', 'late')]
+            if len(usable) < len(self.slots):
+                down = [s for s in self.slots if s.state not in ('up', 'late')]
+                return self._fail(req, f'{down[0].name} is {down[0].state} ({down[0].reason}): a pipeline stops at '
+                                       'its first broken stage')
+        else:
+            wanted = ('up', 'late') if self.deadline_ms is not None or self._strict() else ('up',)
+            req.send_to = req.expect = [s.index for s in self.slots if s.state in wanted]
+            for s in self.slots:
+                if s.state not in wanted:
+                    req.missing[s.index] = f'{s.state} ({s.reason})' if s.reason else s.state
+            if self._strict() and req.missing:
+                i = min(req.missing)
+                return self._fail(req, f'{self.slots[i].name} is {req.missing[i]}; --dropout-tolerant or '
+                                       '--deadline-ms answers from the devices still up')
+            if not req.send_to:
+                return self._fail(req, 'no device is up: ' + '; '.join(f'{self.slots[i].name} {r}'
+                                                                      for i, r in sorted(req.missing.items())))
+        header = {'type': 'run', 'id': req.id, 'agg': self.session, 'index': req.index, 'batch': req.batch}
+        self.open[req.id] = req
+        for i in req.send_to:
+            s = self.slots[i]
+            sent = self._send(s.peer, header, [req.payload])
+            if sent is None:
+                self._lose(s, 'closed the connection (process died?)')
+                continue
+            req.nbytes['control'] += sent[0]
+            req.nbytes['input'] += sent[1]
+        req.sent = _now()
+        self._finish_if_complete(req)
+
+    def _fail(self, req, error):
+        req.error = error
+        req.sent = req.done_at = _now()
+        req.done.set()
+
+    def _on_result(self, peer, header, arrays, size):
+        s = self._slot_of(peer)
+        if s is None:
+            return
+        req = self.open.get(header.get('id')) if header.get('agg') == self.session else None
+        if req is None or s.index not in req.expect or s.index in req.missing or s.index in req.results:
+            s.late_replies += 1
+            self.late_discarded += 1
+            if s.state == 'late':
+                s.set('up', None)  # it answers again: it serves the next request
+            return
+        req.nbytes['control'] += size[0]
+        if header['type'] == 'failed':
+            req.missing[s.index] = f'failed: {header.get("message")}'
+        else:
+            req.results[s.index] = (arrays[0], header)
+            kind = 'output' if self.pipeline else 'tokens'
+            req.nbytes[kind] += size[1]
+            if self.pipeline:
+                req.nbytes['activations'] += int(header.get('record', [0])[0])
+            s.answered += 1
+            s.last_latency_ms = (_now() - req.submitted) * 1e3
+            s.last_compute_ms = header.get('compute_ms')
+            if s.state == 'late':
+                s.set('up', None)
+        self._finish_if_complete(req)
+
+    def _expire(self):
+        now = _now()
+        for req in [r for r in self.open.values() if r.expires <= now]:
+            for i in req.expect:
+                if i in req.results or i in req.missing:
+                    continue
+                s = self.slots[i]
+                if self.deadline_ms is not None:
+                    req.missing[i] = f'missed the {self.deadline_ms:g} ms deadline'
+                    if s.peer is not None:
+                        self._send(s.peer, {'type': 'cancel', 'id': req.id})
+                else:
+                    req.missing[i] = f'did not answer within {self.timeout:g} s (stalled?)'
+                s.missed += 1
+                if s.state == 'up':
+                    s.set('late', req.missing[i])
+            self._finish(req)
+
+    def _finish_if_complete(self, req):
+        if req.id in self.open and req.complete():
+            self._finish(req)
+
+    def _finish(self, req):
+        self.open.pop(req.id, None)
+        failed = sorted(req.missing) if self.pipeline else [i for i in req.expect if i in req.missing]
+        if failed and self._strict():
+            i = failed[0]
+            req.error = f'{self.slots[i].name} {req.missing[i]}'
+        elif not req.results and not req.error:
+            req.error = 'no device answered: ' + '; '.join(f'{self.slots[i].name} {r}'
+                                                          for i, r in sorted(req.missing.items()))
+        req.done_at = _now()
+        req.done.set()
+        self._notify()

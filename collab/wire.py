@@ -1,0 +1,216 @@
+"""The wire between the aggregator and the workers: ZeroMQ sockets, multipart messages of a JSON header + raw arrays.
+
+Sockets. The aggregator binds one ROUTER socket; every worker connects one DEALER socket to it, so a worker needs
+only the aggregator's address, and a worker that restarts (or a board that reboots) simply connects again. ZeroMQ
+reconnects by itself, queues nothing for a peer that is not connected (IMMEDIATE) and, with ZMTP heartbeats, closes
+a connection whose peer went silent (a host that lost power sends no FIN). Both ends watch their socket's monitor:
+a closed connection is seen at once, which is how the aggregator marks a killed worker gone and a worker notices a
+dead aggregator. A layer-split stage also binds a PULL socket for the activations of the stage before it.
+
+Messages. ``[header, buffer_0, buffer_1, ...]``: the header is a UTF-8 JSON object with ``type`` and, when buffers
+follow, ``arrays`` = ``[[dtype, shape], ...]`` describing them (numpy's dtype strings, little-endian: ``'|u1'``,
+``'<f2'``, ``'<f4'``, ``'<f8'``, ``'<i8'``); each buffer is the array's bytes, C order. No pickles: a peer can only
+send arrays of those types and JSON.
+
+    worker -> aggregator   hello    {v, role: device|stage, index, session, pid, host, backend, source,
+                                     model: {model, kwargs}, token_width | activation, input: {size, channels, mean,
+                                     std}, endpoint (stage > 0), cpu_quota, threads}
+                           result   {id, agg, compute_ms [, record: stage ms and activation bytes]} + [tokens|logits]
+                           failed   {id, agg, message}  (the model raised on this request)
+                           bye      {reason}            (clean exit: SIGTERM, stop, replaced)
+    aggregator -> worker   welcome  {agg, input_dtype, wire_dtype, mean, std, num_classes [, next: endpoint]}
+                           refused  {reason}
+                           run      {id, agg, index, batch} + [image]   (uint8 pixels or normalised float32)
+                           cancel   {id}                (answer no longer wanted: drop it if still queued)
+                           stop     {reason}
+    stage r -> stage r+1   run      {id, agg, index, batch, record} + [activations]
+
+Every request has an id; the aggregator session id ``agg`` (new at every start) rides along, so a reply to a request
+the aggregator no longer waits for (late, expired, from before a restart) is recognised and discarded.
+
+Device-side module: Python 3.6+, numpy + pyzmq.
+"""
+import json
+import os
+import socket
+import uuid
+
+import numpy as np
+import zmq
+
+PROTOCOL = 1
+DTYPES = ('|u1', '<f2', '<f4', '<f8', '<i8')
+WIRE_DTYPES = {'fp32': '<f4', 'fp16': '<f2'}
+INPUT_DTYPES = ('uint8', 'fp32')
+HEARTBEAT_IVL_MS = 1000  # ZMTP ping interval; a silent peer's connection closes after HEARTBEAT_TIMEOUT_MS
+HEARTBEAT_TIMEOUT_MS = 4000
+LINGER_MS = 1000
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (bad JSON, unknown dtype, sizes that do not add up)."""
+
+
+def session_id():
+    """A fresh id for this process's session (a restarted worker or aggregator gets a new one)."""
+    return f'{os.getpid()}-{uuid.uuid4().hex[:12]}'
+
+
+def pack(header, arrays=()):
+    """Frames of one message: the JSON header (with `arrays` describing the buffers) then each array's bytes."""
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    header = dict(header)
+    if arrays:
+        header['arrays'] = [[a.dtype.str, list(a.shape)] for a in arrays]
+    return [json.dumps(header, separators=(',', ':')).encode('utf-8')] + arrays
+
+
+def _buffer(frame):
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+def unpack(frames):
+    """(header dict, arrays) of a message; the arrays are read-only views of the frames. ProtocolError if bad."""
+    if not frames:
+        raise ProtocolError('empty message')
+    try:
+        header = json.loads(bytes(_buffer(frames[0])).decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError(f'the header is not JSON: {err}') from None
+    if not isinstance(header, dict) or not isinstance(header.get('type'), str):
+        raise ProtocolError('the header is not an object with a "type"')
+    specs = header.get('arrays') or []
+    if len(specs) != len(frames) - 1:
+        raise ProtocolError(f'the header describes {len(specs)} arrays but {len(frames) - 1} buffers came')
+    arrays = []
+    for spec, frame in zip(specs, frames[1:]):
+        try:
+            dtype, shape = spec
+            shape = [int(d) for d in shape]
+        except (TypeError, ValueError):
+            raise ProtocolError(f'bad array description {spec!r}') from None
+        if dtype not in DTYPES:
+            raise ProtocolError('unsupported dtype {!r} (allowed: {})'.format(dtype, ', '.join(DTYPES)))
+        buf = _buffer(frame)
+        size = memoryview(buf).nbytes
+        if size != int(np.prod(shape)) * np.dtype(dtype).itemsize or any(d < 0 for d in shape):
+            raise ProtocolError(f'a buffer of {size} bytes does not have shape {shape} of {dtype}')
+        a = np.frombuffer(buf, dtype=np.dtype(dtype))
+        arrays.append(a.reshape(shape))
+    return header, arrays
+
+
+def sizes(frames):
+    """(header bytes, payload bytes) of a message's frames."""
+    lengths = [memoryview(_buffer(f)).nbytes for f in frames]
+    return lengths[0], sum(lengths[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sockets
+
+def _common(sock):
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    return sock
+
+
+def router(ctx, endpoint):
+    """The aggregator's socket, bound at `endpoint` (``tcp://*:PORT``). Sending to a peer that is gone raises
+    (ROUTER_MANDATORY) instead of dropping the message silently."""
+    sock = _common(ctx.socket(zmq.ROUTER))
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as err:
+        sock.close(0)
+        raise OSError(f'cannot listen for workers at {endpoint}: {err}') from None
+    return sock
+
+
+def dealer(ctx, endpoint):
+    """A worker's socket to the aggregator at `endpoint`; connects (and reconnects) in the background."""
+    sock = _common(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing is queued while not connected: a hello is sent again instead
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as err:
+        sock.close(0)
+        raise ValueError(f'bad aggregator address {endpoint!r}: {err}') from None
+    return sock
+
+
+def monitor(sock):
+    """A PAIR socket receiving `sock`'s connection events (see `events`)."""
+    return sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+
+
+def events(mon):
+    """The (event, value) pairs waiting on a monitor socket; value is the connection's file descriptor."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    out = []
+    while True:
+        try:
+            msg = recv_monitor_message(mon, zmq.NOBLOCK)
+        except zmq.Again:
+            return out
+        out.append((int(msg['event']), int(msg['value'])))
+
+
+def source_fd(frame):
+    """The file descriptor of the connection a ROUTER frame came from (None where libzmq does not tell)."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (AttributeError, zmq.ZMQError, TypeError, ValueError):
+        return None
+
+
+def local_address(endpoint):
+    """This host's address on the route to `endpoint` (tcp://HOST:PORT): what another host can reach it at.
+    Not the hostname's address, which JetPack maps to 127.0.1.1."""
+    host = endpoint.split('://', 1)[-1].rsplit(':', 1)[0].strip('[]')
+    s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect((host, 9))  # UDP: no packet is sent, the kernel only picks the route
+        return s.getsockname()[0]
+    except OSError:
+        return '127.0.0.1'
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The image on the wire
+
+class ImageCodec:
+    """'fp32' sends the normalised image; 'uint8' sends pixels (4x fewer bytes), normalised by the receiver.
+
+    uint8 quantises the preprocessed (resized, cropped) image; for images that were uint8 at that size already
+    (Fashion-MNIST and CIFAR at native size) the pixels arrive exactly and the worker's array equals the
+    aggregator's up to float rounding.
+    """
+
+    def __init__(self, dtype, mean, std):
+        if dtype not in INPUT_DTYPES:
+            raise ValueError(f'input dtype must be uint8 or fp32, got {dtype!r}')
+        self.dtype = dtype
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+
+    def encode(self, x):
+        """B×C×H×W normalised float32 -> what is sent."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.dtype == 'fp32':
+            return x
+        return np.clip(np.round((x * self.std + self.mean) * 255), 0, 255).astype(np.uint8)
+
+    def decode(self, a):
+        """What was received -> B×C×H×W normalised float32."""
+        if self.dtype == 'fp32':
+            return np.asarray(a, dtype=np.float32)
+        return (a.astype(np.float32) / 255 - self.mean) / self.std

@@ -1,0 +1,307 @@
+"""The collaborative runtime as a service (collab_infer.py --serve): HTTP answers, deadlines, leave and rejoin, a
+refused join, SIGTERM.
+
+Real processes on loopback: the aggregator (`collab_infer.py --serve`) and standalone workers (`python -m
+collab.worker`, the command a board runs, with the onnxruntime backend), on a tiny random ensemble and real
+Fashion-MNIST test images sent as PNG files. Every process is started in a session of its own and killed at the
+end whatever happens.
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from collab_fixtures import export, images, reference, save_ensemble, write_pngs
+from helpers import ROOT, descendants, env, free_port, launch_cmd
+
+from collab import client, quota
+from datasets import build_dataset
+
+N = 3
+DEADLINE_MS = 2000  # long next to a tiny forward on a loaded machine: only a dead or stalled worker misses it
+JOIN_S = 10  # a restarted worker must be back within this
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory, fmnist_root):
+    d = tmp_path_factory.mktemp('service')
+    ckpt = save_ensemble(d / 'ens.pth', N)
+    x, _ = images(fmnist_root, 8)
+    one = save_ensemble(d / 'ens1.pth', 1)
+    return {'ckpt': ckpt, 'export': export(ckpt, str(d / 'export')), 'ckpt1': one,
+            'export1': export(one, str(d / 'export1')), 'expected1': reference(one, x),
+            'wide': export(save_ensemble(d / 'wide.pth', 1, embed_dim=48), str(d / 'wide')),
+            'pngs': write_pngs(x, str(d / 'png')), 'expected': reference(ckpt, x),
+            'names': build_dataset('fashion_mnist', fmnist_root, 'val', input_size=28, in_chans=1,
+                                   tiny=True).class_names}
+
+
+class Procs:
+    """Processes of one test, each in its own session with its output in a file; all killed at the end."""
+
+    def __init__(self, folder):
+        self.folder, self.procs = folder, {}
+
+    def start(self, name, cmd, **extra_env):
+        log = open(os.path.join(self.folder, f'{name}.log'), 'w')
+        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=dict(env(), **extra_env), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self.procs[name]
+
+    def log(self, name):
+        with open(os.path.join(self.folder, f'{name}.log'), errors='replace') as f:
+            return f.read()
+
+    def logs(self):
+        return '\n'.join(f'--- {n}\n{self.log(n)[-3000:]}' for n in self.procs)
+
+    def kill_all(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(str(tmp_path))
+    yield p
+    p.kill_all()
+
+
+def aggregator_cmd(model, http, port, *extra):
+    return [sys.executable, os.path.join(ROOT, 'collab_infer.py'), '--serve', '--port', str(http), '--host',
+            '127.0.0.1', '--collab-port', str(port), '--backend', 'onnxruntime', '--model-path', model['export'],
+            '--dataset', 'fashion_mnist', '--tiny-transforms', *extra]
+
+
+def worker_cmd(export_dir, port, index, *extra):
+    return [sys.executable, '-m', 'collab.worker', '--aggregator', f'tcp://127.0.0.1:{port}', '--device-index',
+            str(index), '--backend', 'onnxruntime', '--model-path', export_dir, *extra]
+
+
+def wait_for(what, check, procs, timeout=120):
+    """Poll `check()` (exceptions count as not yet) until it returns something true; fail with the logs."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            value = check()
+            if value:
+                return value
+        except (client.ServiceError, KeyError, IndexError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f'{what} not within {timeout} s\n{procs.logs()}')
+
+
+def states(url):
+    return [d['state'] for d in client.health(url)['devices']]
+
+
+def start_service(procs, model, *extra, workers=None):
+    http, port = free_port(), free_port()
+    url = f'http://127.0.0.1:{http}'
+    procs.start('aggregator', aggregator_cmd(model, http, port, *extra))
+    for i in range(N):
+        procs.start(f'worker{i}', worker_cmd(model['export'], port, i, *(workers or {}).get(i, [])))
+    wait_for('every worker up', lambda: states(url) == ['up'] * N, procs)
+    return url, port
+
+
+def test_service_answers_refuses_bad_input_and_survives_kill_and_rejoin(procs, model):
+    url, port = start_service(procs, model, '--deadline-ms', str(DEADLINE_MS))
+
+    # One image: the ensemble's prediction, the class names, every device used.
+    answer = client.predict(url, model['pngs'][0], topk=3)
+    assert answer['devices'] == [0, 1, 2] and answer['missing'] == {}
+    assert answer['top'][0]['class'] == model['expected'][0]
+    assert [t['name'] for t in answer['top']] == [model['names'][t['class']] for t in answer['top']]
+    probs = [t['probability'] for t in answer['top']]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert answer['latency_ms']['total'] > 0
+    health = client.health(url)
+    assert health['status'] == 'ok' and {d['model'] for d in health['devices']} == {'dedeit'}
+    assert all(d['backend'] == 'onnxruntime' and d['last_latency_ms'] > 0 for d in health['devices'])
+
+    # A body that is no image: 400 with one line, and the service goes on.
+    with pytest.raises(client.ServiceError) as bad:
+        client.predict(url, b'this is not a PNG')
+    assert bad.value.status == 400 and 'not an image file' in str(bad.value) and '\n' not in str(bad.value)
+    assert client.predict(url, model['pngs'][1])['top'][0]['class'] == model['expected'][1]
+
+    # Several clients at once.
+    results, errors = {}, []
+
+    def one_client(c):
+        try:
+            for k in range(4):
+                i = (c + k) % len(model['pngs'])
+                results[(c, k)] = (i, client.predict(url, model['pngs'][i]))
+        except Exception as err:  # noqa: BLE001 (collected, asserted below)
+            errors.append(err)
+    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 16
+    assert all(a['top'][0]['class'] == model['expected'][i] and a['devices'] == [0, 1, 2]
+               for i, a in results.values())
+
+    # Kill worker 1 while a client sends requests; start the same command again.
+    answers, failures, stop = [], [], threading.Event()
+
+    def sender():
+        k = 0
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                a = client.predict(url, model['pngs'][k % 8])
+                answers.append((sent, time.monotonic(), k, a))
+            except client.ServiceError as err:
+                failures.append((k, err))
+            k += 1
+            time.sleep(0.02)
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        wait_for('answers before the kill', lambda: len(answers) >= 5, procs)
+        os.kill(procs.procs['worker1'].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for('device 1 gone', lambda: states(url)[1] == 'gone', procs, timeout=DEADLINE_MS / 1e3 + 10)
+        gone = time.monotonic()
+        n_gone = len(answers)
+        wait_for('answers without device 1', lambda: len(answers) >= n_gone + 5, procs)
+        restarted = time.monotonic()
+        procs.start('worker1-again', worker_cmd(model['export'], port, 1))
+        wait_for('device 1 back', lambda: states(url)[1] == 'up', procs, timeout=60)
+        back = time.monotonic()
+        n_back = len(answers)
+        wait_for('answers after the rejoin', lambda: len(answers) >= n_back + 5, procs)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not failures, failures
+    ks = [k for _, _, k, _ in answers]
+    assert ks == list(range(len(ks)))  # every request answered, once, in order
+    assert answers[-1][3]['request'] - answers[0][3]['request'] == len(answers) - 1
+    assert gone - killed < DEADLINE_MS / 1e3 + 5, 'a killed worker is marked gone within the deadline'
+    assert back - restarted < JOIN_S, f'the restarted worker took {back - restarted:.1f} s to join'
+    between = [a for sent, done, _, a in answers if sent >= gone and done <= restarted]
+    after = [a for sent, _, _, a in answers if sent > back]
+    assert between and all(a['devices'] == [0, 2] and '1' in a['missing'] for a in between)
+    assert after and all(a['devices'] == [0, 1, 2] for a in after), [a['devices'] for a in after]
+    assert all(a['top'][0]['class'] == model['expected'][k % 8] for _, _, k, a in answers if a['devices'] == [0, 1, 2])
+    health = client.health(url)
+    assert health['devices'][1]['joins'] == 2 and health['status'] == 'ok'
+
+    # A worker whose model does not fit the head is refused, with one line on each side; device 0 stays up.
+    refused = procs.start('refused', worker_cmd(model['wide'], port, 0))
+    assert refused.wait(60) == 2
+    lines = [line for line in procs.log('refused').splitlines() if 'error:' in line]
+    assert len(lines) == 1 and 'refused this worker' in lines[0], procs.log('refused')
+    assert 'sends 96 floats per image but the ensemble head expects 64 from device 0' in lines[0]
+    said = [line for line in procs.log('aggregator').splitlines() if line.startswith('refused')]
+    assert len(said) == 1 and 'sends 96 floats per image' in said[0], procs.log('aggregator')
+    assert states(url) == ['up'] * N
+
+    # SIGTERM: the aggregator stops the workers and exits 0; nothing is left.
+    agg = procs.procs['aggregator']
+    workers = [procs.procs[n] for n in ('worker0', 'worker1-again', 'worker2')]
+    agg.send_signal(signal.SIGTERM)
+    assert agg.wait(30) == 0, procs.log('aggregator')
+    assert [w.wait(30) for w in workers] == [0, 0, 0], procs.logs()
+    assert 'stopped after' in procs.log('aggregator')
+
+
+def test_deadline_answers_without_a_stalled_worker_and_keeps_it(procs, model):
+    """Worker 2 stalls for 3 s at request 4: those requests are answered by devices 0 and 1 at the deadline, worker 2
+    is 'late' (not gone), its late replies are discarded, and it answers again once the stall is over."""
+    deadline = 400
+    url, _ = start_service(procs, model, '--deadline-ms', str(deadline),
+                           workers={2: ['--fault', 'stall', '--fault-after', '4', '--fault-seconds', '3']})
+    seen_late = False
+    answers = []
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        answers.append(client.predict(url, model['pngs'][len(answers) % 8]))
+        seen_late = seen_late or client.health(url)['devices'][2]['state'] == 'late'
+        if len(answers) > 8 and answers[-1]['devices'] == [0, 1, 2] and any(a['devices'] == [0, 1]
+                                                                              for a in answers):
+            break
+    without = [a for a in answers if a['devices'] == [0, 1]]
+    assert without, [a['devices'] for a in answers]
+    assert all(a['missing'] == {'2': f'missed the {deadline} ms deadline'} for a in without)
+    assert all(a['latency_ms']['total'] < 3000 for a in without), 'answers did not wait for the stalled worker'
+    assert answers[-1]['devices'] == [0, 1, 2], 'the late worker is used again after its stall'
+    assert seen_late
+    d = client.health(url)['devices'][2]
+    assert d['state'] == 'up' and d['joins'] == 1 and d['missed'] >= 1
+
+
+@pytest.mark.skipif(quota.unavailable_reason() is not None, reason=f'CPU quotas: {quota.unavailable_reason()}')
+def test_deadline_with_a_throttled_worker(procs, model):
+    """Worker 1 runs under its own CPU quota (--cpu-quota); throttled to 0.002 of a core it misses every deadline and
+    the answers come from the others; given its core back it is used again, never having left."""
+    deadline = 150
+    url, _ = start_service(procs, model, '--deadline-ms', str(deadline), workers={1: ['--cpu-quota', '0.5']})
+    pid = procs.procs['worker1'].pid
+    with open(f'/proc/{pid}/cgroup') as f:
+        assert f'devit-{pid}' in f.read(), 'the worker is in a cgroup of its own'
+    assert client.health(url)['devices'][1]['cpu_quota'] == 0.5
+    quota.limit_cpu(0.002, pid)  # the same group, a tighter quota: 1 ms of CPU every 0.5 s
+    answers = [client.predict(url, model['pngs'][k % 8]) for k in range(6)]
+    assert all(a['devices'] == [0, 2] for a in answers[2:]), [a['devices'] for a in answers]
+    d = client.health(url)['devices'][1]
+    assert d['state'] in ('late', 'up') and d['joins'] == 1 and d['missed'] >= 4
+    quota.limit_cpu(4, pid)
+    a = wait_for('device 1 used again', lambda: (lambda r: r if r['devices'] == [0, 1, 2] else None)(
+        client.predict(url, model['pngs'][0])), procs, timeout=60)
+    assert a['top'][0]['class'] == model['expected'][0]
+
+
+def test_sigterm_to_the_launcher_stops_everything(procs, model):
+    """The service under torch.distributed.launch (rank 0 the aggregator, rank 1 a worker; onnxruntime backend):
+    SIGTERM to the launcher stops every process; none is left."""
+    http, port = free_port(), free_port()
+    url = f'http://127.0.0.1:{http}'
+    cmd = launch_cmd('collab_infer.py', '--serve', '--port', str(http), '--host', '127.0.0.1', '--collab-port',
+                     str(port), '--backend', 'onnxruntime', '--model-path', model['export1'], '--dataset',
+                     'fashion_mnist', '--tiny-transforms', '--deadline-ms', str(DEADLINE_MS), nproc=2)
+    launcher = procs.start('launcher', cmd)
+    wait_for('the worker up', lambda: states(url) == ['up'], procs)
+    assert client.predict(url, model['pngs'][0])['top'][0]['class'] == model['expected1'][0]
+    assert client.health(url)['devices'][0]['backend'] == 'onnxruntime'
+    tree = descendants(launcher.pid)
+    assert len(tree) >= 2
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(60)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(os.path.exists(f'/proc/{p}') for p in tree):
+        time.sleep(0.1)
+    left = [p for p in tree if os.path.exists(f'/proc/{p}')]
+    assert not left, f'processes left after SIGTERM: {left}\n{procs.logs()}'
+    assert 'stopped after 1 requests' in procs.log('launcher'), procs.log('launcher')
+
+
+def test_runtime_follows_a_killed_launcher(procs, model, fmnist_root):
+    """SIGKILL the launcher of a batch run while it serves: the aggregator and the worker notice and exit."""
+    cmd = launch_cmd('collab_infer.py', '--model-path', model['ckpt1'], '--data-path', fmnist_root, '--limit',
+                     '10000', '--collab-port', str(free_port()), nproc=2)
+    launcher = procs.start('launcher', cmd)
+    wait_for('the worker joined', lambda: 'joined the aggregator' in procs.log('launcher'), procs)
+    tree = descendants(launcher.pid)
+    assert len(tree) >= 2
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    end = time.monotonic() + 20
+    while time.monotonic() < end and any(os.path.exists(f'/proc/{p}') for p in tree):
+        time.sleep(0.1)
+    assert not [p for p in tree if os.path.exists(f'/proc/{p}')], procs.log('launcher')
+    assert procs.log('launcher').count('the launcher (pid') >= 1
