@@ -2,18 +2,21 @@
 
     limit = limit_cpu(0.25)   # this process (all its threads) now gets at most 25% of one core
     ...
-    limit.remove()            # back to the parent group; the group is deleted (also done at exit)
+    limit.remove()            # back to the group it came from; its own group is deleted (also done at exit)
+
+    with limit_cpu(0.25):     # or for a block only
+        ...
 
 A child cgroup ``devit-<pid>`` is made under the ``cpu`` controller: cgroup v1 (``/sys/fs/cgroup/cpu``,
-``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) or cgroup v2 (``/sys/fs/cgroup`` with ``cpu`` in
-``cgroup.subtree_control``, ``cpu.max``). The period is 10 ms, short next to a forward pass, so a throttled model
-runs slowly and evenly instead of at full speed for 25 ms and then not at all for 75. Writing there needs root (or
-a delegated cgroup); where it is not possible, ``QuotaError`` says why in one line.
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) or cgroup v2 (``/sys/fs/cgroup``, ``cpu.max``; ``cpu`` is added to the
+root's ``cgroup.subtree_control`` when it is missing there). The period is 10 ms, short next to a forward pass, so a
+throttled model runs slowly and evenly instead of at full speed for 25 ms and then not at all for 75. Writing there
+needs root (or a delegated cgroup); where it is not possible, ``QuotaError`` says why in one line.
 
 Device-side module: Python 3.6+, standard library only.
 """
 import atexit
-import errno
+import math
 import os
 
 PERIOD_US = 10000
@@ -44,13 +47,26 @@ def controller():
     elif os.path.isfile(os.path.join(V2_ROOT, 'cgroup.controllers')):
         root, version = V2_ROOT, 'v2'
         if 'cpu' not in _read(os.path.join(V2_ROOT, 'cgroup.controllers')).split():
-            raise QuotaError('cgroup v2 at {} has no cpu controller'.format(V2_ROOT))
+            raise QuotaError(f'cgroup v2 at {V2_ROOT} has no cpu controller')
     else:
-        raise QuotaError('no cgroup cpu controller is mounted ({} or {} with cpu)'.format(V1_ROOT, V2_ROOT))
+        raise QuotaError(f'no cgroup cpu controller is mounted ({V1_ROOT} or {V2_ROOT} with cpu)')
     if not os.access(root, os.W_OK):
-        raise QuotaError('the cgroup cpu controller at {} is not writable (run as root or delegate a cgroup)'
-                         .format(root))
+        raise QuotaError(f'the cgroup cpu controller at {root} is not writable (run as root or delegate a cgroup)'
+                         )
+    if version == 'v2':
+        _enable_v2_cpu(root)
     return version, root
+
+
+def _enable_v2_cpu(root):
+    """Child groups of a v2 root get the cpu controller only once the root lists it in its subtree_control."""
+    control = os.path.join(root, 'cgroup.subtree_control')
+    try:
+        if 'cpu' not in _read(control).split():
+            _write(control, '+cpu')
+    except OSError as err:
+        raise QuotaError(f'cannot enable the cpu controller for child groups in {control}: '
+                         f'{err.strerror or err}') from None
 
 
 def unavailable_reason():
@@ -65,16 +81,33 @@ def unavailable_reason():
 def quota_us(fraction, period_us=PERIOD_US):
     """CFS quota for `fraction` of one core (may exceed 1 for several cores)."""
     try:
-        fraction = float(fraction)
+        value = float(fraction)
     except (TypeError, ValueError):
-        raise QuotaError('a CPU quota must be a number (fraction of one core), got {!r}'.format(fraction)) from None
+        raise QuotaError(f'a CPU quota must be a number (fraction of one core), got {fraction!r}') from None
+    fraction = value
+    if not math.isfinite(fraction):
+        raise QuotaError(f'a CPU quota must be a finite number (fraction of one core), got {fraction}')
     if not fraction > 0:
-        raise QuotaError('a CPU quota must be > 0 (fraction of one core), got {}'.format(fraction))
+        raise QuotaError(f'a CPU quota must be > 0 (fraction of one core), got {fraction}')
     quota = int(round(fraction * period_us))
     if quota < MIN_QUOTA_US:
-        raise QuotaError('a CPU quota of {} is below the kernel minimum of {:.2f} of a core'
-                         .format(fraction, MIN_QUOTA_US / period_us))
+        raise QuotaError(f'a CPU quota of {fraction} is below the kernel minimum of '
+                         f'{MIN_QUOTA_US / period_us:.2f} of a core')
     return quota
+
+
+def _group_of(pid, version, root):
+    """The cpu cgroup folder `pid` is in now (from /proc/PID/cgroup), so that `remove` can put it back there."""
+    try:
+        lines = _read(f'/proc/{pid}/cgroup').splitlines()
+    except OSError:
+        return root
+    for line in lines:
+        _, controllers, path = line.split(':', 2)
+        if (version == 'v2' and controllers == '') or (version == 'v1' and 'cpu' in controllers.split(',')):
+            folder = os.path.join(root, path.lstrip('/'))
+            return folder if os.path.isdir(folder) else root
+    return root
 
 
 def _members(group):
@@ -100,40 +133,58 @@ def remove_stale(root=None):
     return removed
 
 
-class CpuLimit(object):
-    """A process held in its own cgroup at `fraction` of a core. `remove()` undoes it (registered at exit)."""
+class CpuLimit:
+    """A process held in its own cgroup at `fraction` of a core. `remove()` undoes it (registered at exit); as a
+    context manager it is removed at the end of the block."""
 
     def __init__(self, fraction, pid=None):
+        quota = quota_us(fraction)
         self.fraction = float(fraction)
         self.pid = os.getpid() if pid is None else int(pid)
         self.version, self.root = controller()
-        quota = quota_us(fraction)
         remove_stale(self.root)
-        self.path = os.path.join(self.root, '{}{}'.format(PREFIX, self.pid))
+        self.origin = _group_of(self.pid, self.version, self.root)
+        self.path = os.path.join(self.root, f'{PREFIX}{self.pid}')
         try:
             os.makedirs(self.path, exist_ok=True)
             if self.version == 'v1':
                 _write(os.path.join(self.path, 'cpu.cfs_period_us'), str(PERIOD_US))
                 _write(os.path.join(self.path, 'cpu.cfs_quota_us'), str(quota))
             else:
-                _write(os.path.join(self.path, 'cpu.max'), '{} {}'.format(quota, PERIOD_US))
+                _write(os.path.join(self.path, 'cpu.max'), f'{quota} {PERIOD_US}')
             _write(os.path.join(self.path, 'cgroup.procs'), str(self.pid))  # every thread of the process
         except OSError as err:
             self._rmdir()
-            raise QuotaError('cannot limit pid {} to {} of a core in {}: {}'.format(
-                self.pid, fraction, self.path, err.strerror or err)) from None
+            raise QuotaError(f'cannot limit pid {self.pid} to {fraction} of a core in {self.path}: '
+                             f'{err.strerror or err}') from None
         if self.pid == os.getpid():
             atexit.register(self.remove)
 
     def remove(self):
-        """Move the process back to the root group and delete its group (best effort: it may be gone already)."""
+        """Move the process back to the group it came from and delete its own group (best effort: a process that
+        has exited has left the group already, and the group may be gone)."""
         if os.path.isdir(self.path):
-            try:
-                _write(os.path.join(self.root, 'cgroup.procs'), str(self.pid))
-            except OSError as err:
-                if err.errno != errno.ESRCH:  # a process that has exited has left the group already
-                    pass
+            for group in (self.origin, self.root):
+                try:
+                    _write(os.path.join(group, 'cgroup.procs'), str(self.pid))
+                    break
+                except OSError:
+                    continue
             self._rmdir()
+
+    def stat(self):
+        """The group's cpu.stat as a dict of ints (nr_periods, nr_throttled, throttled_time or throttled_usec)."""
+        try:
+            text = _read(os.path.join(self.path, 'cpu.stat'))
+        except OSError:
+            return {}
+        return {k: int(v) for k, v in (line.split() for line in text.splitlines() if len(line.split()) == 2)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
     def _rmdir(self):
         try:
@@ -142,7 +193,7 @@ class CpuLimit(object):
             pass
 
     def __repr__(self):
-        return 'CpuLimit(pid={}, fraction={}, {})'.format(self.pid, self.fraction, self.path)
+        return f'CpuLimit(pid={self.pid}, fraction={self.fraction}, {self.path})'
 
 
 def limit_cpu(fraction, pid=None):
