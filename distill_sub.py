@@ -74,9 +74,9 @@ def main(argv=None):
     args = utils.parse_args(get_parser(), argv)
     utils.init_distributed(args)
     manifest = utils.read_manifest(args.data_path)
+    planned = plan.students_for(args.plan, manifest, args.model, args.model_kwargs) if args.plan else None
     for division in utils.divisions_to_run(args, manifest):  # every teacher is checked before anything trains
         check_teacher(teacher_file(args.teacher_path, division), division, manifest['divisions'][division]['classes'])
-    planned = plan.students_for(args.plan, manifest, args.model, args.model_kwargs) if args.plan else None
 
     def make_task(division, num_classes):
         if planned:  # kept in the checkpoint's args, from which ensemble.py builds each (unlike) backbone

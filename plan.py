@@ -59,7 +59,7 @@ from jetson.profile import BACKENDS, ProfileError, check_field, read_profile
 
 FORMAT = 'devit-plan'
 VERSION = 1
-CONSISTENT = ('family', 'model', 'model_kwargs', 'input_size', 'in_chans', 'family_default')
+CONSISTENT = ('family', 'model', 'input_size', 'in_chans', 'model_kwargs', 'family_default')
 
 
 class PlanError(ValueError):

@@ -159,3 +159,10 @@ def test_profile_under_a_quota_measures_the_throttled_device(tmp_path):
     assert fb['median'] >= 2.5 * fa['cpu_median'], (fa, fb)
     if fa['median'] < 2 * fa['cpu_median']:  # the unthrottled run had at least half a core (not so on a busy machine)
         assert fb['median'] > 1.5 * fa['median'], (fa, fb)
+
+
+def test_device_side_modules_run_on_python_36():
+    """A Jetson Nano's JetPack 4 has Python 3.6: the profiler and the quota must not need more."""
+    proc = run([sys.executable, '-m', 'vermin', '--target=3.6-', '--eval-annotations', '--no-tips', '--violations',
+                os.path.join(ROOT, 'jetson', 'profile.py'), os.path.join(ROOT, 'collab', 'quota.py')], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
