@@ -8,7 +8,9 @@ Suites, each in its own process and one after another, so that none disturbs ano
 - collab:   bench/collab_bench.py   -- collab_vs_slowest (+ _n2, _demo), collab_speedup_vs_teacher (+ _demo),
                                  bytes_vs_layer_split (+ _demo), fp16_tokens, collab_scaling;
 - profile:  bench/profile_bench.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
-                                 the before/after of the fix).
+                                 the before/after of the fix);
+- hetero:   bench/hetero_bench.py  -- hetero_plan_vs_uniform, plan_prediction_error (a planned fleet of unlike,
+                                 CPU-quota-throttled devices against the uniform plan; needs writable cgroups).
 `--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes 15-20 minutes.
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
 "min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
@@ -29,7 +31,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-SUITES = ('training', 'split', 'collab', 'profile')
+SUITES = ('training', 'split', 'collab', 'profile', 'hetero')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,6 +134,16 @@ def suite_profile(quick):
     import profile_bench as profile_demo
 
     return profile_demo.bench(quick)
+
+
+def suite_hetero(quick):
+    import hetero_bench
+
+    workdir = tempfile.mkdtemp(prefix='devit-bench-hetero-')
+    try:
+        return hetero_bench.bench(quick, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_suite(name, quick, out):

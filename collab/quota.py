@@ -7,6 +7,13 @@
     with limit_cpu(0.25):     # or for a block only
         ...
 
+    limit_cpu(0.25, reserve=True)   # also a claim on that much CPU while other jobs compete for it
+
+A quota caps a process; it does not give it anything on a busy machine. ``reserve=True`` also sets the group's CFS
+weight (v1 ``cpu.shares``, v2 ``cpu.weight``) to RESERVE_TASKS default processes' worth per core of quota, so the
+emulated device gets its fraction while up to about that many other busy processes per core compete, and never more
+than its quota: emulated devices whose quotas sum to the machine's cores can take all of it while they run.
+
 A child cgroup ``devit-<pid>`` is made under the ``cpu`` controller: cgroup v1 (``/sys/fs/cgroup/cpu``,
 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) or cgroup v2 (``/sys/fs/cgroup``, ``cpu.max``; ``cpu`` is added to the
 root's ``cgroup.subtree_control`` when it is missing there). The period is 10 ms, short next to a forward pass, so a
@@ -21,6 +28,9 @@ import os
 
 PERIOD_US = 10000
 MIN_QUOTA_US = 1000  # the kernel's lower bound for cfs_quota_us
+RESERVE_TASKS = 64  # reserve=True: weight of this many default processes per core of quota
+DEFAULT_WEIGHT = {'v1': 1024, 'v2': 100}  # cpu.shares / cpu.weight of a default process or group
+MAX_WEIGHT = {'v1': 262144, 'v2': 10000}
 V1_ROOT = '/sys/fs/cgroup/cpu'
 V2_ROOT = '/sys/fs/cgroup'
 PREFIX = 'devit-'
@@ -137,8 +147,9 @@ class CpuLimit:
     """A process held in its own cgroup at `fraction` of a core. `remove()` undoes it (registered at exit); as a
     context manager it is removed at the end of the block."""
 
-    def __init__(self, fraction, pid=None):
+    def __init__(self, fraction, pid=None, reserve=False):
         quota = quota_us(fraction)
+        self.reserve = bool(reserve)
         self.fraction = float(fraction)
         self.pid = os.getpid() if pid is None else int(pid)
         self.version, self.root = controller()
@@ -152,6 +163,9 @@ class CpuLimit:
                 _write(os.path.join(self.path, 'cpu.cfs_quota_us'), str(quota))
             else:
                 _write(os.path.join(self.path, 'cpu.max'), f'{quota} {PERIOD_US}')
+            if self.reserve:
+                _write(os.path.join(self.path, 'cpu.shares' if self.version == 'v1' else 'cpu.weight'),
+                       str(reserve_weight(self.fraction, self.version)))
             _write(os.path.join(self.path, 'cgroup.procs'), str(self.pid))  # every thread of the process
         except OSError as err:
             self._rmdir()
@@ -196,6 +210,13 @@ class CpuLimit:
         return f'CpuLimit(pid={self.pid}, fraction={self.fraction}, {self.path})'
 
 
-def limit_cpu(fraction, pid=None):
-    """Hold process `pid` (default: this one) to `fraction` of one core; returns the CpuLimit."""
-    return CpuLimit(fraction, pid)
+def reserve_weight(fraction, version):
+    """CFS weight of a group reserving `fraction` of a core (see the module docstring)."""
+    weight = int(round(fraction * RESERVE_TASKS * DEFAULT_WEIGHT[version]))
+    return max(2 if version == 'v1' else 1, min(weight, MAX_WEIGHT[version]))
+
+
+def limit_cpu(fraction, pid=None, reserve=False):
+    """Hold process `pid` (default: this one) to `fraction` of one core (and, with `reserve`, claim that much);
+    returns the CpuLimit."""
+    return CpuLimit(fraction, pid, reserve)

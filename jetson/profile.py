@@ -13,16 +13,20 @@ width / ``--head-dim`` (rounded, at least 1) and ``--model-kwargs`` for everythi
 a device's share of an ensemble: the backbone without classifier, returning the tokens the device sends (cls and dist
 for distilled students). Its batch-1 latency is timed with PyTorch (inference mode, CUDA synchronised when on CUDA)
 and with onnxruntime (the candidate exported in-process by ``torch.onnx.export``, opset 17, to a temporary file, or
-to ``--onnx-dir``), after ``--warmup`` untimed runs: median and p95 of ``--iters`` runs. Also: parameters, MACs
-(torch's FlopCounterMode where torch has it), floats sent per image, an estimate of the memory the candidate needs
-(fp32 weights + three times its largest activation), the memory of the device (``/proc/meminfo``: total and
-available, read with the framework loaded) and, with ``--link``, the link to the aggregator: a rate given in
-Mbit/s, or measured against ``--link-server`` (median round trip of 1-byte messages; median of 3 timed 4 MB sends).
+to ``--onnx-dir``), after ``--warmup`` untimed runs: median and p95 of ``--iters`` runs (``--rounds R``: the grid
+timed R times over, alternating candidates, so that a drift of the device's speed falls on all of them alike).
+Also: parameters, MACs (torch's FlopCounterMode where torch has it), floats sent per image, an estimate of the
+memory the candidate needs (fp32 weights + three times its largest activation), the memory of the device
+(``/proc/meminfo``: total and available, read with the framework loaded) and, with ``--link``, the link to the
+aggregator: a rate given in Mbit/s, or measured against ``--link-server`` (median round trip of 1-byte messages;
+median of 3 timed 4 MB sends).
 
 ``--cpu-quota q`` holds this process to ``q`` of one core while it times (the kernel's CFS quota, collab.quota, as
 ``collab_infer.py --cpu-quota`` does for a worker), so a profile of an emulated slow device and a throttled run
-agree. A board with onnxruntime and no torch (``--backend onnxruntime``) times candidates exported elsewhere: with
-torch, ``--onnx-dir DIR`` keeps the exports and writes ``DIR/candidates.json``; without torch it reads them back.
+agree; ``--cpu-reserve`` also claims that much CPU (a CFS weight), for a busy machine where other processes would
+otherwise hold the emulated device below its quota. A board with onnxruntime and no torch (``--backend
+onnxruntime``) times candidates exported elsewhere: with torch, ``--onnx-dir DIR`` keeps the exports and writes
+``DIR/candidates.json``; without torch it reads them back.
 Device-side module: Python 3.6+; torch, timm and the project's models are imported only when torch is used.
 
 Profile schema (JSON, version 1; human-editable, so a profile can be written by hand for a board one cannot
@@ -43,6 +47,7 @@ reach; ``read_profile`` checks it and names the file and the field of any error)
     memory          {"total_mb": number|null, "available_mb": number|null}   null: unknown (not checked)
     link            null | {"mbps": number > 0, "rtt_ms": number >= 0 | null, "source": str}   to the aggregator
     cpu_quota       number|null   fraction of a core the timing ran under (null: not throttled)
+    cpu_reserve     bool          whether that fraction was also reserved (optional)
     threads         int|null      intra-op threads used
     device          str           cpu, cuda, ...
     candidates      non-empty list of
@@ -280,17 +285,18 @@ def quota_module():
 
 
 class Throttle:
-    """``with Throttle(q):`` holds this process to ``q`` of one core for the block (no-op for q None); counts the
-    CFS periods in which the kernel throttled it."""
+    """``with Throttle(q):`` holds this process to ``q`` of one core for the block (no-op for q None; ``reserve``:
+    and claims that much, see collab.quota); counts the CFS periods in which the kernel throttled it."""
 
-    def __init__(self, fraction):
+    def __init__(self, fraction, reserve=False):
         self.fraction = fraction
+        self.reserve = reserve
         self.limit = None
         self.throttled_periods = 0
 
     def __enter__(self):
         if self.fraction is not None:
-            self.limit = quota_module().limit_cpu(self.fraction)
+            self.limit = quota_module().limit_cpu(self.fraction, reserve=self.reserve)
         return self
 
     def __exit__(self, *exc):
@@ -492,12 +498,15 @@ def count_macs(module, x):
         return None
 
 
-def time_torch(module, x, args, sync, throttle):
+def torch_timer(module, x, warmup, sync, throttle):
+    """``run(n)``: ``warmup`` untimed then ``n`` timed forwards of ``module`` under ``throttle``."""
     import torch
 
-    grad_off = torch.inference_mode() if hasattr(torch, 'inference_mode') else torch.no_grad()
-    with grad_off, throttle:
-        return summarize(time_calls(lambda: module(x), args.warmup, args.iters, sync))
+    def run(n):
+        grad_off = torch.inference_mode() if hasattr(torch, 'inference_mode') else torch.no_grad()
+        with grad_off, throttle:
+            return time_calls(lambda: module(x), warmup, n, sync)
+    return run
 
 
 def export_onnx(module, x, path):
@@ -527,15 +536,41 @@ def ort_session(path, threads, device):
     return ort.InferenceSession(path, options, providers=providers)
 
 
-def time_onnx(path, shape, threads, device, warmup, iters, throttle):
+def onnx_timer(path, shape, threads, device, warmup, throttle):
+    """``run(n)`` as torch_timer's, for an onnxruntime session of the file at ``path``."""
     import numpy as np
 
     session = ort_session(path, threads, device)
     name = session.get_inputs()[0].name
     x = np.random.RandomState(0).randn(*shape).astype(np.float32)
-    with throttle:
-        times = time_calls(lambda: session.run(None, {name: x}), warmup, iters)
-    return summarize(times)
+
+    def run(n):
+        with throttle:
+            return time_calls(lambda: session.run(None, {name: x}), warmup, n)
+    return run
+
+
+def time_candidates(prepared, rounds, iters):
+    """Time each prepared (entry, {backend: run}) and fill its latency_ms; yields the entries as they are done.
+
+    With ``rounds`` > 1 every candidate is held at once and the grid is timed ``rounds`` times over, a share of the
+    ``iters`` each time, so that a drift in the device's speed (heat, other load) spreads over all candidates
+    instead of falling on a few."""
+    if rounds > 1:
+        prepared = list(prepared)
+    shares = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    pending = []
+    for r, n in enumerate(shares):
+        for entry, timers in (prepared if r == 0 else pending):
+            times = entry.setdefault('_times', {})
+            for backend, run in timers.items():
+                times.setdefault(backend, []).extend(run(n) if n else [])
+            if r == 0 and rounds > 1:
+                pending.append((entry, timers))
+            if r == rounds - 1:
+                for backend, t in entry.pop('_times').items():
+                    entry['latency_ms'][backend] = summarize(t)
+                yield entry
 
 
 def have(module):
@@ -568,9 +603,14 @@ def get_args_parser():
     p.add_argument('--device', default='auto', help='auto (cuda where torch sees it), cpu, cuda')
     p.add_argument('--cpu-quota', type=float, default=None, metavar='Q',
                    help='time under Q of one CPU core (CFS quota), as collab_infer.py --cpu-quota runs a worker')
+    p.add_argument('--cpu-reserve', action='store_true',
+                   help='with --cpu-quota: also claim that much CPU (CFS weight), so that other busy processes on '
+                        'this machine do not slow the emulated device below its quota')
     p.add_argument('--threads', type=int, default=0, help='intra-op threads (0: the library default)')
     p.add_argument('--warmup', type=int, default=5)
-    p.add_argument('--iters', type=int, default=30)
+    p.add_argument('--iters', type=int, default=30, help='timed forwards per candidate and backend')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='time the grid this many times over, alternating candidates (holds all of them in memory)')
     p.add_argument('--link', default=None, metavar='tcp://HOST:PORT|MBPS',
                    help='the link to the aggregator: measured against its --link-server, or a rate in Mbit/s')
     p.add_argument('--link-server', default=None, metavar='[HOST:]PORT',
@@ -582,7 +622,7 @@ def get_args_parser():
 
 def check_args(args):
     for flag, value in (('--input-size', args.input_size), ('--in-chans', args.in_chans),
-                        ('--head-dim', args.head_dim), ('--iters', args.iters)):
+                        ('--head-dim', args.head_dim), ('--iters', args.iters), ('--rounds', args.rounds)):
         if value <= 0:
             raise ProfileError(f'{flag} must be positive, got {value}')
     if args.warmup < 0 or args.threads < 0:
@@ -632,8 +672,9 @@ def profile_with_torch(args, backends, base, throttle):
     onnx_dir = args.onnx_dir or tempfile.mkdtemp(prefix='devit-profile-')
     os.makedirs(onnx_dir, exist_ok=True)
     sync = torch.cuda.synchronize if device.startswith('cuda') else None
-    candidates, exported = [], []
-    try:
+    exported = []
+
+    def prepare():
         for width, depth, heads in grid:
             kwargs = candidate_kwargs(base, width, depth, heads)
             torch.manual_seed(0)
@@ -645,24 +686,26 @@ def profile_with_torch(args, backends, base, throttle):
             entry = {'width': width, 'depth': depth, 'num_heads': heads,
                      'params': sum(p.numel() for p in module.parameters()), 'macs': count_macs(module, x),
                      'token_floats': int(module.width), 'memory_mb': memory_estimate_mb(module, x),
-                     'latency_ms': {}, 'errors': {}}
+                     'latency_ms': {}}
+            timers = {}
             if 'onnxruntime' in backends or args.onnx_dir:
                 path = os.path.join(onnx_dir, f'{model}_w{width}_d{depth}.onnx')
                 try:
                     export_onnx(module, x, path)
                     exported.append(dict({k: entry[k] for k in META_KEYS}, file=os.path.basename(path)))
+                    if 'onnxruntime' in backends:
+                        timers['onnxruntime'] = onnx_timer(path, shape, args.threads, device, args.warmup, throttle)
                 except Exception as err:  # noqa: BLE001  (an exporter gap for one shape: keep the torch timing)
-                    entry['errors']['onnxruntime'] = f'export failed: {type(err).__name__}: {err}'
-                    path = None
+                    entry['errors'] = {'onnxruntime': f'export failed: {type(err).__name__}: {err}'}
+                if not args.onnx_dir and os.path.exists(path):
+                    os.unlink(path)  # the session holds the model
             if 'torch' in backends:
-                entry['latency_ms']['torch'] = time_torch(module.to(device), x.to(device), args, sync, throttle)
-            if 'onnxruntime' in backends and path:
-                entry['latency_ms']['onnxruntime'] = time_onnx(path, shape, args.threads, device, args.warmup,
-                                                               args.iters, throttle)
-                if not args.onnx_dir:
-                    os.unlink(path)
-            if not entry['errors']:
-                del entry['errors']
+                timers['torch'] = torch_timer(module.to(device), x.to(device), args.warmup, sync, throttle)
+            yield entry, timers
+
+    candidates = []
+    try:
+        for entry in time_candidates(prepare(), args.rounds, args.iters):
             candidates.append(entry)
             print(_row(entry), flush=True)
     finally:
@@ -694,13 +737,17 @@ def profile_from_onnx_dir(args, throttle):
                                f'not {getattr(args, key)}')
     device = 'cpu' if args.device == 'auto' else args.device
     shape = (1, args.in_chans, args.input_size, args.input_size)
+
+    def prepare():
+        for c in meta['candidates']:
+            if (args.widths and c['width'] not in args.widths) or (args.depths and c['depth'] not in args.depths):
+                continue
+            entry = dict({k: c[k] for k in META_KEYS}, latency_ms={})
+            yield entry, {'onnxruntime': onnx_timer(os.path.join(args.onnx_dir, c['file']), shape, args.threads,
+                                                    device, args.warmup, throttle)}
+
     candidates = []
-    for c in meta['candidates']:
-        if (args.widths and c['width'] not in args.widths) or (args.depths and c['depth'] not in args.depths):
-            continue
-        entry = {k: c[k] for k in META_KEYS}
-        entry['latency_ms'] = {'onnxruntime': time_onnx(os.path.join(args.onnx_dir, c['file']), shape, args.threads,
-                                                        device, args.warmup, args.iters, throttle)}
+    for entry in time_candidates(prepare(), args.rounds, args.iters):
         candidates.append(entry)
         print(_row(entry), flush=True)
     if not candidates:
@@ -725,7 +772,7 @@ def profile(args):
     base.update(img_size=args.input_size, in_chans=args.in_chans)
     torch_ok, ort_ok = have('torch'), have('onnxruntime')
     backends = backends_to_time(args.backend, torch_ok, ort_ok)
-    throttle = Throttle(args.cpu_quota)
+    throttle = Throttle(args.cpu_quota, args.cpu_reserve)
     link = None
     if args.link:  # first, so that an unreachable aggregator fails fast
         kind = parse_link(args.link)
@@ -753,7 +800,8 @@ def profile(args):
         'source': 'measured by python -m jetson.profile on {} at {}'.format(host, time.strftime('%Y-%m-%d %H:%M')),
         'family': args.family, 'model': model, 'model_kwargs': base, 'input_size': args.input_size,
         'in_chans': args.in_chans, 'family_default': default, 'memory': memory, 'link': link,
-        'cpu_quota': args.cpu_quota, 'threads': threads, 'device': device,
+        'cpu_quota': args.cpu_quota, 'cpu_reserve': bool(args.cpu_reserve and args.cpu_quota is not None),
+        'threads': threads, 'device': device,
         'throttled_periods': throttle.throttled_periods if args.cpu_quota is not None else None,
         'candidates': candidates,
         'system': dict(versions, host=host, platform=platform.platform(), machine=platform.machine(),
