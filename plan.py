@@ -30,19 +30,20 @@ classes with; a plan that keeps kappa is therefore expected to keep the uniform 
 ``--devices`` run checks it: within one point of top-1).
 
 Search. Each device may use any profiled candidate that fits its memory (candidate memory_mb <= the profile's
-available_mb) and holds at least one class. For a bound T, device i can take up to cap_i(T) classes: the largest
-floor(P/kappa) among its candidates with T_i <= T. The planned latency is the least T (among the predicted latencies)
-with every cap_i(T) >= 1 and sum_i cap_i(T) >= C. The classes are then shared in proportion to cap_i(T) (largest
-remainders, lowest device first on ties, each device 1..cap_i), so a uniform fleet gets the even split of
-splite_dataset.py; each device takes the family's own student where it is within T and holds its classes, else its
-fastest candidate that holds them. Where the result is not at least ``--min-gain`` (default 5%) faster than the
-uniform plan, the uniform plan is kept: a departure from the paper's plan must buy a predicted gain beyond the
-noise of the measurements, so a fleet of alike devices always gets the uniform plan.
+available_mb) and holds at least two classes (one where C < 2N: a division of a single class would give its
+sub-teacher nothing to tell apart, and its student nothing to learn from the labels). For a bound T, device i can
+take up to cap_i(T) classes: the largest floor(P/kappa) among its candidates with T_i <= T. The planned latency is the
+least T (among the predicted latencies) with every cap_i(T) >= 2 and sum_i cap_i(T) >= C. The classes are then shared
+in proportion to cap_i(T) (largest remainders, lowest device first on ties, each device 2..cap_i), so a uniform fleet
+gets the even split of splite_dataset.py; each device takes the family's own student where it is within T and holds
+its classes, else its fastest candidate that holds them. Where the result is not at least ``--min-gain`` (default
+5%) faster than the uniform plan, the uniform plan is kept: a departure from the paper's plan must buy a predicted
+gain beyond the noise of the measurements, so a fleet of alike devices always gets the uniform plan.
 
 Plan schema (``plan.json``, checked by ``read_plan``):
 
     format "devit-plan", version 1, family, dataset (name or null), num_classes (C), input_size, in_chans,
-    backend, input_dtype, fp16_tokens, min_gain, capacity_per_class (kappa, parameters per class),
+    backend, input_dtype, fp16_tokens, min_gain, capacity_per_class (kappa, parameters per class), min_classes,
     chosen ("planned", or "uniform" when the plan did not gain ``min_gain``),
     devices: [{index, profile (path), name, num_classes, classes (null: the split chooses which; or a list of
                class ids), model, model_kwargs, width, depth, num_heads, params,
@@ -60,6 +61,7 @@ from jetson.profile import BACKENDS, ProfileError, check_field, read_profile
 FORMAT = 'devit-plan'
 VERSION = 1
 CONSISTENT = ('family', 'model', 'input_size', 'in_chans', 'model_kwargs', 'family_default')
+MIN_CLASSES = 2  # per device, where the classes allow: a division of one class gives its sub-teacher nothing to learn
 
 
 class PlanError(ValueError):
@@ -103,16 +105,16 @@ def device_options(prof, backend, image_bytes, token_bytes):
             if backend in c['latency_ms']]
 
 
-def share(total, caps):
-    """``total`` classes over devices in proportion to ``caps``, each device 1..cap (largest remainders, lowest
+def share(total, caps, low=1):
+    """``total`` classes over devices in proportion to ``caps``, each device low..cap (largest remainders, lowest
     index first on ties)."""
     ideal = [total * c / sum(caps) for c in caps]
-    counts = [max(1, min(c, math.floor(x))) for x, c in zip(ideal, caps)]
+    counts = [max(low, min(c, math.floor(x))) for x, c in zip(ideal, caps)]
     while sum(counts) < total:
         i = max((i for i in range(len(caps)) if counts[i] < caps[i]), key=lambda i: (ideal[i] - counts[i], -i))
         counts[i] += 1
     while sum(counts) > total:
-        i = min((i for i in range(len(caps)) if counts[i] > 1), key=lambda i: (ideal[i] - counts[i], i))
+        i = min((i for i in range(len(caps)) if counts[i] > low), key=lambda i: (ideal[i] - counts[i], i))
         counts[i] -= 1
     return counts
 
@@ -153,28 +155,29 @@ def make_plan(profiles, paths, num_classes, *, backend='torch', uniform_shape=No
     if len(params_u) > 1:
         raise PlanError(f'profiles disagree on the parameters of {width_u}x{depth_u}: {sorted(params_u)}')
     per_class = uniform[0]['params'] / math.ceil(num_classes / n)
+    low = min(MIN_CLASSES, num_classes // n)
 
     def cap(o):
         return math.floor(o['params'] / per_class + 1e-9)
 
     usable = []
     for i, (path, prof, opts) in enumerate(zip(paths, profiles, options)):
-        ok = [o for o in opts if o['fits'] and cap(o) >= 1]
+        ok = [o for o in opts if o['fits'] and cap(o) >= low]
         if not ok:
-            raise PlanError(_too_small(i, path, prof, opts, cap, backend, per_class))
+            raise PlanError(_too_small(i, path, prof, opts, cap, backend, per_class, low))
         usable.append(ok)
 
     bound, caps = None, None
     for t in sorted({o['total'] for ok in usable for o in ok}):
         caps = [max((cap(o) for o in ok if o['total'] <= t), default=0) for ok in usable]
-        if min(caps) >= 1 and sum(caps) >= num_classes:
+        if min(caps) >= low and sum(caps) >= num_classes:
             bound = t
             break
     if bound is None:
         raise PlanError(f'the fleet cannot hold {num_classes} classes at the uniform plan\'s capacity of '
                         f'{per_class:,.0f} parameters per class: its largest fitting students hold '
                         f'{sum(caps)} (profile larger candidates, or add devices)')
-    counts = share(num_classes, caps)
+    counts = share(num_classes, caps, low)
     chosen = []
     for i, ok in enumerate(usable):
         eligible = [o for o in ok if o['total'] <= bound and cap(o) >= counts[i]]
@@ -202,7 +205,7 @@ def make_plan(profiles, paths, num_classes, *, backend='torch', uniform_shape=No
         'format': FORMAT, 'version': VERSION, 'family': ref['family'], 'dataset': dataset,
         'num_classes': num_classes, 'input_size': ref['input_size'], 'in_chans': ref['in_chans'],
         'backend': backend, 'input_dtype': input_dtype, 'fp16_tokens': fp16_tokens, 'min_gain': min_gain,
-        'capacity_per_class': per_class, 'chosen': 'uniform' if kept_uniform else 'planned',
+        'capacity_per_class': per_class, 'min_classes': low, 'chosen': 'uniform' if kept_uniform else 'planned',
         'devices': devices,
         'uniform': {'model': ref['model'], 'model_kwargs': kwargs_of(uniform[0]), 'num_classes': uniform_counts,
                     'params': uniform[0]['params'], 'predicted_ms': uniform_ms,
@@ -211,7 +214,7 @@ def make_plan(profiles, paths, num_classes, *, backend='torch', uniform_shape=No
     }
 
 
-def _too_small(i, path, prof, opts, cap, backend, per_class):
+def _too_small(i, path, prof, opts, cap, backend, per_class, low):
     if not opts:
         return f'device {i} ({path}) has no candidate timed with {backend}'
     fitting = [o for o in opts if o['fits']]
@@ -221,8 +224,8 @@ def _too_small(i, path, prof, opts, cap, backend, per_class):
                 f'{smallest["memory_mb"]} MB, {prof["memory"]["available_mb"]} MB are available')
     largest = max(fitting, key=lambda o: o['params'])
     return (f'device {i} ({path}) is too small for any candidate: its largest fitting student '
-            f'({largest["width"]}x{largest["depth"]}, {largest["params"]:,} parameters) holds less than one class at '
-            f'the uniform plan\'s {per_class:,.0f} parameters per class')
+            f'({largest["width"]}x{largest["depth"]}, {largest["params"]:,} parameters) holds fewer than {low} '
+            f'class{"es" if low > 1 else ""} at the uniform plan\'s {per_class:,.0f} parameters per class')
 
 
 # ---------------------------------------------------------------------------------------------------------------------

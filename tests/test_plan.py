@@ -113,6 +113,15 @@ def test_the_capacity_rule_is_what_limits_the_slow_device(tmp_path):
     assert large['devices'][3]['params'] / large['devices'][3]['num_classes'] >= large['capacity_per_class']
 
 
+def test_no_device_gets_a_single_class_where_there_are_two_per_device(tmp_path):
+    fleet = [profile('fast')] * 3 + [profile('slow', speed=0.05)]
+    p = make(tmp_path, fleet, 10)
+    assert p['min_classes'] == 2 and min(d['num_classes'] for d in p['devices']) == 2
+    assert p['devices'][3]['params'] < p['uniform']['params']  # a smaller student for its two classes
+    tight = make(tmp_path, fleet, 5)  # fewer than two classes per device: one is the floor
+    assert tight['min_classes'] == 1 and sum(d['num_classes'] for d in tight['devices']) == 5
+
+
 def test_transfer_counts_in_the_prediction(tmp_path):
     link = {'mbps': 100.0, 'rtt_ms': 1.0, 'source': 'given'}
     p = make(tmp_path, [profile('a', link=link)] * 2, 10, input_dtype='uint8', fp16_tokens=True)
@@ -143,7 +152,7 @@ def test_a_device_too_small_for_any_candidate_is_one_error(tmp_path):
         make(tmp_path, [profile('a'), profile('b'), profile('tiny', available_mb=1.0), profile('d')], 100)
     # memory left for small students only, and those hold less than one class each
     only_small = profile('small', available_mb=6.0)
-    with pytest.raises(plan.PlanError, match='device 1 .* holds less than one class'):
+    with pytest.raises(plan.PlanError, match='device 1 .* holds fewer than 2 classes'):
         make(tmp_path, [profile('a'), only_small], 10)
 
 
