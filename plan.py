@@ -30,15 +30,16 @@ classes with; a plan that keeps kappa is therefore expected to keep the uniform 
 ``--devices`` run checks it: within one point of top-1).
 
 Search. Each device may use any profiled candidate that fits its memory (candidate memory_mb <= the profile's
-available_mb) and holds at least two classes (one where C < 2N: a division of a single class would give its
-sub-teacher nothing to tell apart, and its student nothing to learn from the labels). For a bound T, device i can
-take up to cap_i(T) classes: the largest floor(P/kappa) among its candidates with T_i <= T. The planned latency is the
-least T (among the predicted latencies) with every cap_i(T) >= 2 and sum_i cap_i(T) >= C. The classes are then shared
-in proportion to cap_i(T) (largest remainders, lowest device first on ties, each device 2..cap_i), so a uniform fleet
-gets the even split of splite_dataset.py; each device takes the family's own student where it is within T and holds
-its classes, else its fastest candidate that holds them. Where the result is not at least ``--min-gain`` (default
-5%) faster than the uniform plan, the uniform plan is kept: a departure from the paper's plan must buy a predicted
-gain beyond the noise of the measurements, so a fleet of alike devices always gets the uniform plan.
+available_mb) and holds at least m = ``--min-classes`` classes (default 2, at most C // N): a division of a single
+class gives its sub-teacher nothing to tell apart, and its student only the relation loss to learn from. For a bound
+T, device i can take up to cap_i(T) classes: the largest floor(P/kappa) among its candidates with T_i <= T. The
+planned latency is the least T (among the predicted latencies) with every cap_i(T) >= m and sum_i cap_i(T) >= C. The
+classes are then shared in proportion to cap_i(T) (largest remainders, lowest device first on ties, each device
+m..cap_i), so a uniform fleet gets the even split of splite_dataset.py; each device takes the family's own student
+where it is within T and holds its classes, else its fastest candidate that holds them. Where the result is not at
+least ``--min-gain`` (default 5%) faster than the uniform plan, the uniform plan is kept: a departure from the
+paper's plan must buy a predicted gain beyond the noise of the measurements, so a fleet of alike devices always gets
+the uniform plan.
 
 Plan schema (``plan.json``, checked by ``read_plan``):
 
@@ -61,7 +62,7 @@ from jetson.profile import BACKENDS, ProfileError, check_field, read_profile
 FORMAT = 'devit-plan'
 VERSION = 1
 CONSISTENT = ('family', 'model', 'input_size', 'in_chans', 'model_kwargs', 'family_default')
-MIN_CLASSES = 2  # per device, where the classes allow: a division of one class gives its sub-teacher nothing to learn
+MIN_CLASSES = 2  # per device, where the classes allow (--min-classes)
 
 
 class PlanError(ValueError):
@@ -129,7 +130,7 @@ def even_split(total, n):
 # The plan
 
 def make_plan(profiles, paths, num_classes, *, backend='torch', uniform_shape=None, input_dtype='fp32',
-              fp16_tokens=False, min_gain=0.05, dataset=None):
+              fp16_tokens=False, min_gain=0.05, min_classes=MIN_CLASSES, dataset=None):
     """The plan dict (schema in the module docstring) for ``profiles`` (read from ``paths``) and C classes."""
     n = len(profiles)
     if num_classes < n:
@@ -155,7 +156,7 @@ def make_plan(profiles, paths, num_classes, *, backend='torch', uniform_shape=No
     if len(params_u) > 1:
         raise PlanError(f'profiles disagree on the parameters of {width_u}x{depth_u}: {sorted(params_u)}')
     per_class = uniform[0]['params'] / math.ceil(num_classes / n)
-    low = min(MIN_CLASSES, num_classes // n)
+    low = max(1, min(min_classes, num_classes // n))
 
     def cap(o):
         return math.floor(o['params'] / per_class + 1e-9)
@@ -375,6 +376,8 @@ def get_parser():
     p.add_argument('--input-dtype', default='fp32', choices=['uint8', 'fp32'],
                    help='how the runtime sends the image (collab_infer.py --input-dtype)')
     p.add_argument('--fp16-tokens', action='store_true', help='the runtime sends fp16 tokens')
+    p.add_argument('--min-classes', type=utils.positive_int, default=MIN_CLASSES,
+                   help='classes each device takes at least (at most classes / devices)')
     p.add_argument('--min-gain', type=utils.non_negative_float, default=0.05,
                    help='keep the uniform plan unless the plan is predicted this much faster (fraction)')
     return p
@@ -395,7 +398,7 @@ def main(argv=None):
         uniform = (args.uniform_width or default['width'], args.uniform_depth or default['depth'])
     plan = make_plan(profiles, args.devices, num_classes, backend=args.backend, uniform_shape=uniform,
                      input_dtype=args.input_dtype, fp16_tokens=args.fp16_tokens, min_gain=args.min_gain,
-                     dataset=args.dataset)
+                     min_classes=args.min_classes, dataset=args.dataset)
     utils.write_json_atomic(args.output, validate_plan(plan))
     print(format_table(plan))
     print(f'wrote {args.output}')

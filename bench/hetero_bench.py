@@ -50,6 +50,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import collab_bench  # noqa: E402
+import torch  # noqa: E402
 
 import plan as planner  # noqa: E402
 from collab import quota  # noqa: E402
@@ -220,14 +221,15 @@ def bench(quick, workdir, verbose=True):
             'per_device_median_ms': per_device, 'images': images * rounds},
     }
 
+    # stage-3 style checkpoints of both (random weights): what collab_infer.py serves
+    ckpt = {name: collab_bench.write_ensemble(os.path.join(workdir, f'{name}.pth'), specs, TEACHER, NUM_CLASSES)
+            for name, specs in (('planned', planned), ('uniform', uniform))}
+    result['ensemble_params'] = {name: sum(t.numel() for t in torch.load(path, weights_only=False)['model'].values())
+                                 for name, path in ckpt.items()}
     runtime = None
     flags = runtime_flags()
     if flags is not None:
         run = collab_bench.Runner(workdir, verbose)
-        ckpt = {'planned': collab_bench.write_ensemble(os.path.join(workdir, 'planned.pth'), planned, TEACHER,
-                                                       NUM_CLASSES),
-                'uniform': collab_bench.write_ensemble(os.path.join(workdir, 'uniform.pth'), uniform, TEACHER,
-                                                       NUM_CLASSES)}
         reports = {'planned': [], 'uniform': []}
         for _ in range(rounds):
             for name in ('planned', 'uniform'):

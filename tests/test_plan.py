@@ -120,6 +120,8 @@ def test_no_device_gets_a_single_class_where_there_are_two_per_device(tmp_path):
     assert p['devices'][3]['params'] < p['uniform']['params']  # a smaller student for its two classes
     tight = make(tmp_path, fleet, 5)  # fewer than two classes per device: one is the floor
     assert tight['min_classes'] == 1 and sum(d['num_classes'] for d in tight['devices']) == 5
+    one = make(tmp_path, fleet, 10, min_classes=1)
+    assert one['devices'][3]['num_classes'] == 1 and one['devices'][3]['params'] < p['devices'][3]['params']
 
 
 def test_transfer_counts_in_the_prediction(tmp_path):

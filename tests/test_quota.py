@@ -72,13 +72,16 @@ def test_group_is_removed_by_remove_at_exit_and_after_a_kill():
         limit = quota.limit_cpu(0.5)
         inside = os.path.isdir(limit.path) and str(os.getpid()) in open(os.path.join(limit.path, 'cgroup.procs')).read()
         limit.remove()
-        with quota.limit_cpu(0.5) as again:
+        with quota.limit_cpu(0.5, reserve=True) as again:
             in_block = os.path.isdir(again.path)
+            weight = open(os.path.join(again.path, 'cpu.shares' if again.version == 'v1' else 'cpu.weight')).read()
         print(json.dumps({'inside': inside, 'after': os.path.exists(limit.path), 'in_block': in_block,
                           'after_block': os.path.exists(again.path),
-                          'back': 'devit-' not in open('/proc/self/cgroup').read()}))
+                          'back': 'devit-' not in open('/proc/self/cgroup').read(),
+                          'weight': int(weight) == quota.reserve_weight(0.5, again.version)}))
     ''')
-    assert out == {'inside': True, 'after': False, 'in_block': True, 'after_block': False, 'back': True}
+    assert out == {'inside': True, 'after': False, 'in_block': True, 'after_block': False, 'back': True,
+                   'weight': True}
 
     at_exit = child('''
         limit = quota.limit_cpu(0.5)
@@ -118,7 +121,7 @@ BUSY_GRID = ['--input-size', '112', '--widths', '192', '--depths', '4', '--head-
 
 def test_profile_of_a_tiny_grid_is_valid(tmp_path):
     out = tmp_path / 'dev.json'
-    proc = run(profile_cmd(out, *TINY_GRID, '--link', '1000'), timeout=240)
+    proc = run(profile_cmd(out, *TINY_GRID, '--link', '1000', '--rounds', '3'), timeout=240)
     assert 'wrote' in proc.stdout
     prof = read_profile(str(out))
     assert [(c['width'], c['depth']) for c in prof['candidates']] == [(32, 1), (32, 2), (64, 1), (64, 2)]
@@ -128,6 +131,7 @@ def test_profile_of_a_tiny_grid_is_valid(tmp_path):
     assert prof['memory']['total_mb'] >= prof['memory']['available_mb'] > 0
     for c in prof['candidates']:
         assert set(c['latency_ms']) == {'torch', 'onnxruntime'}  # both backends are installed here
+        assert all(t['iters'] == 8 for t in c['latency_ms'].values())  # 3 + 3 + 2 over the rounds
         assert c['token_floats'] == 2 * c['width']  # dedeit sends cls + dist
     params = {(c['width'], c['depth']): c['params'] for c in prof['candidates']}
     assert params[(32, 1)] < params[(32, 2)] < params[(64, 2)] and params[(64, 1)] < params[(64, 2)]
