@@ -15,6 +15,7 @@ import argparse
 import os
 
 import engine
+import plan
 import utils
 from losses import DistillationLoss, build_base_criterion
 from models.adapter import layer_pairs
@@ -29,6 +30,8 @@ def get_parser():
                         help='distil a shrunk student again: shrink.py\'s output folder (division i: '
                              'sub-dataset{i}/pruned.pth), a pruned checkpoint, or a shrink.json policy applied to '
                              'the --model-path weights')
+    parser.add_argument('--plan', default=None, metavar='PLAN.json',
+                        help="plan.py's output: division i gets device i's student (explicit --model-kwargs win)")
     return parser
 
 
@@ -71,10 +74,13 @@ def main(argv=None):
     args = utils.parse_args(get_parser(), argv)
     utils.init_distributed(args)
     manifest = utils.read_manifest(args.data_path)
+    planned = plan.students_for(args.plan, manifest, args.model, args.model_kwargs) if args.plan else None
     for division in utils.divisions_to_run(args, manifest):  # every teacher is checked before anything trains
         check_teacher(teacher_file(args.teacher_path, division), division, manifest['divisions'][division]['classes'])
 
     def make_task(division, num_classes):
+        if planned:  # kept in the checkpoint's args, from which ensemble.py builds each (unlike) backbone
+            args.model, args.model_kwargs = planned[division]
         student = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
                                      drop_path_rate=args.drop_path)
         if args.model_path:

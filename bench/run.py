@@ -13,6 +13,8 @@ Suites, each in its own process and one after another, so that none disturbs ano
 - serve:    bench/serve_bench.py, bench/transport_bench.py -- serve_fault_drill, serve_rejoin_s, serve_throughput,
                                  transport_zmq_vs_gloo (+ _demo): the service under faults and load, and the
                                  runtime's transport against gloo.
+- hetero:   bench/hetero_bench.py  -- hetero_plan_vs_uniform, plan_prediction_error (a planned fleet of unlike,
+                                 CPU-quota-throttled devices against the uniform plan; needs writable cgroups).
 `--quick` (about 5 minutes on 2 cores) runs fewer images, rounds and sizes; the full run takes 15-20 minutes.
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
 "min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
@@ -33,7 +35,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-SUITES = ('training', 'split', 'collab', 'profile', 'onnx', 'serve')
+SUITES = ('training', 'split', 'collab', 'profile', 'onnx', 'serve', 'hetero')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,6 +164,16 @@ def suite_onnx(quick):
     import onnx_bench
 
     return onnx_bench.bench(quick)
+
+
+def suite_hetero(quick):
+    import hetero_bench
+
+    workdir = tempfile.mkdtemp(prefix='devit-bench-hetero-')
+    try:
+        return hetero_bench.bench(quick, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_suite(name, quick, out):

@@ -2,24 +2,37 @@
 
     limit = limit_cpu(0.25)   # this process (all its threads) now gets at most 25% of one core
     ...
-    limit.remove()            # back to the parent group; the group is deleted (also done at exit)
+    limit.remove()            # back to the group it came from; its own group is deleted (also done at exit)
+
+    with limit_cpu(0.25):     # or for a block only
+        ...
+
+    limit_cpu(0.25, reserve=True)   # also a claim on that much CPU while other jobs compete for it
+
+A quota caps a process; it does not give it anything on a busy machine. ``reserve=True`` also sets the group's CFS
+weight (v1 ``cpu.shares``, v2 ``cpu.weight``) to RESERVE_TASKS default processes' worth per core of quota, so the
+emulated device gets its fraction while up to about that many other busy processes per core compete, and never more
+than its quota: emulated devices whose quotas sum to the machine's cores can take all of it while they run.
 
 A child cgroup ``devit-<pid>`` is made under the ``cpu`` controller: cgroup v1 (``/sys/fs/cgroup/cpu``,
-``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) or cgroup v2 (``/sys/fs/cgroup`` with ``cpu`` in
-``cgroup.subtree_control``, ``cpu.max``). The period is 10 ms, short next to a forward pass, so a throttled model
-runs slowly and evenly instead of at full speed for 25 ms and then not at all for 75. Below 0.1 of a core the
-period grows instead (the kernel's smallest quota is 1 ms), up to 1 s: 0.01 is 1 ms every 100 ms. Writing there
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``) or cgroup v2 (``/sys/fs/cgroup``, ``cpu.max``; ``cpu`` is added to the
+root's ``cgroup.subtree_control`` when it is missing there). The period is 10 ms, short next to a forward pass, so a
+throttled model runs slowly and evenly instead of at full speed for 25 ms and then not at all for 75. Below 0.1 of a
+core the period grows instead (the kernel's smallest quota is 1 ms), up to 1 s: 0.01 is 1 ms every 100 ms. Writing there
 needs root (or a delegated cgroup); where it is not possible, ``QuotaError`` says why in one line.
 
 Device-side module: Python 3.6+, standard library only.
 """
 import atexit
-import errno
+import math
 import os
 
 PERIOD_US = 10000
 MIN_QUOTA_US = 1000  # the kernel's lower bound for cfs_quota_us
 MAX_PERIOD_US = 1000000  # and its upper bound for cfs_period_us
+RESERVE_TASKS = 64  # reserve=True: weight of this many default processes per core of quota
+DEFAULT_WEIGHT = {'v1': 1024, 'v2': 100}  # cpu.shares / cpu.weight of a default process or group
+MAX_WEIGHT = {'v1': 262144, 'v2': 10000}
 V1_ROOT = '/sys/fs/cgroup/cpu'
 V2_ROOT = '/sys/fs/cgroup'
 PREFIX = 'devit-'
@@ -50,8 +63,22 @@ def controller():
     else:
         raise QuotaError(f'no cgroup cpu controller is mounted ({V1_ROOT} or {V2_ROOT} with cpu)')
     if not os.access(root, os.W_OK):
-        raise QuotaError(f'the cgroup cpu controller at {root} is not writable (run as root or delegate a cgroup)')
+        raise QuotaError(f'the cgroup cpu controller at {root} is not writable (run as root or delegate a cgroup)'
+                         )
+    if version == 'v2':
+        _enable_v2_cpu(root)
     return version, root
+
+
+def _enable_v2_cpu(root):
+    """Child groups of a v2 root get the cpu controller only once the root lists it in its subtree_control."""
+    control = os.path.join(root, 'cgroup.subtree_control')
+    try:
+        if 'cpu' not in _read(control).split():
+            _write(control, '+cpu')
+    except OSError as err:
+        raise QuotaError(f'cannot enable the cpu controller for child groups in {control}: '
+                         f'{err.strerror or err}') from None
 
 
 def unavailable_reason():
@@ -67,9 +94,12 @@ def quota_us(fraction, period_us=PERIOD_US):
     """(CFS quota, period) in µs for `fraction` of one core (may exceed 1 for several cores); below
     MIN_QUOTA_US / period_us of a core the period is lengthened so that the quota stays at the kernel's minimum."""
     try:
-        fraction = float(fraction)
+        value = float(fraction)
     except (TypeError, ValueError):
         raise QuotaError(f'a CPU quota must be a number (fraction of one core), got {fraction!r}') from None
+    fraction = value
+    if not math.isfinite(fraction):
+        raise QuotaError(f'a CPU quota must be a finite number (fraction of one core), got {fraction}')
     if not fraction > 0:
         raise QuotaError(f'a CPU quota must be > 0 (fraction of one core), got {fraction}')
     if fraction * period_us < MIN_QUOTA_US:
@@ -78,6 +108,20 @@ def quota_us(fraction, period_us=PERIOD_US):
             raise QuotaError(f'a CPU quota of {fraction} is below the kernel minimum of '
                              f'{MIN_QUOTA_US / MAX_PERIOD_US:g} of a core')
     return max(int(round(fraction * period_us)), MIN_QUOTA_US), period_us
+
+
+def _group_of(pid, version, root):
+    """The cpu cgroup folder `pid` is in now (from /proc/PID/cgroup), so that `remove` can put it back there."""
+    try:
+        lines = _read(f'/proc/{pid}/cgroup').splitlines()
+    except OSError:
+        return root
+    for line in lines:
+        _, controllers, path = line.split(':', 2)
+        if (version == 'v2' and controllers == '') or (version == 'v1' and 'cpu' in controllers.split(',')):
+            folder = os.path.join(root, path.lstrip('/'))
+            return folder if os.path.isdir(folder) else root
+    return root
 
 
 def _members(group):
@@ -104,14 +148,17 @@ def remove_stale(root=None):
 
 
 class CpuLimit:
-    """A process held in its own cgroup at `fraction` of a core. `remove()` undoes it (registered at exit)."""
+    """A process held in its own cgroup at `fraction` of a core. `remove()` undoes it (registered at exit); as a
+    context manager it is removed at the end of the block."""
 
-    def __init__(self, fraction, pid=None):
+    def __init__(self, fraction, pid=None, reserve=False):
+        quota, period = quota_us(fraction)
+        self.reserve = bool(reserve)
         self.fraction = float(fraction)
         self.pid = os.getpid() if pid is None else int(pid)
         self.version, self.root = controller()
-        quota, period = quota_us(fraction)
         remove_stale(self.root)
+        self.origin = _group_of(self.pid, self.version, self.root)
         self.path = os.path.join(self.root, f'{PREFIX}{self.pid}')
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -122,6 +169,9 @@ class CpuLimit:
                 _write(os.path.join(self.path, 'cpu.cfs_quota_us'), str(quota))
             else:
                 _write(os.path.join(self.path, 'cpu.max'), f'{quota} {period}')
+            if self.reserve:
+                _write(os.path.join(self.path, 'cpu.shares' if self.version == 'v1' else 'cpu.weight'),
+                       str(reserve_weight(self.fraction, self.version)))
             _write(os.path.join(self.path, 'cgroup.procs'), str(self.pid))  # every thread of the process
         except OSError as err:
             self._rmdir()
@@ -131,14 +181,30 @@ class CpuLimit:
             atexit.register(self.remove)
 
     def remove(self):
-        """Move the process back to the root group and delete its group (best effort: it may be gone already)."""
+        """Move the process back to the group it came from and delete its own group (best effort: a process that
+        has exited has left the group already, and the group may be gone)."""
         if os.path.isdir(self.path):
-            try:
-                _write(os.path.join(self.root, 'cgroup.procs'), str(self.pid))
-            except OSError as err:
-                if err.errno != errno.ESRCH:  # a process that has exited has left the group already
-                    pass
+            for group in (self.origin, self.root):
+                try:
+                    _write(os.path.join(group, 'cgroup.procs'), str(self.pid))
+                    break
+                except OSError:
+                    continue
             self._rmdir()
+
+    def stat(self):
+        """The group's cpu.stat as a dict of ints (nr_periods, nr_throttled, throttled_time or throttled_usec)."""
+        try:
+            text = _read(os.path.join(self.path, 'cpu.stat'))
+        except OSError:
+            return {}
+        return {k: int(v) for k, v in (line.split() for line in text.splitlines() if len(line.split()) == 2)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
     def _rmdir(self):
         try:
@@ -150,6 +216,13 @@ class CpuLimit:
         return f'CpuLimit(pid={self.pid}, fraction={self.fraction}, {self.path})'
 
 
-def limit_cpu(fraction, pid=None):
-    """Hold process `pid` (default: this one) to `fraction` of one core; returns the CpuLimit."""
-    return CpuLimit(fraction, pid)
+def reserve_weight(fraction, version):
+    """CFS weight of a group reserving `fraction` of a core (see the module docstring)."""
+    weight = int(round(fraction * RESERVE_TASKS * DEFAULT_WEIGHT[version]))
+    return max(2 if version == 'v1' else 1, min(weight, MAX_WEIGHT[version]))
+
+
+def limit_cpu(fraction, pid=None, reserve=False):
+    """Hold process `pid` (default: this one) to `fraction` of one core (and, with `reserve`, claim that much);
+    returns the CpuLimit."""
+    return CpuLimit(fraction, pid, reserve)
