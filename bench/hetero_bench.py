@@ -128,7 +128,7 @@ def _device(spec, fraction, images, warmup, barrier, results, index):
     import torch
 
     from collab.quota import limit_cpu
-    from collab.runtime import Backbone
+    from collab.torch_models import Backbone
     from models.ensemble_model import create_backbone
     from models.features import has_dist_token
 

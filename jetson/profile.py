@@ -442,7 +442,7 @@ def candidate_kwargs(base, width, depth, heads):
 
 def _torch_backbone(model, kwargs):
     """(module returning what a device sends, backbone) as the runtime builds a device's share."""
-    from collab.runtime import Backbone
+    from collab.torch_models import Backbone
     from models.ensemble_model import create_backbone
     from models.features import has_dist_token
 
