@@ -29,6 +29,8 @@ from .pruning import checkpoint_shape, reshape_, shape_of
 _logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+# The key of a stage-3 checkpoint that holds DeViTEnsemble.config, from which build_ensemble rebuilds the model.
+CONFIG_KEY = 'ensemble_config'
 
 
 class EnsembleOutput(NamedTuple):
@@ -290,7 +292,7 @@ def load_students(
 
 
 def load_ensemble(source: PathLike | Mapping[str, Any], use_ema: bool = False,
-                  config_key: str = 'ensemble_config') -> DeViTEnsemble:
+                  config_key: str = CONFIG_KEY) -> DeViTEnsemble:
     """Rebuild and load a stage-3 checkpoint, which must hold the ensemble's `config` under `config_key`."""
     name = '<dict>' if isinstance(source, Mapping) else os.fspath(source)
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(name)

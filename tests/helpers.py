@@ -21,6 +21,24 @@ TINY = ['--dataset', 'fashion_mnist', '--tiny-transforms', '--mixup', '0', '--cu
         '--no-progress', '--warmup-epochs', '0']
 
 
+def write_rgb_folder(root, num_classes=10, n_train=24, n_val=6, size=32, seed=0):
+    """An RGB ImageFolder of PNG files, ``root/{train,val}/class{k}/{i}.png``: each class a colour of its own plus
+    per-pixel noise, so a model can learn it. Returns ``root`` as a string."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 216, size=(num_classes, 3))
+    for split, count in (('train', n_train), ('val', n_val)):
+        for k in range(num_classes):
+            folder = os.path.join(root, split, f'class{k}')
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(colours[k] + rng.normal(0, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f'{i}.png'))
+    return str(root)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -219,4 +219,7 @@ def test_demo_quick_mode_runs_end_to_end(tmp_path, fmnist_root):
         assert 0.0 <= results[key] <= 1.0
     assert len(results['sub_teacher_acc']) == len(results['student_acc']) == len(results['ensemble_missing_acc']) == 4
     assert results['seconds'] > 0 and os.path.isfile(results['ensemble_checkpoint'])
+    assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # the figure beside results.json
+    stages = [line for line in proc.stdout.splitlines() if line.startswith('=== ')]
+    assert [s.split()[1] for s in stages] == ['0.', 'teacher', '1.', '2.', '3.', 'baseline', 'results:'], stages
     assert load_ensemble(results['ensemble_checkpoint']).num_devices == 4
