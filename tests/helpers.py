@@ -1,4 +1,38 @@
-"""Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST)."""
+"""Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST).
+
+Most tests run tiny models on CPU with ``TINY`` below, which sets flags away from their defaults; the demo does so
+through ``configs/small.yaml``. Each default they leave is still run by a test (flag, its default, who sets
+it otherwise, and the test that runs the default):
+
+- --tiny-transforms (off: DeiT's RandAugment, erasing, crops): set by TINY, demo, faults.py.
+    default run by: test_default_path.py (both datasets); test_datasets.py::test_deit_transforms and
+    ::test_every_dataset_and_transform_pickles[deit]
+- --num_workers (8; 0 with --tiny-transforms): set by TINY (so 0), test_faults_data.py (1).
+    default run by: test_default_path.py; tests/stress_default_path.py
+- --mixup 0.8, --cutmix 1.0: set by TINY, demo (0, 0).
+    default run by: test_default_path.py
+- --smoothing 0.1: set by TINY, demo (0).
+    default run by: test_default_path.py
+- --drop-path 0.1: set by demo (0).
+    default run by: every TINY run; test_default_path.py
+- --warmup-epochs 5: set by TINY (0), demo (0.43).
+    default run by: test_default_path.py (with its warning line)
+- lr scaled by batch*world/512 (--unscale-lr off): set by demo.
+    default run by: every TINY run; test_default_path.py
+- --batch-size 64, --eval-batch-size (= batch): set by TINY, demo.
+    default run by: sizes only: no code path depends on them
+- --limit-train, --limit-val (every image): set by TINY, demo --quick.
+    default run by: test_default_path.py; the full demo
+- tqdm bars on rank 0 (--no-progress off): set by TINY, demo.
+    default run by: test_default_path.py
+- --model-ema (off; the seed turns it on): set by faults.py, test_pipeline.py stage 2.
+    default run by: off: the other TINY runs; on as the seed: test_default_path.py
+- --repeated-aug, --pin-mem (off), --hflip 0.5, --mean/--std (ImageNet's): no helper changes them, so every test
+    runs the default; the other settings: test_pipeline.py::test_other_launcher_forms[torchrun] (both switches on),
+    test_datasets.py::test_hflip_mean_and_std_reach_both_recipes, test_config.py (values from a recipe file)
+- --dist-timeout 600: set by test_faults_launcher.py (5).
+    default run by: every other launcher run
+"""
 import contextlib
 import glob
 import hashlib
