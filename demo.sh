@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # DeViT end to end on the embedded Fashion-MNIST (Debian's dataset-fashion-mnist), from nothing:
-#   0. train a small teacher from scratch on all 60k training images (no pretrained weights offline);
-#   1. split the classes into 4 disjoint divisions and fine-tune a sub-teacher per division  (train_subdata.py);
+#   0. split the classes into 4 disjoint divisions (and all classes as one, the teacher's)  (splite_dataset.py);
+#   teacher: a small ViT trained from scratch on all 60k training images (no pretrained weights offline);
+#   1. fine-tune the teacher into a sub-teacher per division                                 (train_subdata.py);
 #   2. distil a smaller student per division: hard KD + q/k/v relations, gama 0.2 0.1 0.3   (distill_sub.py);
 #   3. train the ensemble head (and backbones) against the full teacher                      (ensemble.py);
-#   4. baseline: one student of the same size, KD on all classes for as many epochs as stages 2+3;
-#   then evaluate everything on the 10,000 test images and write OUT/results.json.
-# Every stage runs through `python -m torch.distributed.launch ... --use_env`, as the seed's commands do.
+#   baseline: one student of the same size, KD on all classes for as many epochs as stages 2 and 3;
+#   then evaluate everything on the 10,000 test images: OUT/results.json, results.txt and results.png.
+# Every stage runs through `python -m torch.distributed.launch ... --use_env`, as the seed's commands do, with
+# the small-data recipe configs/small.yaml.
 #
 #   bash demo.sh            full demo (about 13 minutes on 2 idle cores)
 #   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
@@ -53,14 +55,13 @@ TEACHER=deit_tiny_distilled_patch16_224
 TEACHER_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=128 depth=4 num_heads=4 mlp_ratio=2)
 STUDENT=dedeit
 STUDENT_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=64 depth=2 num_heads=2 mlp_ratio=2)
-# Epochs per stage; the baseline gets E2 + E3 so it trains as long as a student does in total.
+# Epochs: E0 the teacher's, E1..E3 stages 1..3; the baseline gets E2 + E3, as long as a student trains in total.
 E0=${E0:-8}; E1=${E1:-1}; E2=${E2:-4}; E3=${E3:-4}
-# The recipe for small ViTs from scratch on CPU: AdamW at batch 256 with a high lr (not scaled by batch/512),
-# ~100 warm-up steps then cosine per step, weight decay on weight matrices only, plain transforms, no mixup,
-# no label smoothing, no drop-path.
-COMMON=(--dataset fashion_mnist --tiny-transforms --mixup 0 --cutmix 0 --smoothing 0 --drop-path 0
-        --batch-size $((256 / NPROC)) --eval-batch-size 1000 --unscale-lr --warmup-epochs 0.43 --min-lr 1e-5
-        --weight-decay 0.05 --overwrite --no-progress)
+# The recipe for small ViTs from scratch on CPU (configs/small.yaml): AdamW with a high lr (not scaled by
+# batch/512), ~100 warm-up steps then cosine per step, plain transforms, no mixup, no label smoothing, no
+# drop-path; the global batch stays 256 whatever NPROC.
+COMMON=(-c configs/small.yaml --dataset fashion_mnist --batch-size $((256 / NPROC)) --eval-batch-size 1000
+        --overwrite --no-progress)
 if [ "$QUICK" = 1 ]; then
   E0=1; E1=1; E2=1; E3=1
   TEACHER_KW=(img_size=28 patch_size=7 in_chans=1 embed_dim=64 depth=2 num_heads=2 mlp_ratio=2)
@@ -100,11 +101,11 @@ START=$(date +%s)
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-stage "split: all classes as one division (the teacher's data) and $N class-disjoint divisions"
+stage "0. split: all classes as one division (the teacher's data) and $N class-disjoint divisions"
 "$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division 1 --output_path "$OUT/split1"
 "$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division $N --output_path "$OUT/split$N"
 
-stage "0. teacher from scratch: $TEACHER ${TEACHER_KW[*]}, $E0 epochs"
+stage "teacher from scratch: $TEACHER ${TEACHER_KW[*]}, $E0 epochs"
 launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 2e-3 \
   --epochs "$E0" --data-path "$OUT/split1" --num_division 1 --start-division 0 --output_dir "$OUT/teacher"
 TEACHER_CKPT="$OUT/teacher/sub-dataset0/checkpoint.pth"
@@ -114,7 +115,7 @@ launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHE
   --model-path "$TEACHER_CKPT" --epochs "$E1" --data-path "$OUT/split$N" --num_division $N --all-divisions \
   --output_dir "$OUT/stage1"
 
-stage "2. decompose: distil a $STUDENT student per division (hard KD, gama 0.2 0.1 0.3), $E2 epochs"
+stage "2. students: distil a $STUDENT student per division (hard KD, gama 0.2 0.1 0.3), $E2 epochs"
 launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_KW[@]}" --lr 2e-3 \
   --epochs "$E2" --data-path "$OUT/split$N" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
   --teacher-path "$OUT/stage1" --distillation-type hard --gama 0.2 0.1 0.3 --num_division $N --all-divisions \
@@ -125,11 +126,11 @@ launch ensemble.py "${COMMON[@]}" --model $STUDENT --model-path "$OUT/stage2" --
   --data-path "$DATA" --num_division $N --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
   --teacher-path "$TEACHER_CKPT" --output_dir "$OUT/stage3" --eval-missing
 
-stage "4. baseline: one $STUDENT student, KD from the teacher on all classes, $((E2 + E3)) epochs"
+stage "baseline: one $STUDENT student, KD from the teacher on all classes, $((E2 + E3)) epochs"
 launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_KW[@]}" --lr 2e-3 \
   --epochs $((E2 + E3)) --data-path "$OUT/split1" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
   --teacher-path "$OUT/teacher" --distillation-type hard --gama 0.2 0.1 0.3 --num_division 1 --start-division 0 \
   --output_dir "$OUT/baseline"
 
-stage "results"
+stage "results: table, results.json and results.png"
 "$PYTHON" demo_report.py --out "$OUT" --seconds $(( $(date +%s) - START ))

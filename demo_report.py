@@ -1,16 +1,20 @@
-"""Collect the demo's results (accuracy, params, FLOPs of every model) into one table and ``results.json``.
+"""Collect the demo's results (accuracy, params, FLOPs of every model) into ``results.json``, a table
+(``results.txt``) and a figure (``results.png``).
 
     python demo_report.py --out output/demo --seconds 812
 
 Accuracies are those of the checkpoints each stage hands to the next (``checkpoint.pth``), as fractions 0..1:
 the teacher, the ensemble and the baseline on the 10,000 test images (all classes), each sub-teacher and student
 on the test images of its own division's classes; and, when stage 3 ran with ``--eval-missing``, the ensemble
-with each device missing in turn (``ensemble_missing_acc``).
+with each device missing in turn (``ensemble_missing_acc``). The figure shows the top-1 of the teacher, the
+ensemble, the baseline and each student, and the ensemble's top-1 with each device missing.
 """
 import argparse
+import io
 import json
 import os
 
+import datasets
 import utils
 from models.checkpoint import read_checkpoint
 from models.ensemble_model import load_ensemble
@@ -36,7 +40,7 @@ def division_summaries(folder, num_division):
 def build_report(out, seconds):
     teacher = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'teacher'), 0), BEST))
     baseline = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'baseline'), 0), BEST))
-    manifest = utils.read_manifest(os.path.join(out, 'stage2'))
+    manifest = datasets.read_manifest(os.path.join(out, 'stage2'), required=True)
     num_division = manifest['num_division']
     sub_teachers = division_summaries(os.path.join(out, 'stage1'), num_division)
     students = division_summaries(os.path.join(out, 'stage2'), num_division)
@@ -88,6 +92,43 @@ def format_table(report):
     return '\n'.join(lines)
 
 
+def plot_report(report):
+    """results.png as bytes: (left) top-1 of every model, (right) the ensemble with each device missing."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    from matplotlib import pyplot as plt
+
+    n = report['num_division']
+    names = ['teacher', 'ensemble', 'baseline'] + [f'student {i}' for i in range(n)]
+    accs = [report['teacher_acc'], report['ensemble_acc'], report['baseline_acc'], *report['student_acc']]
+    colours = ['tab:gray', 'tab:blue', 'tab:orange'] + ['tab:green'] * n
+    missing = report.get('ensemble_missing_acc') or []
+    fig, axes = plt.subplots(1, 2 if missing else 1, figsize=(10 if missing else 6, 4), squeeze=False,
+                             gridspec_kw={'width_ratios': [3 + n, 1 + n] if missing else [1]})
+    ax = axes[0][0]
+    bars = ax.bar(names, [100 * a for a in accs], color=colours)
+    ax.bar_label(bars, fmt='%.1f', fontsize=8)
+    ax.set_ylabel('test top-1 (%)')
+    ax.set_ylim(0, 105)
+    ax.set_title('models (students: on their own classes)', fontsize=10)
+    ax.tick_params(axis='x', rotation=30)
+    if missing:
+        ax = axes[0][1]
+        labels = ['all'] + [f'no dev {i}' for i in range(len(missing))]
+        bars = ax.bar(labels, [100 * report['ensemble_acc'], *(100 * a for a in missing)],
+                      color=['tab:blue'] + ['tab:red'] * len(missing))
+        ax.bar_label(bars, fmt='%.1f', fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_title('ensemble, one device missing', fontsize=10)
+        ax.tick_params(axis='x', rotation=30)
+    fig.suptitle(f'DeViT demo: {n} devices, {report["seconds"]:.0f} s', fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser('Summarise the DeViT demo')
     parser.add_argument('--out', default='output/demo')
@@ -97,6 +138,7 @@ def main(argv=None):
     table = format_table(report)
     utils.write_json_atomic(os.path.join(args.out, 'results.json'), report)
     utils.write_text_atomic(os.path.join(args.out, 'results.txt'), table + '\n')
+    utils.write_bytes_atomic(os.path.join(args.out, 'results.png'), plot_report(report))
     print(table)
     print(json.dumps({k: report[k] for k in ('teacher_acc', 'ensemble_acc', 'baseline_acc')}))
     return report

@@ -9,23 +9,27 @@ mapped student/teacher layers (``--layer-map``). ``--teacher-path`` is stage 1's
         --model-ema --lr 8e-5 --data-path ./sub_datasets --dataset cifar100 \\
         --teacher-model deit_base_distilled_patch16_224 --teacher-path ./teacher_ckpt.pth \\
         --distillation-type hard --gama 0.2 0.1 0.3 --num_division 4 --start-division 0 --output_dir ./output
+Recipe files: ``-c configs/cifar100/stage2.yaml`` (the command above), ``-c configs/small.yaml``.
 Writes OUTPUT/sub-dataset{i}/{checkpoint.pth, checkpoint_last.pth, log.txt}, the input of ensemble.py.
+``distill(args)`` runs the stage on parsed arguments (shrink.py re-distils pruned students through it).
 """
 import argparse
+import functools
 import os
 
+import datasets
 import engine
 import plan
 import utils
 from losses import DistillationLoss, build_base_criterion
-from models.adapter import layer_pairs
+from models.adapter import check_token_counts, layer_pairs
 from models.checkpoint import load_weights
 from models.pruning import load_shrunk
 
 
 def get_parser():
     parser = argparse.ArgumentParser('DeViT stage 2: distil students from sub-teachers',
-                                     parents=[utils.get_args_parser()])
+                                     parents=utils.training_parents(distillation='relations'))
     parser.add_argument('--load-shrink', default=None, metavar='POLICY',
                         help='distil a shrunk student again: shrink.py\'s output folder (division i: '
                              'sub-dataset{i}/pruned.pth), a pruned checkpoint, or a shrink.json policy applied to '
@@ -62,44 +66,46 @@ def check_teacher(path, division, classes):
                                f'({len(info["classes"])}), but division {division} has classes {list(classes)[:8]}')
 
 
-def check_token_counts(student, teacher):
-    """The relation loss compares N×N token relations, so student and teacher must see the same token count."""
-    counts = [m.patch_embed.num_patches + m.num_prefix_tokens for m in (student, teacher)]
-    if counts[0] != counts[1]:
-        raise utils.UsageError(f'student and teacher token counts differ ({counts[0]} vs {counts[1]}): give both the '
-                               f'same img_size/patch_size (and both a distillation token or neither)')
+def make_task(args, division, num_classes, planned=None):
+    """Student i (fresh, from --model-path, or re-shrunk by --load-shrink), frozen sub-teacher i, KD + relations.
+    planned: {division: (model, model_kwargs)} from --plan."""
+    if planned:  # kept in the checkpoint's args, from which ensemble.py builds each (unlike) backbone
+        args.model, args.model_kwargs = planned[division]
+    student = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
+                                 drop_path_rate=args.drop_path)
+    if args.model_path:
+        load_weights(student, args.model_path, reset_head=True)
+    if args.load_shrink:
+        load_shrunk(student, args.load_shrink, division)
+    if hasattr(student, 'set_distilled_training'):
+        student.set_distilled_training(True)  # both heads in training, their mean at eval (as DeiT)
+    teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
+    load_weights(teacher, teacher_file(args.teacher_path, division), reset_head=False)
+    if any(g > 0 for g in args.gama):  # relations compare N×N token maps; KD alone does not care
+        check_token_counts(student, teacher)
+    mixup_active = engine.build_mixup(args, num_classes) is not None
+    loss = DistillationLoss(build_base_criterion(mixup_active, args.smoothing), args.distillation_type,
+                            args.distillation_alpha, args.distillation_tau)
+    pairs = layer_pairs(len(student.blocks), len(teacher.blocks), args.layer_map)
+    return engine.DecomposeTask(student, teacher, loss, pairs, args.gama)
+
+
+def distill(args):
+    """Stage 2 on parsed arguments (after utils.init_distributed): every teacher is checked before anything
+    trains; returns engine.run_divisions' summary per division."""
+    manifest = datasets.read_manifest(args.data_path, required=True)
+    planned = plan.students_for(args.plan, manifest, args.model, args.model_kwargs) if args.plan else None
+    teachers = [teacher_file(args.teacher_path, d) for d in utils.divisions_to_run(args, manifest)]
+    for division, path in zip(utils.divisions_to_run(args, manifest), teachers, strict=True):
+        check_teacher(path, division, manifest['divisions'][division]['classes'])
+    utils.inherit_normalization(args, teachers)
+    return engine.run_divisions(args, functools.partial(make_task, args, planned=planned), stage=2)
 
 
 def main(argv=None):
     args = utils.parse_args(get_parser(), argv)
     utils.init_distributed(args)
-    manifest = utils.read_manifest(args.data_path)
-    planned = plan.students_for(args.plan, manifest, args.model, args.model_kwargs) if args.plan else None
-    for division in utils.divisions_to_run(args, manifest):  # every teacher is checked before anything trains
-        check_teacher(teacher_file(args.teacher_path, division), division, manifest['divisions'][division]['classes'])
-
-    def make_task(division, num_classes):
-        if planned:  # kept in the checkpoint's args, from which ensemble.py builds each (unlike) backbone
-            args.model, args.model_kwargs = planned[division]
-        student = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
-                                     drop_path_rate=args.drop_path)
-        if args.model_path:
-            load_weights(student, args.model_path, reset_head=True)
-        if args.load_shrink:
-            load_shrunk(student, args.load_shrink, division)
-        if hasattr(student, 'set_distilled_training'):
-            student.set_distilled_training(True)  # both heads in training, their mean at eval (as DeiT)
-        teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
-        load_weights(teacher, teacher_file(args.teacher_path, division), reset_head=False)
-        if any(g > 0 for g in args.gama):  # relations compare N×N token maps; KD alone does not care
-            check_token_counts(student, teacher)
-        mixup_active = engine.build_mixup(args, num_classes) is not None
-        loss = DistillationLoss(build_base_criterion(mixup_active, args.smoothing), args.distillation_type,
-                                args.distillation_alpha, args.distillation_tau)
-        pairs = layer_pairs(len(student.blocks), len(teacher.blocks), args.layer_map)
-        return engine.DecomposeTask(student, teacher, loss, pairs, args.gama)
-
-    return engine.run_divisions(args, make_task, stage=2)
+    return distill(args)
 
 
 if __name__ == '__main__':

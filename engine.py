@@ -4,7 +4,7 @@ What differs between stages lives in a *task*: a small ``nn.Module`` whose ``for
 models and returns ``(loss, parts)``. Making the task the module that DDP wraps keeps gradient synchronisation
 correct even though the student is run through ``forward_features`` rather than its ``forward``.
 
-- ``SupervisedTask``: stage 1 (and the demo's teacher): base loss on the model's output.
+- ``SupervisedTask``: stage 1 (and a teacher trained from scratch): base loss on the model's output.
 - ``DecomposeTask``:  stage 2: hard/soft KD on the distillation head + q/k/v relation terms to the sub-teacher.
 - ``EnsembleTask``:   stage 3: KD of the ensemble against the full teacher + MSE on cls/dist tokens.
 
@@ -13,6 +13,7 @@ correct even though the student is run through ``forward_features`` rather than 
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 import utils
 from losses import relation_terms, token_loss
-from models.checkpoint import read_checkpoint
+from models.checkpoint import args_dict, restore_training_state, training_state
 from models.features import forward_features
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,13 +156,30 @@ def build_loaders(args, train_set, val_set):
     return train_loader, val_loader
 
 
+# What a loader worker needs (the dataset classes and transforms, the worker loop) and the modules the stage scripts
+# import: the fork server imports them once, so that a worker starts as a fork of it instead of importing torch,
+# timm and torchvision afresh (16 workers a rank did that, for minutes on two cores). Python 3.11's fork server
+# would preload the main script itself, but it is never given its path, so the modules are named here.
+WORKER_PRELOAD = ('engine', 'datasets', 'timm.data', 'torchvision.transforms', 'torch.utils.data')
+
+
+def worker_context():
+    """The multiprocessing context of the loader workers: a fork server with WORKER_PRELOAD imported.
+
+    Workers come from a fork server, not from a fork of this rank: a rank has threads (gloo's, the launcher
+    watchdog), and a fork taken while one of them holds a lock can leave the worker deadlocked (Python 3.14 made
+    forkserver the Linux default for this reason). The server is a fresh single-threaded process, so forking it
+    is safe; everything a worker receives is pickled (datasets.build_dataset's datasets and transforms are).
+    """
+    context = multiprocessing.get_context('forkserver')
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    return context
+
+
 def loader_options(args):
     options = {'num_workers': args.num_workers, 'pin_memory': args.pin_mem, 'persistent_workers': args.num_workers > 0}
     if args.num_workers > 0:
-        # Workers come from a fork server, not from a fork of this rank: a rank has threads (gloo, the launcher
-        # watchdog), and a fork taken while one of them holds a lock can leave the worker deadlocked (Python 3.14
-        # made forkserver the Linux default for this reason).
-        options['multiprocessing_context'] = 'forkserver'
+        options['multiprocessing_context'] = worker_context()
     return options
 
 
@@ -328,11 +346,31 @@ def check_output_dir(args, output_dir):
                                f'it or --overwrite to start over')
 
 
+def warn_recipe(args):
+    """One warning line for a schedule that cannot work as meant: a warm-up as long as the whole run."""
+    if args.warmup_epochs >= args.epochs and utils.is_main_process():
+        print(f'warning: the warm-up ({args.warmup_epochs:g} epochs) is as long as the training ({args.epochs} '
+              f'epochs), so the learning rate never reaches --lr; give --warmup-epochs below --epochs (the small-data '
+              f'recipe, -c configs/small.yaml, warms up for under half an epoch)', flush=True)
+
+
+def warn_chance(best_acc1, num_classes):
+    """One warning line when a finished run's best test top-1 is no better than guessing."""
+    if not num_classes or best_acc1 is None or not utils.is_main_process():
+        return
+    chance = 100.0 / num_classes
+    if best_acc1 <= chance:
+        print(f'warning: best test top-1 {best_acc1:.2f}% is at or below chance ({chance:.2f}% for {num_classes} '
+              f'classes): fine for a smoke run, not for a finished one (too few epochs or images, a warm-up longer '
+              f'than the run, or a recipe for another data size)', flush=True)
+
+
 def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, num_classes=None):
     """Train ``task.model`` for ``args.epochs`` epochs; return a summary dict (best and final accuracy).
 
-    Checkpoints: ``checkpoint_last.pth`` every epoch (for resume) and ``checkpoint.pth`` on a new best test top-1;
-    both hold model, model_ema, optimizer, lr_scheduler, scaler, epoch, args, best_acc1 and ``extra_checkpoint``.
+    Checkpoints (models.checkpoint.training_state, plus ``extra_checkpoint``): ``checkpoint_last.pth`` every epoch
+    (for resume) and ``checkpoint.pth``, the best so far: written after the first epoch whatever its accuracy, then
+    whenever test top-1 reaches the best again (ties included), so every finished epoch leaves both files.
     """
     device = torch.device(args.device)
     main = utils.is_main_process()
@@ -357,13 +395,14 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
     scaler = NativeScaler() if device.type == 'cuda' else None
     mixup_fn = build_mixup(args, num_classes) if num_classes else None
 
-    start_epoch, best_acc1, num_updates = 0, 0.0, 0
+    start_epoch, best_acc1, num_updates = 0, None, 0  # best_acc1 None: no epoch finished yet
     path = resume_path(args, output_dir)
     if path:
-        start_epoch, best_acc1, num_updates = load_training_state(path, model, optimizer, lr_scheduler, model_ema,
-                                                                  scaler, expect=extra_checkpoint)
+        start_epoch, best_acc1, num_updates = restore_training_state(
+            path, model, optimizer, lr_scheduler, model_ema.module if model_ema is not None else None, scaler,
+            expect=extra_checkpoint)
         if main:
-            print(f'resumed from {path}: epoch {start_epoch}, best acc1 {best_acc1:.2f}', flush=True)
+            print(f'resumed from {path}: epoch {start_epoch}, best acc1 {best_acc1 or 0.0:.2f}', flush=True)
 
     if args.eval:
         return {'test': evaluate(model, val_loader, device, progress)}
@@ -373,7 +412,8 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
         os.makedirs(output_dir, exist_ok=True)
         for stale in utils.remove_stale_temp_files(output_dir, (CHECKPOINT_BEST, CHECKPOINT_LAST)):
             print(f'removed {stale}, an unfinished checkpoint write of a killed run', flush=True)
-        utils.write_json_atomic(os.path.join(output_dir, 'args.json'), utils.args_to_dict(args))
+        utils.write_json_atomic(os.path.join(output_dir, 'args.json'), args_dict(args))
+    warn_recipe(args)
     test_stats = ema_stats = {}
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
@@ -387,8 +427,10 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
             start_update=num_updates, progress=progress)
         test_stats = evaluate(model, val_loader, device)
         ema_stats = evaluate(model_ema.module, val_loader, device) if model_ema is not None else {}
-        is_best = test_stats['acc1'] > best_acc1
-        best_acc1 = max(best_acc1, test_stats['acc1'])
+        # Ties count as a new best and the first epoch always does: checkpoint.pth exists after every finished
+        # epoch, even in a run whose accuracy stays at 0 (a smoke run in its warm-up), and the next stage can start.
+        is_best = best_acc1 is None or test_stats['acc1'] >= best_acc1
+        best_acc1 = test_stats['acc1'] if is_best else best_acc1
         record = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                   **{f'test_{k}': v for k, v in test_stats.items()},
                   **{f'test_ema_{k}': v for k, v in ema_stats.items()},
@@ -397,12 +439,10 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
             record['skipped_images'] = len(skipped_images(full_sets))
         check_finite(model, model_ema, epoch)  # never overwrite the last good checkpoints with NaN weights
         if main:
-            state = {'model': model.state_dict(),
-                     'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-                     'optimizer': optimizer.state_dict(), 'lr_scheduler': lr_scheduler.state_dict(),
-                     'scaler': scaler.state_dict() if scaler is not None else None,
-                     'epoch': epoch, 'num_updates': num_updates, 'best_acc1': best_acc1,
-                     'test_acc1': test_stats['acc1'], 'args': utils.args_to_dict(args), **(extra_checkpoint or {})}
+            state = training_state(model, args=args, model_ema=model_ema.module if model_ema is not None else None,
+                                   optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, epoch=epoch,
+                                   num_updates=num_updates, best_acc1=best_acc1, test_acc1=test_stats['acc1'],
+                                   **(extra_checkpoint or {}))
             # Best first: a kill between the two saves then resumes from the previous epoch and redoes this one,
             # where last-first would resume past a best epoch whose checkpoint.pth was never written.
             if is_best:
@@ -417,6 +457,7 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
         utils.barrier()
     if writer is not None:
         writer.close()
+    warn_chance(best_acc1, num_classes)
     summary = {'best_acc1': best_acc1, 'test': test_stats, 'test_ema': ema_stats}
     if args.skip_bad_images:
         summary['skipped_images'] = skipped = skipped_images(full_sets)
@@ -454,37 +495,6 @@ def skipped_images(datasets):
     return sorted(set().union(*utils.all_gather_object(local)))
 
 
-def load_training_state(path, model, optimizer, lr_scheduler, model_ema, scaler, expect=None):
-    """Restore everything ``fit`` saved; returns (next epoch, best acc1, optimizer updates so far).
-
-    ``expect``: entries (``stage``, ``division``, ``classes``) the checkpoint must match when it has them.
-    """
-    state = read_checkpoint(path)
-    missing = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch') if k not in state]
-    if missing:
-        raise utils.CheckpointError(f'{path} is not a training checkpoint of this project (no {", ".join(missing)})')
-    for key in ('stage', 'division', 'classes'):
-        if key in (expect or {}) and state.get(key) is not None and state[key] != expect[key]:
-            raise utils.CheckpointError(f'{path} was written with {key} {state[key]}, this run has {key} '
-                                        f'{expect[key]}: resume a run with the script and division that wrote it')
-    try:
-        model.load_state_dict(state['model'])
-    except RuntimeError as err:
-        raise utils.CheckpointError(f'{path} does not fit the model being trained: {first_line(err)}') from None
-    optimizer.load_state_dict(state['optimizer'])
-    lr_scheduler.load_state_dict(state['lr_scheduler'])
-    if model_ema is not None and state.get('model_ema') is not None:
-        model_ema.module.load_state_dict(state['model_ema'])
-    if scaler is not None and state.get('scaler') is not None:
-        scaler.load_state_dict(state['scaler'])
-    return state['epoch'] + 1, state.get('best_acc1', 0.0), state.get('num_updates', 0)
-
-
-def first_line(err):
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return ' '.join(lines[:3])
-
-
 def tensorboard_writer(args, output_dir):
     if not args.tensorboard:
         return None
@@ -495,6 +505,15 @@ def tensorboard_writer(args, output_dir):
     return SummaryWriter(os.path.join(output_dir, 'tensorboard'))
 
 
+def set_normalization(args, in_chans):
+    """Fix ``args.mean``/``args.std`` to the values the data is normalised with (``--mean``/``--std``, those the
+    input checkpoints recorded (utils.inherit_normalization), else ImageNet's), so that args.json and every
+    checkpoint record them for the next stages and for deployment."""
+    import datasets
+
+    args.mean, args.std = (list(v) for v in datasets.resolve_mean_std(args.mean, args.std, in_chans))
+
+
 def run_divisions(args, make_task, stage):
     """Stages 1 and 2: for each division to run, build its task and data and ``fit`` into ``sub-dataset{i}/``.
 
@@ -502,7 +521,7 @@ def run_divisions(args, make_task, stage):
     """
     import datasets  # local: keeps ``engine`` importable by tools that never load data
 
-    manifest = utils.read_manifest(args.data_path)
+    manifest = datasets.read_manifest(args.data_path, required=True)
     divisions = utils.divisions_to_run(args, manifest)
     for division in divisions:  # fail before any training, not after the first division
         check_output_dir(args, utils.division_dir(args.output_dir, division))
@@ -516,6 +535,7 @@ def run_divisions(args, make_task, stage):
         utils.seed_everything(args.seed)  # same initial weights on every rank and in every rerun
         task = make_task(division, num_classes)
         size, chans = utils.input_spec(task.model)
+        set_normalization(args, chans)
         data = {split: datasets.build_dataset(args.dataset, args.data_path, split, division=division, input_size=size,
                                               in_chans=chans, tiny=args.tiny_transforms, args=args)
                 for split in ('train', 'val')}
@@ -526,5 +546,5 @@ def run_divisions(args, make_task, stage):
         results[division] = fit(args, task, data['train'], data['val'], utils.division_dir(args.output_dir, division),
                                 extra_checkpoint=extra, num_classes=num_classes)
         if utils.is_main_process():
-            print(f'division {division}: best test acc1 {results[division]["best_acc1"]:.2f}%', flush=True)
+            print(f'division {division}: best test acc1 {results[division]["best_acc1"] or 0.0:.2f}%', flush=True)
     return results

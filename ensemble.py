@@ -9,8 +9,9 @@ full teacher's checkpoint.
         ensemble.py --batch-size 128 --eval-batch-size 256 --epochs 50 --model dedeit --model-path ./model_path \\
         --model-ema --lr 3e-4 --data-path ./datasets --dataset cifar100 --num_division 4 --output_dir ./output \\
         --teacher-model deit_base_distilled_patch16_224 --teacher-path ./teacher_ckpt.pth --sub_classes 25 25 25 25
-Writes OUTPUT/{checkpoint.pth, checkpoint_last.pth, log.txt}; the checkpoint's ``ensemble_config`` lets
-``collab_infer.py`` rebuild the model on N devices.
+Recipe files: ``-c configs/cifar100/stage3.yaml`` (the command above), ``-c configs/small.yaml``.
+Writes OUTPUT/{checkpoint.pth, checkpoint_last.pth, log.txt}; the checkpoint's ensemble config
+(``models.ensemble_model.CONFIG_KEY``) lets ``collab_infer.py`` rebuild the model on N devices.
 """
 import argparse
 import os
@@ -23,11 +24,13 @@ import engine
 import utils
 from losses import DistillationLoss, build_base_criterion
 from models.checkpoint import load_weights, read_checkpoint
-from models.ensemble_model import load_students
+from models.ensemble_model import CONFIG_KEY, load_students
 
 
 def get_parser():
-    parser = argparse.ArgumentParser('DeViT stage 3: ensemble of the students', parents=[utils.get_args_parser()])
+    parents = [utils.data_args(), utils.augment_args(), utils.division_args(select=False), utils.model_args(),
+               utils.optim_args(), utils.distill_args(relations=False), utils.run_args()]
+    parser = argparse.ArgumentParser('DeViT stage 3: ensemble of the students', parents=parents)
     group = parser.add_argument_group('ensemble')
     group.add_argument('--device-dropout', type=utils.probability, default=0.0,
                        help='training probability of zeroing one device\'s tokens (robust to a missing device)')
@@ -111,13 +114,15 @@ def main(argv=None):
     utils.init_distributed(args)
     if not args.model_path or not os.path.isdir(args.model_path):
         raise utils.UsageError(f'--model-path {args.model_path} must be the output folder of distill_sub.py')
-    manifest = utils.read_manifest(args.model_path)
-    utils.divisions_to_run(args, manifest)  # checks --num_division and --sub_classes against the manifest
+    manifest = datasets.read_manifest(args.model_path, required=True)
+    utils.check_divisions(args, manifest)
     check_students(args.model_path, args.num_division)
     engine.check_output_dir(args, args.output_dir)
     num_classes = manifest['num_classes']
     teacher_path = teacher_checkpoint(args.teacher_path)
     check_teacher_classes(teacher_path, num_classes)
+    student0 = os.path.join(utils.division_dir(args.model_path, 0), engine.CHECKPOINT_BEST)
+    utils.inherit_normalization(args, [p for p in (student0, teacher_path) if os.path.isfile(p)])
 
     utils.seed_everything(args.seed)  # same initial head on every rank and in every rerun
     teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
@@ -129,6 +134,7 @@ def main(argv=None):
     if utils.input_spec(teacher) != (size, chans):
         raise utils.UsageError(f'teacher input {utils.input_spec(teacher)} differs from the students\' {(size, chans)}'
                                f' (size, channels): pass --teacher-kwargs img_size=... in_chans=...')
+    engine.set_normalization(args, chans)
     data = {split: datasets.build_dataset(args.dataset, args.data_path, split, input_size=size, in_chans=chans,
                                           tiny=args.tiny_transforms, args=args) for split in ('train', 'val')}
     if data['train'].num_classes != num_classes:
@@ -142,11 +148,11 @@ def main(argv=None):
                                                          args.smoothing),
                                     args.distillation_type, args.distillation_alpha, args.distillation_tau)
     task = engine.EnsembleTask(ensemble, teacher, distill_loss)
-    extra = {'stage': 3, 'ensemble_config': ensemble.config, 'num_classes': num_classes}
+    extra = {'stage': 3, CONFIG_KEY: ensemble.config, 'num_classes': num_classes}
     result = engine.fit(args, task, data['train'], data['val'], args.output_dir, extra_checkpoint=extra,
                         num_classes=num_classes)
     if utils.is_main_process() and not args.eval:
-        print(f'ensemble: best test acc1 {result["best_acc1"]:.2f}%', flush=True)
+        print(f'ensemble: best test acc1 {result["best_acc1"] or 0.0:.2f}%', flush=True)
     if args.eval_missing:
         result['missing_devices'] = evaluate_missing(args, ensemble, data['val'])
     return result

@@ -4,7 +4,8 @@ For each division: load the stage-2 student, score every head and MLP neuron by 
 division's training images (training transform, no mixup), keep the top fraction `--head-ratio` of heads and
 `--neuron-ratio` of neurons in every layer (fractions KEPT; at least one head and one neuron per layer), physically
 remove the rest (models/pruning.py) and evaluate before and after. With `--redistill-epochs E` the pruned student is
-then distilled again from its sub-teacher by distill_sub.py (`--load-shrink`), with this command's other flags.
+then distilled again from its sub-teacher by distill_sub.distill (as `distill_sub.py --load-shrink`), with this
+command's other flags.
 
     python shrink.py --model-path ./output/stage2 --data-path ./sub_datasets --dataset cifar100 --num_division 4 \\
         --all-divisions --head-ratio 0.67 --neuron-ratio 0.5 --importance-batches 20 --output_dir ./output/shrunk
@@ -22,7 +23,6 @@ re-distilled one with `--redistill-epochs`), so OUTPUT is a valid `--model-path`
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -30,7 +30,7 @@ import datasets
 import distill_sub
 import engine
 import utils
-from models.checkpoint import extract_state_dict, load_state_dict_checked
+from models.checkpoint import args_dict, extract_state_dict, load_state_dict_checked, training_state
 from models.ensemble_model import student_spec
 from models.pruning import (
     POLICY_FILE,
@@ -44,14 +44,6 @@ from models.pruning import (
 )
 from models.stats import count_macs, count_params
 
-# Flags of this script that distill_sub.py does not take, and those the re-distillation sets itself, with the
-# number of values each takes (-1: all up to the next flag).
-_OWN_FLAGS = {'--head-ratio': 1, '--neuron-ratio': 1, '--importance-batches': 1, '--redistill-epochs': 1,
-              '--shrink-ema': 0}
-_REPLACED_FLAGS = {'--model-path': 1, '--model_path': 1, '--output_dir': 1, '--output-dir': 1, '--epochs': 1,
-                   '--start-division': 1, '--start_division': 1, '--all-divisions': 0, '--model': 1,
-                   '--model-kwargs': -1}
-
 
 def fraction(text):
     value = float(text)
@@ -61,8 +53,9 @@ def fraction(text):
 
 
 def get_parser():
+    # every group: pruning reads data and students, and --redistill-epochs trains as distill_sub.py does
     parser = argparse.ArgumentParser('DeViT shrinking: prune heads and MLP neurons of the stage-2 students',
-                                     parents=[utils.get_args_parser()])
+                                     parents=utils.training_parents(distillation='relations'))
     group = parser.add_argument_group('shrink')
     group.add_argument('--head-ratio', type=fraction, default=0.67,
                        help='fraction of attention heads KEPT in every layer (at least one)')
@@ -130,6 +123,7 @@ def size_of(model):
 def loaders(args, division, model):
     """(train, val) loaders of one division at the model's input size; train shuffled by --seed, sharded by rank."""
     size, chans = utils.input_spec(model)
+    engine.set_normalization(args, chans)
     data = {split: datasets.build_dataset(args.dataset, args.data_path, split, division=division, input_size=size,
                                           in_chans=chans, tiny=args.tiny_transforms, args=args)
             for split in ('train', 'val')}
@@ -140,7 +134,8 @@ def loaders(args, division, model):
 
 
 def shrink_division(args, division, manifest):
-    """Score, prune and evaluate the student of one division; write pruned.pth and shrink.json (rank 0)."""
+    """Score, prune and evaluate the student of one division; write pruned.pth (rank 0) and return the record that
+    becomes its shrink.json."""
     info = manifest['divisions'][division]
     path = student_file(args.model_path, division)
     ckpt, model, spec = load_student(path, info['classes'], model_kwargs=args.model_kwargs, model=args.model,
@@ -166,14 +161,12 @@ def shrink_division(args, division, manifest):
               'params': [params_before, params_after], 'macs': [macs_before, macs_after]}
     if utils.is_main_process():
         out = utils.division_dir(args.output_dir, division)
-        state = {'model': model.state_dict(), 'model_ema': None, 'args': ckpt.get('args'), 'stage': 2,
-                 'division': division, 'classes': info['classes'], 'num_classes': len(info['classes']),
-                 'epoch': ckpt.get('epoch'), 'best_acc1': pruned['acc1'], 'test_acc1': pruned['acc1'],
-                 'shrink_policy': policy, 'shrink_args': utils.args_to_dict(args)}
+        state = training_state(model, args=ckpt.get('args'), epoch=ckpt.get('epoch'), best_acc1=pruned['acc1'],
+                               test_acc1=pruned['acc1'], stage=2, division=division, classes=info['classes'],
+                               num_classes=len(info['classes']), shrink_policy=policy, shrink_args=args_dict(args))
         utils.save_checkpoint(state, os.path.join(out, PRUNED_FILE))
         if not args.redistill_epochs:
             utils.save_checkpoint(state, os.path.join(out, engine.CHECKPOINT_BEST))
-        utils.write_json_atomic(os.path.join(out, POLICY_FILE), record)
         print(f'division {division}: heads {parent["heads"]} -> {policy["heads"]}, MLP {parent["hidden"]} -> '
               f'{policy["hidden"]}; params {params_before} -> {params_after}, MACs {macs_before} -> {macs_after}; '
               f'acc1 {before["acc1"]:.2f} -> {pruned["acc1"]:.2f}', flush=True)
@@ -181,37 +174,27 @@ def shrink_division(args, division, manifest):
 
 
 def evaluate_redistilled(args, division, manifest):
-    """Test accuracy of the re-distilled student distill_sub.py kept (OUTPUT/sub-dataset{i}/checkpoint.pth)."""
+    """Test accuracy of the re-distilled student distill_sub.distill kept (OUTPUT/sub-dataset{i}/checkpoint.pth)."""
     path = os.path.join(utils.division_dir(args.output_dir, division), engine.CHECKPOINT_BEST)
     _, model, _ = load_student(path, manifest['divisions'][division]['classes'], device=args.device)
     return engine.evaluate(model, loaders(args, division, model)[1], torch.device(args.device))
 
 
-def redistill_argv(argv, args, division, student):
-    """This command's flags for distill_sub.py, re-distilling division i's pruned student of OUTPUT into OUTPUT."""
-    out, skip = [], 0
-    for token in argv:
-        if skip == -1 and not token.startswith('-'):
-            continue
-        if skip > 0:
-            skip -= 1
-            continue
-        flag = token.split('=', 1)[0]
-        width = _OWN_FLAGS.get(flag, _REPLACED_FLAGS.get(flag))
-        skip = 0 if width is None or '=' in token else width
-        if width is None:
-            out.append(token)
-    kwargs = [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in student['kwargs'].items()]
-    return out + ['--model', student['model'], '--model-kwargs', *kwargs, '--start-division', str(division),
-                  '--output_dir', args.output_dir, '--epochs', str(args.redistill_epochs),
-                  '--load-shrink', args.output_dir]
+def redistill_args(args, division, student):
+    """distill_sub's arguments for re-distilling division i's pruned student (OUTPUT/sub-dataset{i}/pruned.pth)
+    into OUTPUT: this command's flags (teacher, data, recipe), the student's model, --redistill-epochs epochs.
+    Flags only distill_sub.py has keep their defaults."""
+    defaults = vars(distill_sub.get_parser().parse_args([]))
+    return argparse.Namespace(**{**defaults, **vars(args), 'model': student['model'],
+                                 'model_kwargs': dict(student['kwargs']), 'model_path': None,
+                                 'start_division': division, 'all_divisions': False, 'epochs': args.redistill_epochs,
+                                 'load_shrink': args.output_dir})
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = utils.parse_args(get_parser(), argv)
     utils.init_distributed(args)
-    manifest = utils.read_manifest(args.data_path)
+    manifest = datasets.read_manifest(args.data_path, required=True)
     divisions = utils.divisions_to_run(args, manifest)
     if len(divisions) > 1 and not os.path.isdir(args.model_path or ''):
         raise utils.UsageError('--all-divisions needs --model-path to be the stage-2 output folder')
@@ -224,19 +207,19 @@ def main(argv=None):
         if existing and not args.overwrite:
             raise utils.UsageError(f'{out} already holds {", ".join(existing)}; pass --overwrite to replace it')
     utils.check_writable_dir(args.output_dir)
+    utils.inherit_normalization(args, [student_file(args.model_path, divisions[0])])
     utils.seed_everything(args.seed)
     utils.copy_manifest(manifest, args.output_dir)
     records = {division: shrink_division(args, division, manifest) for division in divisions}
     utils.barrier()
 
-    if args.redistill_epochs:
-        for division, record in records.items():
-            distill_sub.main(redistill_argv(argv, args, division, record['student']))
+    for division, record in records.items():
+        if args.redistill_epochs:
+            distill_sub.distill(redistill_args(args, division, record['student']))
             stats = evaluate_redistilled(args, division, manifest)
             record['acc1'][2], record['acc5'][2] = stats['acc1'], stats['acc5']
-            if utils.is_main_process():
-                path = os.path.join(utils.division_dir(args.output_dir, division), POLICY_FILE)
-                utils.write_json_atomic(path, record)
+        if utils.is_main_process():
+            utils.write_json_atomic(os.path.join(utils.division_dir(args.output_dir, division), POLICY_FILE), record)
     if utils.is_main_process():
         summary = {d: dict(zip(r['steps'], r['acc1'], strict=True)) for d, r in records.items()}
         print(json.dumps({'shrink_acc1': summary}), flush=True)

@@ -6,9 +6,12 @@ Distributed (as the seed):
         train_subdata.py --batch-size 256 --eval-batch-size 512 --epochs 100 \\
         --model deit_base_distilled_patch16_224 --model-path ./ckpt.pth --model-ema --lr 1e-4 \\
         --data-path ./sub_datasets --dataset cifar100 --num_division 4 --start-division 0 --output_dir ./output
+Recipes: ``-c configs/cifar100/stage1.yaml`` (the command above as a file), ``-c configs/small.yaml`` (a small
+dataset, model trained from scratch); flags on the command line override the file.
 Writes OUTPUT/sub-dataset{i}/{checkpoint.pth, checkpoint_last.pth, log.txt}, the input of distill_sub.py.
 """
 import argparse
+import os
 
 import engine
 import utils
@@ -17,12 +20,14 @@ from models.checkpoint import load_weights
 
 
 def get_parser():
-    return argparse.ArgumentParser('DeViT stage 1: fine-tune sub-teachers', parents=[utils.get_args_parser()])
+    return argparse.ArgumentParser('DeViT stage 1: fine-tune sub-teachers', parents=utils.training_parents())
 
 
 def main(argv=None):
     args = utils.parse_args(get_parser(), argv)
     utils.init_distributed(args)
+    if args.model_path and os.path.isfile(args.model_path):
+        utils.inherit_normalization(args, [args.model_path])
 
     def make_task(division, num_classes):
         model = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,

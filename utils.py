@@ -1,10 +1,11 @@
-"""Shared plumbing for the stage scripts: one argument parser, distributed set-up, seeding, checkpoints, logging.
+"""Shared plumbing for the stage scripts: argument groups and recipes, distributed set-up, seeding, checkpoints, logs.
 
-Every stage script builds its parser as ``argparse.ArgumentParser(parents=[get_args_parser()])`` and adds only
-its own flags, so the seed's four commands are accepted flag for flag by all of them.
+Each stage script composes the argument groups it uses (``data_args``, ``augment_args``, ``division_args``,
+``model_args``, ``optim_args``, ``distill_args``, ``run_args``; ``training_parents`` gives a training stage's set)
+and parses with ``parse_args``, which first applies the defaults of ``-c/--config FILE.yaml``. The seed's four
+commands are accepted flag for flag by the scripts they belong to.
 """
 import argparse
-import ast
 import datetime
 import glob
 import json
@@ -17,6 +18,7 @@ import tempfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ParseKwargs as TimmParseKwargs
 
 from models.checkpoint import CheckpointError, read_checkpoint  # noqa: F401  (one error type, one reader)
 
@@ -64,48 +66,38 @@ def probability(text):
     return value
 
 
-class ParseKwargs(argparse.Action):
-    """timm's ``--model-kwargs k=v ...`` action; an item without ``=`` is a usage error, not a traceback."""
+class ParseKwargs(TimmParseKwargs):
+    """timm's ``--model-kwargs k=v ...`` action; an item without ``=`` (or without a key) is a usage error."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = {}
         for item in values:
-            key, sep, value = item.partition('=')
+            key, sep, _ = item.partition('=')
             if not sep or not key:
                 raise argparse.ArgumentError(self, f'expected KEY=VALUE items, got {item!r}')
-            try:
-                kwargs[key] = ast.literal_eval(value)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                kwargs[key] = value
-        setattr(namespace, self.dest, kwargs)
+        super().__call__(parser, namespace, values, option_string)
 
 
-def get_args_parser():
-    """Parent parser (``add_help=False``) with every flag shared by the stage scripts."""
-    parser = argparse.ArgumentParser('DeViT', add_help=False)
+# Each group below is a parent parser (``add_help=False``) of one concern; an entry script composes those it uses:
+#     argparse.ArgumentParser('...', parents=[utils.data_args(), utils.model_args(), ...])
+# so its --help lists only its own flags. Every flag keeps the seed's spelling, with a hyphenated alias.
 
+def data_args():
+    """What is read and how it is fed: dataset, path, input size, normalisation, loader."""
+    parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('data')
     group.add_argument('--dataset', '--data-set', dest='dataset', default='fashion_mnist',
                        choices=['cifar100', 'IMNET', 'imagenet', 'flowers', 'cars', 'fashion_mnist', 'folder'])
     group.add_argument('--data-path', '--data_path', dest='data_path', default=None,
                        help='dataset root, or the output folder of splite_dataset.py for stages 1 and 2')
-    group.add_argument('--num_division', '--num-division', dest='num_division', type=positive_int, default=4)
-    group.add_argument('--start-division', '--start_division', dest='start_division', type=non_negative_int,
-                       default=0, help='train this division only')
-    group.add_argument('--all-divisions', action='store_true', help='train every division, one after another')
-    group.add_argument('--sub_classes', '--sub-classes', dest='sub_classes', type=positive_int, nargs='+',
-                       default=None, help='classes per division; checked against the split manifest')
     group.add_argument('--input-size', type=positive_int, default=None,
                        help="image size fed to the model (default: the model's img_size, else the dataset's)")
     group.add_argument('--tiny-transforms', action='store_true',
                        help='plain to-tensor + normalise (+ flip) instead of DeiT augmentation: for tiny CPU runs')
-    group.add_argument('--color-jitter', type=non_negative_float, default=0.3)
-    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='RandAugment policy ("none" to disable)')
-    group.add_argument('--train-interpolation', default='bicubic')
-    group.add_argument('--reprob', type=probability, default=0.25, help='random erasing probability')
-    group.add_argument('--remode', default='pixel')
-    group.add_argument('--recount', type=positive_int, default=1)
-    group.add_argument('--repeated-aug', action='store_true', help='repeated-augmentation sampler under DDP')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='M',
+                       help='normalisation mean, one value or one per input channel (default: ImageNet\'s); '
+                            'recorded in the checkpoints, later stages take it from their input checkpoints')
+    group.add_argument('--std', type=positive_float, nargs='+', default=None, metavar='S',
+                       help='normalisation std, as --mean')
     group.add_argument('--num_workers', '--num-workers', dest='num_workers', type=non_negative_int, default=None,
                        help='data loader workers (default: 0 with --tiny-transforms, else 8)')
     group.add_argument('--pin-mem', action='store_true')
@@ -113,7 +105,50 @@ def get_args_parser():
     group.add_argument('--limit-val', type=positive_int, default=None, help='use only the first K test images')
     group.add_argument('--skip-bad-images', action='store_true',
                        help='skip unreadable image files (logged, counted in the summary) instead of stopping')
+    return parser
 
+
+def augment_args():
+    """Training-time augmentation (DeiT's recipe, as timm names it), mixup/cutmix and label smoothing."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group('augmentation')
+    group.add_argument('--hflip', type=probability, default=0.5,
+                       help='horizontal flip probability (0: no flips, e.g. for text or road signs)')
+    group.add_argument('--color-jitter', type=non_negative_float, default=0.3)
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='RandAugment policy ("none" to disable)')
+    group.add_argument('--train-interpolation', default='bicubic')
+    group.add_argument('--reprob', type=probability, default=0.25, help='random erasing probability')
+    group.add_argument('--remode', default='pixel')
+    group.add_argument('--recount', type=positive_int, default=1)
+    group.add_argument('--repeated-aug', action='store_true', help='repeated-augmentation sampler under DDP')
+    group.add_argument('--smoothing', type=probability, default=0.1)
+    group.add_argument('--mixup', type=non_negative_float, default=0.8)
+    group.add_argument('--cutmix', type=non_negative_float, default=1.0)
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
+    group.add_argument('--mixup-prob', type=probability, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=probability, default=0.5)
+    group.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    return parser
+
+
+def division_args(select=True):
+    """The split's divisions. ``select``: also the flags that choose which divisions a run trains (stages 1, 2)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group('divisions')
+    group.add_argument('--num_division', '--num-division', dest='num_division', type=positive_int, default=4)
+    group.add_argument('--sub_classes', '--sub-classes', dest='sub_classes', type=positive_int, nargs='+',
+                       default=None, help='classes per division; checked against the split manifest')
+    if select:
+        group.add_argument('--start-division', '--start_division', dest='start_division', type=non_negative_int,
+                           default=0, help='train this division only')
+        group.add_argument('--all-divisions', action='store_true',
+                           help='train divisions --start-division..N-1, one after another')
+    return parser
+
+
+def model_args():
+    """The model being trained: timm name, size overrides, initial weights, drop-path, EMA."""
+    parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='dedeit', help='timm model name of the trained model')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
@@ -123,7 +158,12 @@ def get_args_parser():
     group.add_argument('--drop-path', type=non_negative_float, default=0.1)
     group.add_argument('--model-ema', action='store_true')
     group.add_argument('--model-ema-decay', type=probability, default=0.99996)
+    return parser
 
+
+def optim_args():
+    """Optimiser, learning-rate schedule, batch sizes and epochs."""
+    parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('optimisation')
     group.add_argument('--batch-size', type=positive_int, default=64)
     group.add_argument('--eval-batch-size', type=positive_int, default=None)
@@ -139,14 +179,12 @@ def get_args_parser():
     group.add_argument('--warmup-lr', type=non_negative_float, default=1e-6)
     group.add_argument('--min-lr', type=non_negative_float, default=1e-5)
     group.add_argument('--warmup-epochs', type=non_negative_float, default=5)
-    group.add_argument('--smoothing', type=probability, default=0.1)
-    group.add_argument('--mixup', type=non_negative_float, default=0.8)
-    group.add_argument('--cutmix', type=non_negative_float, default=1.0)
-    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
-    group.add_argument('--mixup-prob', type=probability, default=1.0)
-    group.add_argument('--mixup-switch-prob', type=probability, default=0.5)
-    group.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    return parser
 
+
+def distill_args(relations=True):
+    """The teacher and the KD loss; ``relations``: also stage 2's q/k/v relation terms."""
+    parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('distillation')
     group.add_argument('--teacher-model', default='deit_base_distilled_patch16_224')
     group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs)
@@ -155,12 +193,21 @@ def get_args_parser():
     group.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
     group.add_argument('--distillation-alpha', type=probability, default=0.5)
     group.add_argument('--distillation-tau', type=positive_float, default=1.0)
-    group.add_argument('--gama', '--gamma', dest='gama', type=non_negative_float, nargs=3, default=[0.2, 0.1, 0.3],
-                       metavar=('GQ', 'GK', 'GV'), help='weights of the q, k, v relation losses')
-    group.add_argument('--layer-map', default='middle', choices=['middle', 'all'],
-                       help="student↔teacher layers for the relation loss ('middle' as the paper's code)")
+    if relations:
+        group.add_argument('--gama', '--gamma', dest='gama', type=non_negative_float, nargs=3,
+                           default=[0.2, 0.1, 0.3], metavar=('GQ', 'GK', 'GV'),
+                           help='weights of the q, k, v relation losses')
+        group.add_argument('--layer-map', default='middle', choices=['middle', 'all'],
+                           help="student↔teacher layers for the relation loss ('middle' as the paper's code)")
+    return parser
 
+
+def run_args():
+    """Recipe file, output, resume, seed, device and the distributed set-up."""
+    parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('run')
+    group.add_argument('-c', '--config', default=None, metavar='FILE.yaml',
+                       help='recipe: a YAML file of flag defaults (e.g. configs/small.yaml); the command line wins')
     group.add_argument('--output_dir', '--output-dir', dest='output_dir', default='./output')
     group.add_argument('--resume', default='', help='checkpoint to resume from (checkpoint_last.pth)')
     group.add_argument('--auto-resume', action='store_true', help='resume from OUTPUT/checkpoint_last.pth if present')
@@ -177,16 +224,114 @@ def get_args_parser():
     return parser
 
 
+def training_parents(distillation=None):
+    """The groups of a training stage: data, augmentation, divisions, model, optimisation (+ distillation), run.
+
+    distillation: None (stage 1), 'relations' (stage 2: KD and q/k/v relations) or 'kd' (stage 3: KD only).
+    """
+    parents = [data_args(), augment_args(), division_args(), model_args(), optim_args()]
+    if distillation is not None:
+        parents.append(distill_args(relations=distillation == 'relations'))
+    return parents + [run_args()]
+
+
+def get_args_parser():
+    """Every group in one parent parser (``add_help=False``): what a tool that takes any stage's flags composes."""
+    return argparse.ArgumentParser('DeViT', add_help=False, parents=training_parents('relations'))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes (-c/--config FILE.yaml), as timm's train.py: the file sets defaults, the command line wins.
+
+def config_defaults(parser, path):
+    """Flag defaults from the YAML file ``path`` for ``parser``, checked as the command line would be.
+
+    Keys are the flags' names without dashes, as argparse stores them (``warmup_epochs``; ``warmup-epochs`` is
+    accepted too). A key that is not a flag of this script, or a value the flag refuses, ends the run with one
+    ``error:`` line (argparse's exit 2).
+    """
+    import yaml  # local: only a run with -c needs it
+
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except OSError as err:
+        parser.error(f'cannot read config {path}: {err.strerror or err}')
+    except yaml.YAMLError as err:
+        parser.error(f'config {path} is not valid YAML: {" ".join(str(err).split())}')
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        parser.error(f'config {path} must be a mapping of flag names to values, not a {type(cfg).__name__}')
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config') and a.dest != argparse.SUPPRESS}
+    unknown = sorted(k for k in cfg if str(k).replace('-', '_') not in actions)
+    if unknown:
+        parser.error(f'config {path}: {", ".join(map(str, unknown))} '
+                     f'{"is not a flag" if len(unknown) == 1 else "are not flags"} of {parser.prog}')
+    return {str(k).replace('-', '_'): _config_value(parser, actions[str(k).replace('-', '_')], v, path)
+            for k, v in cfg.items()}
+
+
+def _config_value(parser, action, value, path):
+    """``value`` as the flag of ``action`` would store it from the command line (type, choices, nargs)."""
+    key = action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            parser.error(f'config {path}: {key} is a switch: true or false, not {value!r}')
+        return value
+    if isinstance(action, ParseKwargs):
+        if isinstance(value, dict):
+            return dict(value)
+        value = value if isinstance(value, list) else str(value).split()
+        namespace = argparse.Namespace()
+        try:
+            action(parser, namespace, [str(v) for v in value])
+        except argparse.ArgumentError as err:
+            parser.error(f'config {path}: {key}: {err.message}')
+        return getattr(namespace, action.dest)
+    if value is None:
+        return None
+    many = action.nargs not in (None, '?')
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        parser.error(f'config {path}: {key} takes one value, not a list')
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        parser.error(f'config {path}: {key} takes {action.nargs} values, got {len(items)}')
+    out = []
+    for item in items:
+        try:
+            item = action.type(str(item)) if action.type is not None else item
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            parser.error(f'config {path}: {key}: {err}')
+        if action.choices is not None and item not in action.choices:
+            parser.error(f'config {path}: {key}: {item!r} is not one of {", ".join(map(str, action.choices))}')
+        out.append(item)
+    return out if many else out[0]
+
+
 def parse_args(parser, argv=None):
-    """Parse, then finish the derived fields; argparse-style exit 2 on inconsistent values."""
+    """Parse ``argv`` (after the defaults of ``-c/--config FILE.yaml``), then finish the derived fields.
+
+    Inconsistent values end the run as argparse does (usage, one ``error:`` line, exit 2).
+    """
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument('-c', '--config', default=None)
+    known, _ = first.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**config_defaults(parser, known.config))
     args = parser.parse_args(argv)
-    if args.eval_batch_size is None:
+    if getattr(args, 'eval_batch_size', 0) is None:
         args.eval_batch_size = args.batch_size
-    if args.num_workers is None:
+    if getattr(args, 'num_workers', 0) is None:
         args.num_workers = 0 if args.tiny_transforms else 8
-    if args.sub_classes is not None and len(args.sub_classes) != args.num_division:
-        parser.error(f'--sub_classes has {len(args.sub_classes)} values but --num_division is {args.num_division}')
-    if args.start_division >= args.num_division:
+    for flag in ('mean', 'std'):
+        values = getattr(args, flag, None)
+        if values is not None and len(values) not in (1, 3):
+            parser.error(f'--{flag} takes one value (every channel) or three (R, G, B), got {len(values)}')
+    sub_classes = getattr(args, 'sub_classes', None)
+    if sub_classes is not None and len(sub_classes) != args.num_division:
+        parser.error(f'--sub_classes has {len(sub_classes)} values but --num_division is {args.num_division}')
+    if getattr(args, 'start_division', 0) >= getattr(args, 'num_division', 1):
         parser.error(f'--start-division {args.start_division} is out of range for --num_division {args.num_division}')
     return args
 
@@ -349,6 +494,34 @@ def checkpoint_info(path):
     return obj if isinstance(obj, dict) else read_checkpoint(path)
 
 
+def inherit_normalization(args, checkpoints):
+    """Unset ``--mean``/``--std`` take the values recorded in the first of ``checkpoints`` (the files a stage starts
+    from: its teacher, its students) that has them, so a model always sees inputs normalised as in its training.
+    Values given on the command line win; where they differ from the recorded ones, one warning line says so."""
+    for path in checkpoints:
+        recorded = checkpoint_info(path).get('args') or {}
+        recorded = vars(recorded) if isinstance(recorded, argparse.Namespace) else recorded
+        if not isinstance(recorded, dict):
+            continue
+        mean, std = recorded.get('mean'), recorded.get('std')
+        if mean is None or std is None:
+            continue
+        if args.mean is None and args.std is None:
+            args.mean, args.std = list(mean), list(std)
+        elif _expand(args.mean, len(mean)) != list(mean) or _expand(args.std, len(std)) != list(std):
+            if is_main_process():
+                print(f'warning: --mean {args.mean} --std {args.std} differ from the normalisation {path} was '
+                      f'trained with (mean {list(mean)}, std {list(std)})', flush=True)
+        return
+
+
+def _expand(values, count):
+    if values is None:
+        return None
+    values = [float(v) for v in values]
+    return values * count if len(values) == 1 else values
+
+
 def _fsync_dir(folder):
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -362,15 +535,25 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def write_text_atomic(path, text):
+def write_bytes_atomic(path, data):
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    write_bytes_atomic(path, text.encode())
 
 
 def _json_default(value):
@@ -401,10 +584,6 @@ def check_writable_dir(path):
         raise UsageError(f'output folder {path} is not writable: {err.strerror}') from None
 
 
-def args_to_dict(args):
-    return {k: v for k, v in vars(args).items() if not k.startswith('_')}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Divisions (what stages 1-3 share about the split)
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,34 +592,25 @@ def division_dir(root, division):
     return os.path.join(root, f'sub-dataset{division}')
 
 
-def read_manifest(folder, required=True):
-    """The split manifest of ``folder`` (a split output, or a stage output that copied it), or None."""
-    import datasets  # local: keeps utils light for the split script
-
-    manifest = datasets.read_manifest(folder)
-    if manifest is None and required:
-        raise UsageError(f'{folder} has no {datasets.MANIFEST}: give the output folder of splite_dataset.py')
-    return manifest
-
-
-def divisions_to_run(args, manifest):
-    """``--start-division i`` alone runs division i; ``--all-divisions`` runs i..N-1."""
+def check_divisions(args, manifest):
+    """``--num_division`` and ``--sub_classes`` must agree with the split manifest."""
     count = manifest['num_division']
     if args.num_division != count:
         raise UsageError(f'--num_division {args.num_division} does not match the manifest, which has {count} divisions')
-    check_sub_classes(args, manifest)
-    if args.all_divisions:
-        return list(range(args.start_division, count))
-    return [args.start_division]
-
-
-def check_sub_classes(args, manifest):
     if args.sub_classes is None:
         return
     sizes = [len(d['classes']) for d in manifest['divisions']]
     if list(args.sub_classes) != sizes:
         raise UsageError(f'--sub_classes {" ".join(map(str, args.sub_classes))} contradicts the manifest, whose '
                          f'divisions have {" ".join(map(str, sizes))} classes')
+
+
+def divisions_to_run(args, manifest):
+    """``--start-division i`` alone runs division i; ``--all-divisions`` runs i..N-1."""
+    check_divisions(args, manifest)
+    if args.all_divisions:
+        return list(range(args.start_division, manifest['num_division']))
+    return [args.start_division]
 
 
 def copy_manifest(manifest, output_dir):

@@ -50,7 +50,8 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers dedeit)
 import utils  # noqa: E402
-from models.ensemble_model import DeViTEnsemble, create_backbone  # noqa: E402
+from models.checkpoint import training_state  # noqa: E402
+from models.ensemble_model import CONFIG_KEY, DeViTEnsemble, create_backbone  # noqa: E402
 from models.features import token_width  # noqa: E402
 from tests.helpers import env as test_env  # noqa: E402
 from tests.helpers import free_port, launch_cmd  # noqa: E402
@@ -125,8 +126,8 @@ def write_ensemble(path: str, students: Sequence[ModelSpec], teacher: ModelSpec,
     torch.manual_seed(seed)
     embed_dim = _meta(teacher, num_classes).num_features
     ens = DeViTEnsemble([create_backbone(s.name, s.kwargs) for s in students], num_classes, embed_dim)
-    utils.save_checkpoint({'model': ens.state_dict(), 'ensemble_config': ens.config,
-                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True}}, path)
+    utils.save_checkpoint(training_state(ens, args={'dataset': 'fashion_mnist', 'tiny_transforms': True},
+                                         **{CONFIG_KEY: ens.config}), path)
     return path
 
 

@@ -32,16 +32,23 @@ def layer_pairs(student_depth: int, teacher_depth: int, mode: str = 'middle') ->
     raise ValueError(f'unknown layer mode {mode!r}; choose from {LAYER_MODES}')
 
 
-def check_token_counts(student_qkv: Mapping[int, QKV], teacher_qkv: Mapping[int, QKV]) -> None:
-    """Relations compare N×N token matrices, so both models must see the same number of tokens N."""
-    for s_layer, s in student_qkv.items():
-        for t_layer, t in teacher_qkv.items():
-            if s[0].shape[-2] != t[0].shape[-2]:
-                raise ValueError(
-                    f'token count mismatch: student layer {s_layer} has {s[0].shape[-2]} tokens, teacher layer '
-                    f'{t_layer} has {t[0].shape[-2]}; use the same input size, patch size and prefix tokens '
-                    '(cls/dist) for both')
-            return  # one pair suffices: every layer of a ViT has the same token count
+def token_count(source: nn.Module | Mapping[int, QKV]) -> int:
+    """Tokens N a model's blocks see (patches + prefix tokens), or N of captured q/k/v ({layer: (q, k, v)})."""
+    if isinstance(source, nn.Module):
+        return source.patch_embed.num_patches + source.num_prefix_tokens
+    return next(iter(source.values()))[0].shape[-2]
+
+
+def check_token_counts(student: nn.Module | Mapping[int, QKV], teacher: nn.Module | Mapping[int, QKV]) -> None:
+    """Relations compare N×N token matrices, so both must see the same number of tokens N.
+
+    student/teacher: the models (checked before training, from their patch embedding and prefix tokens), or the
+    q/k/v they gave for some layers (every layer of a ViT has the same token count). ValueError on a mismatch.
+    """
+    counts = [token_count(m) for m in (student, teacher)]
+    if counts[0] != counts[1]:
+        raise ValueError(f'token count mismatch: the student has {counts[0]} tokens, the teacher {counts[1]}; give '
+                         f'both the same input size and patch size, and both a distillation token or neither')
 
 
 def _attn_dims(model: nn.Module) -> tuple[int, int]:

@@ -193,3 +193,87 @@ def load_weights(
     sd = extract_state_dict(obj, use_ema=use_ema, source=name)
     return load_state_dict_checked(model, sd, reset_head=reset_head, resample_pos_embed=resample_pos_embed,
                                    what=what, source=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training checkpoint: one layout, built and restored here (engine.fit, shrink.py and the benchmarks use it).
+
+TRAINING_KEYS = ('model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'num_updates', 'best_acc1',
+                 'test_acc1', 'args')
+
+
+def _state(obj: Any) -> Any:
+    """A state dict from a module, optimizer, scheduler or scaler; None and plain mappings pass through."""
+    if obj is None or isinstance(obj, Mapping):
+        return obj
+    return obj.state_dict()
+
+
+def args_dict(args: Any) -> dict[str, Any] | None:
+    """A run's arguments as a plain dict (from an argparse Namespace or a mapping), private fields dropped."""
+    if args is None:
+        return None
+    items = vars(args).items() if not isinstance(args, Mapping) else args.items()
+    return {k: v for k, v in items if not str(k).startswith('_')}
+
+
+def training_state(
+        model: nn.Module | Mapping[str, torch.Tensor],
+        *,
+        args: Any = None,
+        model_ema: nn.Module | None = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        scaler: Any = None,
+        epoch: int | None = None,
+        num_updates: int = 0,
+        best_acc1: float | None = None,
+        test_acc1: float | None = None,
+        **extra: Any,
+) -> dict[str, Any]:
+    """The checkpoint dict of this project: the TRAINING_KEYS plus `extra`.
+
+    model / model_ema (the EMA's module, not its wrapper) as state dicts; optimizer, lr_scheduler and scaler as
+    their state dicts (None when absent); args as a plain dict. `extra` holds what a stage adds: `stage`,
+    `division`, `classes`, `num_classes`, the ensemble's config, a shrink policy. Write it with
+    utils.save_checkpoint; `restore_training_state` reads it back for resume.
+    """
+    return {'model': _state(model), 'model_ema': _state(model_ema), 'optimizer': _state(optimizer),
+            'lr_scheduler': _state(lr_scheduler), 'scaler': _state(scaler), 'epoch': epoch,
+            'num_updates': num_updates, 'best_acc1': best_acc1, 'test_acc1': test_acc1, 'args': args_dict(args),
+            **extra}
+
+
+def _first_lines(err: Exception, count: int = 3) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return ' '.join(lines[:count])
+
+
+def restore_training_state(path: str | os.PathLike, model: nn.Module, optimizer: Any, lr_scheduler: Any,
+                           model_ema: nn.Module | None = None, scaler: Any = None,
+                           expect: Mapping[str, Any] | None = None) -> tuple[int, float | None, int]:
+    """Load a `training_state` checkpoint into the objects of a run; returns (next epoch, best acc1, updates).
+
+    expect: entries (`stage`, `division`, `classes`) the checkpoint must match where it records them. A
+    checkpoint that is not a training checkpoint, or whose weights do not fit `model`, is a CheckpointError.
+    """
+    path = os.fspath(path)
+    state = read_checkpoint(path)
+    missing = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch') if state.get(k) is None]
+    if missing:
+        raise CheckpointError(f'{path} is not a training checkpoint of this project (no {", ".join(missing)})')
+    for key in ('stage', 'division', 'classes'):
+        if key in (expect or {}) and state.get(key) is not None and state[key] != expect[key]:
+            raise CheckpointError(f'{path} was written with {key} {state[key]}, this run has {key} {expect[key]}: '
+                                  f'resume a run with the script and division that wrote it')
+    try:
+        model.load_state_dict(state['model'])
+    except RuntimeError as err:
+        raise CheckpointError(f'{path} does not fit the model being trained: {_first_lines(err)}') from None
+    optimizer.load_state_dict(state['optimizer'])
+    lr_scheduler.load_state_dict(state['lr_scheduler'])
+    if model_ema is not None and state.get('model_ema') is not None:
+        model_ema.load_state_dict(state['model_ema'])
+    if scaler is not None and state.get('scaler') is not None:
+        scaler.load_state_dict(state['scaler'])
+    return state['epoch'] + 1, state.get('best_acc1'), state.get('num_updates', 0)

@@ -1,4 +1,38 @@
-"""Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST)."""
+"""Helpers for tests that run the project's scripts as real processes (launcher, loopback, Fashion-MNIST).
+
+Most tests run tiny models on CPU with ``TINY`` below, which sets flags away from their defaults; the demo does so
+through ``configs/small.yaml``. Each default they leave is still run by a test (flag, its default, who sets
+it otherwise, and the test that runs the default):
+
+- --tiny-transforms (off: DeiT's RandAugment, erasing, crops): set by TINY, demo, faults.py.
+    default run by: test_default_path.py (both datasets); test_datasets.py::test_deit_transforms and
+    ::test_every_dataset_and_transform_pickles[deit]
+- --num_workers (8; 0 with --tiny-transforms): set by TINY (so 0), test_faults_data.py (1).
+    default run by: test_default_path.py; tests/stress_default_path.py
+- --mixup 0.8, --cutmix 1.0: set by TINY, demo (0, 0).
+    default run by: test_default_path.py
+- --smoothing 0.1: set by TINY, demo (0).
+    default run by: test_default_path.py
+- --drop-path 0.1: set by demo (0).
+    default run by: every TINY run; test_default_path.py
+- --warmup-epochs 5: set by TINY (0), demo (0.43).
+    default run by: test_default_path.py (with its warning line)
+- lr scaled by batch*world/512 (--unscale-lr off): set by demo.
+    default run by: every TINY run; test_default_path.py
+- --batch-size 64, --eval-batch-size (= batch): set by TINY, demo.
+    default run by: sizes only: no code path depends on them
+- --limit-train, --limit-val (every image): set by TINY, demo --quick.
+    default run by: test_default_path.py; the full demo
+- tqdm bars on rank 0 (--no-progress off): set by TINY, demo.
+    default run by: test_default_path.py
+- --model-ema (off; the seed turns it on): set by faults.py, test_pipeline.py stage 2.
+    default run by: off: the other TINY runs; on as the seed: test_default_path.py
+- --repeated-aug, --pin-mem (off), --hflip 0.5, --mean/--std (ImageNet's): no helper changes them, so every test
+    runs the default; the other settings: test_pipeline.py::test_other_launcher_forms[torchrun] (both switches on),
+    test_datasets.py::test_hflip_mean_and_std_reach_both_recipes, test_config.py (values from a recipe file)
+- --dist-timeout 600: set by test_faults_launcher.py (5).
+    default run by: every other launcher run
+"""
 import contextlib
 import glob
 import hashlib
@@ -19,6 +53,24 @@ STUDENT_KW = ['img_size=28', 'patch_size=7', 'in_chans=1', 'embed_dim=16', 'dept
 TINY = ['--dataset', 'fashion_mnist', '--tiny-transforms', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
         '--batch-size', '32', '--eval-batch-size', '100', '--limit-train', '256', '--limit-val', '100',
         '--no-progress', '--warmup-epochs', '0']
+
+
+def write_rgb_folder(root, num_classes=10, n_train=24, n_val=6, size=32, seed=0):
+    """An RGB ImageFolder of PNG files, ``root/{train,val}/class{k}/{i}.png``: each class a colour of its own plus
+    per-pixel noise, so a model can learn it. Returns ``root`` as a string."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 216, size=(num_classes, 3))
+    for split, count in (('train', n_train), ('val', n_val)):
+        for k in range(num_classes):
+            folder = os.path.join(root, split, f'class{k}')
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(colours[k] + rng.normal(0, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f'{i}.png'))
+    return str(root)
 
 
 def free_port():

@@ -156,12 +156,72 @@ def test_deit_transforms(fmnist_root, in_chans):
 
 
 def test_randaugment_top_magnitude_posterize_works():
-    """timm's RandAugment posterizes to 0 bits at magnitude 10, which Pillow >= 13 refuses unless patched."""
-    from timm.data.auto_augment import AugmentOp
-    datasets.build_transform(True, 32, 3)
+    """timm's RandAugment posterizes to 0 bits at magnitude 10, which Pillow >= 13 refuses: our transforms' ops take
+    datasets.posterize, timm's own table is left alone."""
+    from timm.data import auto_augment
+    transform = datasets.build_transform(True, 32, 3)
+    ops = [op for step in transform.transforms for op in getattr(step, 'ops', ())]
+    posterize_ops = [op for op in ops if op.name.startswith('Posterize')]
+    assert posterize_ops and all(op.aug_fn is datasets.posterize for op in posterize_ops)
+    assert auto_augment.NAME_TO_OP['PosterizeIncreasing'] is auto_augment.posterize  # no global patch
     img = Image.new('RGB', (8, 8), (200, 100, 50))
-    assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img).getpixel((0, 0)) == (0, 0, 0)
-    assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=0)(img).getpixel((0, 0)) == (192, 96, 48)
+    top = posterize_ops[0]
+    top.prob, top.magnitude, top.magnitude_std = 1.0, 10, 0
+    assert top(img).getpixel((0, 0)) == (0, 0, 0)
+    top.magnitude = 0
+    assert top(img).getpixel((0, 0)) == (192, 96, 48)
+
+
+def _every_kind(tmp_path, fmnist_root):
+    return {'folder': write_image_folder(tmp_path / 'folder', ['a', 'b', 'c']),
+            'cifar100': write_cifar100(tmp_path / 'cifar', num_classes=100),
+            'flowers': write_flowers(tmp_path / 'flowers'), 'cars': write_cars(tmp_path / 'cars'),
+            'fashion_mnist': fmnist_root}
+
+
+@pytest.mark.parametrize('tiny', [False, True], ids=['deit', 'tiny'])
+def test_every_dataset_and_transform_pickles(tmp_path, fmnist_root, tiny):
+    """A loader worker (forkserver) receives the dataset and its transform pickled: no local function or lambda may
+    hide in them, for any dataset kind, split or recipe."""
+    import pickle
+
+    import train_subdata
+    import utils
+    args = utils.parse_args(train_subdata.get_parser(), [])  # every DeiT default, as the seed's commands run
+    for name, root in _every_kind(tmp_path, fmnist_root).items():
+        for split in ('train', 'val'):
+            for size in (32, 48):  # DeiT's small-image crop and its random-resized crop
+                ds = build_dataset(name, root, split, input_size=size, tiny=tiny, args=args)
+                clone = pickle.loads(pickle.dumps(ds))
+                transform = pickle.loads(pickle.dumps(ds.transform))
+                x, y = clone[0]
+                assert x.shape == (3, size, size) and y == ds[0][1], (name, split, size)
+                if split == 'val':
+                    torch.testing.assert_close(x, ds[0][0])  # evaluation: deterministic, the same after pickling
+                assert callable(transform)
+
+
+def test_hflip_mean_and_std_reach_both_recipes():
+    from torchvision import transforms
+    img = Image.fromarray(np.tile(np.arange(8, dtype=np.uint8) * 30, (8, 1)))  # left dark, right bright
+    expected = torch.from_numpy((np.asarray(img, dtype=np.float32) / 255 - 0.5) / 0.25)
+
+    def build(tiny, hflip):
+        args = SimpleNamespace(hflip=hflip, mean=[0.5], std=[0.25], aa='none', reprob=0.0, color_jitter=None)
+        return datasets.build_transform(True, 8, 1, tiny=tiny, args=args)
+    for _ in range(8):  # the tiny recipe: exactly to-tensor + normalise without flips, always flipped at 1
+        torch.testing.assert_close(build(True, 0.0)(img)[0], expected)
+        torch.testing.assert_close(build(True, 1.0)(img)[0], expected.flip(-1))
+    for hflip in (0.0, 0.3):  # DeiT's recipe: timm's flip step with that probability, or none
+        steps = build(False, hflip).transforms
+        flips = [s.p for s in steps if isinstance(s, transforms.RandomHorizontalFlip)]
+        assert flips == ([hflip] if hflip else [])
+        normalize = next(s for s in steps if isinstance(s, transforms.Normalize))
+        assert [float(v) for v in normalize.mean] == [0.5] * 3 and [float(v) for v in normalize.std] == [0.25] * 3
+    with pytest.raises(DatasetError, match='--mean has 2 values but the model takes 3'):
+        datasets.resolve_mean_std([0.1, 0.2], None, 3)
+    assert datasets.resolve_mean_std([0.5], [0.2], 3) == ((0.5,) * 3, (0.2,) * 3)
+    assert datasets.resolve_mean_std(None, None, 1) == datasets.default_mean_std(1)
 
 
 # --- ImageFolder ----------------------------------------------------------------------------------------------------

@@ -115,10 +115,15 @@ def test_without_device_zero_fills_exactly_that_device():
 
 @pytest.mark.parametrize('launcher', ['torchrun', 'python'])
 def test_other_launcher_forms(pipeline, tmp_path, launcher):
+    # torchrun also runs the switches no other test turns on: the repeated-augmentation sampler and pinned memory
+    switches = ['--repeated-aug', '--pin-mem'] if launcher == 'torchrun' else []
     run(launch_cmd('train_subdata.py', *TINY, '--model', TEACHER, '--model-kwargs', *TEACHER_KW, '--epochs', '1',
                    '--data-path', str(pipeline / 'split4'), '--start-division', '2', '--output_dir', str(tmp_path),
-                   launcher=launcher))
-    assert [r['epoch'] for r in read_log(tmp_path / 'sub-dataset2')] == [0]
+                   *switches, launcher=launcher))
+    log = read_log(tmp_path / 'sub-dataset2')
+    assert [r['epoch'] for r in log] == [0]
+    if switches:  # timm's RepeatAugSampler: 256 images in rounds of 256, 128 per rank -> 4 steps of 32
+        assert log[0]['num_updates'] == 4
     assert not (tmp_path / 'sub-dataset0').exists()  # --start-division alone trains that division only
 
 
@@ -219,4 +224,8 @@ def test_demo_quick_mode_runs_end_to_end(tmp_path, fmnist_root):
         assert 0.0 <= results[key] <= 1.0
     assert len(results['sub_teacher_acc']) == len(results['student_acc']) == len(results['ensemble_missing_acc']) == 4
     assert results['seconds'] > 0 and os.path.isfile(results['ensemble_checkpoint'])
+    assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # the figure beside results.json
+    stages = [line for line in proc.stdout.splitlines() if line.startswith('=== ')]
+    assert [s.split()[1].rstrip(':') for s in stages] == ['0.', 'teacher', '1.', '2.', '3.', 'baseline', 'results'], \
+        stages  # one stage numbering: 0 split, 1-3 the stages; the teacher and the baseline by name
     assert load_ensemble(results['ensemble_checkpoint']).num_devices == 4
