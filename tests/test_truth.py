@@ -157,8 +157,8 @@ def assert_same_predictions(preds, logits, what, first=0):
 # Independent evaluation of every checkpoint the chain saved
 
 def best_epoch(log):
-    """The epoch checkpoint.pth holds: the first with the best test top-1 (a new best must be strictly better)."""
-    return max(log, key=lambda r: (r['test_acc1'], -r['epoch']))
+    """The epoch checkpoint.pth holds: the last with the best test top-1 (engine.fit saves ties too)."""
+    return max(log, key=lambda r: (r['test_acc1'], r['epoch']))
 
 
 def stage_folders(chain):
