@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-quick test bench setup data clean
+.PHONY: demo demo-quick test test-slow test-all bench setup data clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -29,6 +29,13 @@ demo-quick: setup
 	PYTHON=$(PY) bash demo.sh --quick
 
 test: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+# The slow cases (crash-and-resume of stages 2 and 3, the seed's commands with DeiT's defaults, ...): CI runs them.
+test-slow: setup
+	$(PY) -m pytest -q tests -m slow
+
+test-all: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
