@@ -15,7 +15,7 @@ import time
 
 import pytest
 from collab_fixtures import export, images, reference, save_ensemble, write_pngs
-from helpers import ROOT, descendants, env, free_port, launch_cmd
+from helpers import ROOT, descendants, env, free_port, kill_group, launch_cmd
 
 from collab import client, quota
 from datasets import build_dataset
@@ -61,11 +61,7 @@ class Procs:
     def kill_all(self):
         for p in self.procs.values():
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+                kill_group(p)
 
 
 @pytest.fixture
