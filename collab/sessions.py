@@ -12,7 +12,8 @@ exporter's parity check (models/onnx_export.py), jetson/latency.py and bench/onn
   threads are 1, execution sequential (`parallel=True` for the parallel executor).
 - level: graph optimisation, 'all' (default), 'extended', 'basic' or 'disabled'.
 - TensorRT: `fp16` lets it pick fp16 kernels from the fp32 graph; engines are built on first use (minutes on a
-  Jetson) and cached in `trt_cache` (default: trt_cache/ beside the graph), so a restarted worker starts at once.
+  Jetson) and cached in `trt_cache` (default: trt_cache/ beside the graph; one sub-folder per precision), so a
+  restarted worker starts at once.
 A graph that is missing or that onnxruntime cannot load is a ModelError naming the file.
 
 Device-side module: Python 3.6+, onnxruntime imported when a session is opened.
@@ -87,7 +88,8 @@ def session(path, threads=None, device='cpu', level='all', parallel=False, fp16=
     providers = []
     for name in provider_names(device):
         if name == 'TensorrtExecutionProvider':
-            cache = trt_cache or os.path.join(os.path.dirname(os.path.abspath(path)), 'trt_cache')
+            root = trt_cache or os.path.join(os.path.dirname(os.path.abspath(path)), 'trt_cache')
+            cache = os.path.join(root, 'fp16' if fp16 else 'fp32')  # an engine is built for one precision
             os.makedirs(cache, exist_ok=True)
             name = (name, {'trt_fp16_enable': bool(fp16), 'trt_engine_cache_enable': True,
                            'trt_engine_cache_path': cache})
@@ -97,7 +99,3 @@ def session(path, threads=None, device='cpu', level='all', parallel=False, fp16=
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
         raise ModelError(f'cannot load {path}: {first_line(err)}') from None
 
-
-def provider_of(sess):
-    """The execution provider a session runs on first (its others are fallbacks)."""
-    return sess.get_providers()[0]

@@ -7,7 +7,9 @@ An export folder holds one graph per device and one for the aggregator, plus `ma
   float32 B×K (`DeViTEnsemble.head_forward(tokens).eval_logits()`);
 - with `fp16`, `*.fp16.onnx` copies whose weights and arithmetic are half precision and whose inputs and outputs
   stay float32 (Cast nodes at the edges), so they take the same feeds.
-The batch dimension is dynamic (`batch`) everywhere.
+The batch dimension is dynamic (`batch`) everywhere. The manifest follows collab/manifest.py (the runtime's schema
+and reader), which checks it before it is written; graphs are run for parity in sessions of collab/sessions.py, as
+the runtime's workers open them.
 
 The graphs come from `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's translation and optimiser):
 it gives plain default-domain graphs with no Identity/Constant clutter, where the TorchScript exporter (deprecated

@@ -16,7 +16,7 @@ from helpers import ROOT, env, free_port
 
 import collab_infer
 import utils
-from collab import backends, dispatch, manifest, quota, wire
+from collab import backends, dispatch, manifest, quota, sessions, wire
 from datasets import default_mean_std
 
 # What a board runs: the worker and everything it imports, the client, and jetson/ (kept 3.6-compatible by its
@@ -206,6 +206,31 @@ def test_manifest_schema_names_what_is_wrong(exported):
     for says, change in cases.items():
         with pytest.raises(manifest.ModelError, match=re.escape(says)):
             manifest.validate({**m, **change}, 'EXPORT/manifest.json')
+
+
+def test_sessions_choose_providers_and_threads(exported, monkeypatch):
+    """collab/sessions.py: the execution providers for each --device (with fallbacks), the threads from
+    OMP_NUM_THREADS, and the session every part of the project opens."""
+    trt, cuda, cpu = 'TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider'
+    jetson = [trt, cuda, cpu]
+    assert sessions.provider_names('tensorrt', jetson) == [trt, cuda, cpu]
+    assert sessions.provider_names('cuda', jetson) == [cuda, cpu]
+    assert sessions.provider_names('auto', jetson) == [trt, cuda, cpu]
+    assert sessions.provider_names('auto', [cpu]) == sessions.provider_names('cpu', [cpu]) == [cpu]
+    with pytest.raises(ValueError, match=r'device cuda: this onnxruntime has no CUDAExecutionProvider \(it has '
+                                         r'CPUExecutionProvider'):
+        sessions.provider_names('cuda', [cpu])
+    with pytest.raises(ValueError, match="device 'npu'"):
+        sessions.provider_names('npu', jetson)
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert sessions.default_threads() == 3 and sessions.default_threads(2) == 2
+    assert sessions.session_options().intra_op_num_threads == 3
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    assert sessions.default_threads() is None
+    sess = sessions.session(os.path.join(exported['export'], 'device0.onnx'), threads=1, level='basic')
+    assert sess.get_providers() == [cpu] and sess.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(manifest.ModelError, match=r'nope.onnx not found'):
+        sessions.session(os.path.join(exported['export'], 'nope.onnx'))
 
 
 def test_quota_fractions_below_a_tenth_lengthen_the_period():
