@@ -17,9 +17,10 @@ As a service (until SIGINT/SIGTERM; workers may join, leave and come back while 
     curl -s --data-binary @image.png http://localhost:8080/predict ; curl -s http://localhost:8080/health
 
 Backends: --backend torch (the stage-3 checkpoint) or --backend onnxruntime (--model-path: the folder
-export_onnx.py writes), for the workers and the head alike. Baselines on the same images: --mode layer-split (the
-teacher's blocks cut into N consecutive stages, activations passed stage to stage; random weights unless
---teacher-path; same N+1 processes) and --mode monolithic (the teacher, or the whole ensemble, in one process).
+export_onnx.py writes; --fp16-model runs its half-precision copies), for the workers and the head alike.
+Baselines on the same images: --mode layer-split (the teacher's blocks cut into N consecutive stages, activations
+passed stage to stage; random weights unless --teacher-path; same N+1 processes) and --mode monolithic (the
+teacher, or the whole ensemble, in one process).
 --images a.png b.png predicts files. --cpu-quota 1 1 0.25 0.25 emulates slow devices (worker r limited to that
 fraction of one core).
 """
@@ -31,6 +32,7 @@ from collab import launcher
 from collab.backends import BACKENDS
 from collab.dispatch import CollabError
 from collab.modes import MODES, run, run_worker
+from collab.worker import FP16_MODEL_NEEDS
 
 DEFAULT_TEACHER = 'deit_base_distilled_patch16_224'
 
@@ -57,6 +59,9 @@ def get_parser():
     group.add_argument('--dropout-tolerant', action='store_true',
                        help='answer from the devices still up when one fails (its tokens zero-filled)')
     group.add_argument('--fp16-tokens', action='store_true', help='send tokens (and activations) as fp16')
+    group.add_argument('--fp16-model', action='store_true',
+                       help="onnxruntime: run the export's half-precision graphs on the workers and the head "
+                            '(export_onnx.py --fp16; on the TensorRT provider, TensorRT\'s fp16 kernels)')
     group.add_argument('--input-dtype', default='fp32', choices=['uint8', 'fp32'],
                        help='send the preprocessed image as uint8 pixels (normalised by the worker) or fp32')
     group.add_argument('--worker-model-path', default=None,
@@ -108,6 +113,8 @@ def parse_args(argv=None):
     if args.mode == 'collab' and not args.model_path:
         parser.error('--mode collab needs --model-path (the stage-3 checkpoint, or an export folder with '
                      '--backend onnxruntime)')
+    if args.fp16_model and args.backend != 'onnxruntime':
+        parser.error(FP16_MODEL_NEEDS)
     if args.fault and args.fault_rank is None:
         parser.error('--fault needs --fault-rank')
     return args

@@ -44,17 +44,9 @@ def get_parser():
     return p
 
 
-def normalisation(train_args, chans):
-    """The mean/std the model was trained with: recorded --mean/--std, else the dataset readers' default."""
-    mean, std = train_args.get('mean'), train_args.get('std')
-    if mean is not None and std is not None:
-        return [float(m) for m in mean], [float(s) for s in std]
-    mean, std = datasets.default_mean_std(chans)
-    return list(mean), list(std)
-
-
-def parity_images(dataset, data_path, size, chans, count, mean, std):
-    """(images N×C×S×S normalised with mean/std, what they are, real?, the dataset's class names or None).
+def parity_images(dataset, data_path, size, chans, count):
+    """(images N×C×S×S normalised as the models were trained, what they are, real?, the dataset's class names or
+    None).
 
     Real test images (evenly spaced over the split, tiny transforms) when the dataset reads; else seeded random
     normal inputs, with the reason."""
@@ -67,11 +59,6 @@ def parity_images(dataset, data_path, size, chans, count, mean, std):
         else:
             picks = torch.linspace(0, len(ds) - 1, min(count, len(ds))).round().long().unique().tolist()
             x = torch.stack([ds[i][0] for i in picks])
-            default_mean, default_std = datasets.default_mean_std(chans)
-            if list(default_mean) != list(mean) or list(default_std) != list(std):  # the model's own statistics
-                view = (1, -1, 1, 1)
-                x = x * torch.tensor(default_std).view(view) + torch.tensor(default_mean).view(view)
-                x = (x - torch.tensor(mean).view(view)) / torch.tensor(std).view(view)
             return x, f'{len(picks)} {dataset} test images from {data_path}', True, list(ds.class_names)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(count, chans, size, size, generator=g)
@@ -96,8 +83,8 @@ def main(argv=None):
     train = source.args
     dataset = args.dataset or train.get('dataset') or (source.split or {}).get('dataset')
     data_path = args.data_path or train.get('data_path')
-    mean, std = normalisation(train, chans)
-    images, note, real, names = parity_images(dataset, data_path, size, chans, args.parity_images, mean, std)
+    mean, std = datasets.default_mean_std(chans)  # what the dataset readers normalise with, in training too
+    images, note, real, names = parity_images(dataset, data_path, size, chans, args.parity_images)
     print(f'{source.kind} of {len(source.backbones)} from {source.path}; input {chans}x{size}x{size}; parity on {note}',
           flush=True)
     manifest = export(source, args.output_dir, images, inputs_note=note, real_images=real, mean=mean, std=std,

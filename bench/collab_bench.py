@@ -486,11 +486,9 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    for key, r in results.items():
-        print(f'{key:<32} ratio {r["ratio"]:.3f} (target {r["target"]})')
-    if args.json:
-        utils.write_json_atomic(args.json, results)
-    return results
+    from bench.run import finish
+
+    return finish(results, args.json)
 
 
 if __name__ == '__main__':

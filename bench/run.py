@@ -9,7 +9,9 @@ Suites, each in its own process and one after another, so that none disturbs ano
                                  bytes_vs_layer_split (+ _demo), fp16_tokens, collab_scaling;
 - profile:  bench/profile_bench.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
                                  the before/after of the fix);
-- onnx:     bench/onnx_bench.py    -- onnx_vs_torch_student (+ _demo): onnxruntime / PyTorch eager, one student.
+- onnx:     bench/onnx_bench.py    -- onnx_vs_torch_student (+ _demo): onnxruntime / PyTorch eager, one student;
+                                 collab_onnx_vs_torch (+ _demo): the collaborative runtime's p50 with onnxruntime
+                                 workers and head / with PyTorch ones, on an export_onnx.py export.
 - serve:    bench/serve_bench.py, bench/transport_bench.py -- serve_fault_drill, serve_rejoin_s, serve_throughput,
                                  transport_zmq_vs_gloo (+ _demo): the service under faults and load, and the
                                  runtime's transport against gloo.
@@ -214,6 +216,17 @@ def print_table(results):
     print(f'\n{"benchmark":<32} {"ratio":>9} {"target":>9}  {"":4}  what')
     for key, r in results.items():
         print(f'{key:<32} {r["ratio"]:>9.3f} {target_text(r):>9}  {verdict(r):<4}  {short(r["what"], 100)}')
+
+
+def finish(results, json_path=None):
+    """How a benchmark script run alone ends: its table, and its results written to `json_path` (atomically)."""
+    print_table(results)
+    if json_path:
+        sys.path.insert(0, ROOT)
+        import utils
+
+        utils.write_json_atomic(json_path, results)
+    return results
 
 
 def fmt(v, digits=2):

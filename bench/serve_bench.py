@@ -16,8 +16,8 @@ collab.worker`, the command a board runs), on real Fashion-MNIST test images sen
   >= 1.5: compute is small, so overlapping requests across the devices pays).
 
 Workers and head run the onnxruntime backend by default, as a board would (a board's worker also starts in a second
-or two, where a PyTorch one spends seconds importing torch): the checkpoint is exported with export_onnx.py (the
-tests' minimal exporter where that script is absent). `--backend torch` serves the checkpoint itself.
+or two, where a PyTorch one spends seconds importing torch): the checkpoint is exported with export_onnx.py.
+`--backend torch` serves the checkpoint itself.
 
 The model: `--model-path` (a stage-3 checkpoint trained with `ensemble.py --device-dropout 0.2`, so that answers
 without a device stay accurate), else a demo-shaped ensemble (demo.sh's students) trained here for a few hundred
@@ -43,7 +43,6 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 DATA = '/usr/share/datasets/fashion-mnist'
 N = 4
@@ -85,20 +84,6 @@ def train_dropout_ensemble(path, data, steps, seed=0):
                            'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'data_path': data},
                            'epoch': 0, 'best_acc1': 0.0}, path)
     return path
-
-
-def export_for(ckpt, folder):
-    """The ONNX export of `ckpt` (export_onnx.py where the repository has it, else the tests' minimal exporter)."""
-    script = os.path.join(ROOT, 'export_onnx.py')
-    if os.path.isfile(script):
-        from tests.helpers import env
-
-        subprocess.run([sys.executable, script, '--model-path', ckpt, '--output_dir', folder], cwd=ROOT, env=env(),
-                       check=True, capture_output=True, timeout=1800)
-        return folder
-    from collab_fixtures import export
-
-    return export(ckpt, folder)
 
 
 class Service:
@@ -158,13 +143,11 @@ class Service:
                 agg.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+        from tests.helpers import kill_group
+
         for p in self.procs.values():
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+                kill_group(p)
 
 
 def predict(url, body, timeout=60):
@@ -337,7 +320,12 @@ def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True
             if verbose:
                 print(f'training a demo-shaped ensemble with device dropout 0.2 ({steps} steps)', flush=True)
             trained = train_dropout_ensemble(os.path.join(workdir, 'dropout.pth'), data, steps)
-        served = export_for(trained, os.path.join(workdir, 'export')) if backend == 'onnxruntime' else trained
+        if backend == 'onnxruntime':
+            from bench.onnx_bench import export
+
+            served = export(trained, os.path.join(workdir, 'export'))
+        else:
+            served = trained
         d = drill(workdir, served, data, requests=400, backend=backend, verbose=verbose)
         t = throughput(workdir, served, data, seconds=4.0 if quick else 10.0, rounds=1 if quick else 3,
                        backend=backend, verbose=verbose)
@@ -376,13 +364,9 @@ def main(argv=None):
     p.add_argument('--json', default=None)
     args = p.parse_args(argv)
     results = bench(args.quick, args.model_path, args.data_path, args.backend)
-    for key, r in results.items():
-        print(f'{key:<24} ratio {r["ratio"]:.3f} (target {r["target"]})')
-    if args.json:
-        import utils
+    from bench.run import finish
 
-        utils.write_json_atomic(args.json, results)
-    return results
+    return finish(results, args.json)
 
 
 if __name__ == '__main__':

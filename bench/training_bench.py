@@ -31,7 +31,6 @@ from timm.utils import ModelEmaV3  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402,F401  (registers dedeit)
-import utils  # noqa: E402
 from losses import DistillationLoss, build_base_criterion, relation_terms  # noqa: E402
 from models.adapter import layer_pairs  # noqa: E402
 from models.features import forward_features  # noqa: E402
@@ -206,11 +205,9 @@ def main(argv=None):
     results = {'engine_overhead': bench_engine(data, repeats)}
     results['distill_overhead'] = bench_distill(loader(images // 2, batch_size=128), repeats)
     results['data_loading'] = bench_loading(data, repeats, results['engine_overhead']['bare_images_per_s'])
-    for key, value in results.items():
-        print(f'{key:<18} ratio {value["ratio"]:.3f} (target {value["target"]})  {value["what"]}')
-    if args.json:
-        utils.write_json_atomic(args.json, results)
-    return results
+    from bench.run import finish
+
+    return finish(results, args.json)
 
 
 if __name__ == '__main__':

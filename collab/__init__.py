@@ -4,6 +4,8 @@ Device side (what a board runs; Python 3.6+, numpy + pyzmq + onnxruntime or PyTo
 - `wire`: the protocol (multipart JSON header + raw arrays), the sockets, the image codec;
 - `worker`: a device worker (`python -m collab.worker`), also what collab_infer.py's ranks 1..N run;
 - `backends`: the models behind a worker (onnxruntime export, or a PyTorch checkpoint) and the ensemble head;
+- `manifest`: the export folder's manifest.json, its schema and its one reader (export_onnx.py validates with it);
+- `sessions`: onnxruntime sessions (execution providers, threads, optimisation level), for every part of DeViT;
 - `launcher`: ranks and addresses from the launcher's environment, following a dead launcher;
 - `quota`: CPU quotas (emulated slow devices);
 - `client`: a client of the service (standard library).

@@ -6,127 +6,37 @@ B×W, the tokens it sends (cls | dist). ``describe()`` is what goes into its hel
 
 - ``--backend torch``: backbone i of a stage-3 checkpoint, built alone (`TorchDevice`); PyTorch is imported only
   then, so the onnxruntime path runs where there is none.
-- ``--backend onnxruntime``: ``device{i}.onnx`` of an export folder (`OnnxDevice`), described by its
-  ``manifest.json``:
+- ``--backend onnxruntime``: ``device{i}.onnx`` of an export folder (`OnnxDevice`), as its ``manifest.json``
+  describes it (collab/manifest.py: the schema and its one reader); with ``fp16`` the export's half-precision copy
+  (``devices[i].fp16_file``, ``head.fp16_file``: export_onnx.py --fp16), or, on the TensorRT execution provider,
+  the fp32 graph with TensorRT's fp16 kernels. Sessions come from collab/sessions.py, with the process's thread
+  count (``--threads``, else OMP_NUM_THREADS) as their intra-op threads.
 
-      {"format": "devit-onnx", "version": 1, "opset": 17, "source": CHECKPOINT, "source_kind": "ensemble"|"students",
-       "input": {"size": S, "channels": C, "mean": [...], "std": [...]}, "num_classes": K,
-       "class_names": [...]|null, "distilled": bool,
-       "devices": [{"index": i, "file": "device{i}.onnx", "fp16_file": ...|null, "model": NAME, "model_kwargs": {...},
-                    "token_width": W_i, "input": "image", "output": "tokens"}, ...],
-       "head": {"file": "head.onnx", "fp16_file": ...|null, "inputs": ["tokens0", ...], "output": "logits"}|null,
-       "parity": {...}}
-
-  device{i}.onnx: "image" float32 [B,C,S,S] -> "tokens" float32 [B,W_i]; head.onnx: "tokens{i}" [B,W_i] (a missing
-  device zero-filled) -> "logits" [B,K]. Each session gets the process's thread count (``--threads``, else
-  OMP_NUM_THREADS) as its intra-op threads.
-
-A file that is missing, unreadable or does not match its manifest (token width, input) is a `ModelError`, one line
-naming the file.
+A file that is missing, unreadable or does not match its manifest (token width, input, head inputs) is a
+`ModelError`, one line naming the file.
 
 Device-side module: Python 3.6+, numpy (+ onnxruntime or torch, imported when used).
 """
-import json
 import os
 
 import numpy as np
 
-MANIFEST = 'manifest.json'
-FORMAT = 'devit-onnx'
+from . import manifest as export_manifest
+from .manifest import ModelError
+from .sessions import default_threads, provider_names, session
+
 BACKENDS = ('torch', 'onnxruntime')
-
-
-class ModelError(ValueError):
-    """A model file that cannot be used: missing, unreadable, or not matching its manifest or the head."""
-
-
-def default_threads(threads=None):
-    """Intra-op threads: `threads`, else OMP_NUM_THREADS, else None (the library's default)."""
-    if threads:
-        return int(threads)
-    env = os.environ.get('OMP_NUM_THREADS', '')
-    return int(env) if env.isdigit() and int(env) > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX exports
 
-def read_manifest(folder):
-    """The manifest of an export folder, checked; ModelError naming the file otherwise."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isdir(folder):
-        raise ModelError(f'{folder} is not a folder: --backend onnxruntime takes the folder export_onnx.py wrote')
-    if not os.path.isfile(path):
-        raise ModelError(f'{path} not found: not an export folder (write one with export_onnx.py)')
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ModelError(f'cannot read {path}: {err}') from None
-    if not isinstance(m, dict) or m.get('format') != FORMAT:
-        raise ModelError(f'{path} is not a DeViT ONNX manifest (format {FORMAT!r} expected)')
-    if m.get('version') != 1:
-        raise ModelError(f'{path} has version {m.get("version")!r}; this runtime reads version 1')
-    try:
-        inp = m['input']
-        int(inp['size']), int(inp['channels']), list(inp['mean']), list(inp['std'])
-        devices = m['devices']
-        for d in devices:
-            int(d['index']), str(d['file']), int(d['token_width'])
-        if sorted(int(d['index']) for d in devices) != list(range(len(devices))) or not devices:
-            raise ValueError('device indices must be 0..N-1')
-        int(m['num_classes'])
-        head = m.get('head')
-        if head is not None:
-            str(head['file'])
-            if len(head['inputs']) != len(devices):
-                raise ValueError(f'the head has {len(head["inputs"])} inputs for {len(devices)} devices')
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelError(f'{path} is incomplete or malformed: {err}') from None
-    return m
-
-
-def device_entry(manifest, index, folder):
-    for d in manifest['devices']:
-        if int(d['index']) == index:
-            return d
-    raise ModelError(f'{os.path.join(folder, MANIFEST)} has {len(manifest["devices"])} devices; there is no '
-                     f'device {index}')
-
-
-def providers_for(device):
-    """onnxruntime execution providers for --device (cpu, cuda, tensorrt), those this onnxruntime has."""
-    import onnxruntime as ort
-
-    wanted = {'cpu': ['CPUExecutionProvider'],
-              'cuda': ['CUDAExecutionProvider', 'CPUExecutionProvider'],
-              'tensorrt': ['TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider']}
-    if (device or 'cpu').split(':')[0] not in wanted:
-        raise ValueError(f'--device for onnxruntime must be cpu, cuda or tensorrt, got {device!r}')
-    have = set(ort.get_available_providers())
-    chosen = [p for p in wanted[(device or 'cpu').split(':')[0]] if p in have]
-    if chosen[0] != wanted[(device or 'cpu').split(':')[0]][0]:
-        raise ValueError(f'--device {device}: this onnxruntime has only {", ".join(sorted(have))}')
-    return chosen
-
-
-def onnx_session(path, threads=None, device='cpu'):
-    """An onnxruntime session of `path` with `threads` intra-op threads; ModelError naming the file if unusable."""
-    import onnxruntime as ort
-
-    if not os.path.isfile(path):
-        raise ModelError(f'{path} not found (listed in {MANIFEST})')
-    options = ort.SessionOptions()
-    threads = default_threads(threads)
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: a board's log is not the place for onnxruntime's notes
-    try:
-        return ort.InferenceSession(path, options, providers=providers_for(device))
-    except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelError(f'cannot load {path}: {first}') from None
+def onnx_graph(folder, entry, what, threads, device, fp16):
+    """(session, path, precision) of `entry`'s graph: its fp16 copy with `fp16`, except on TensorRT, where the fp32
+    graph runs with TensorRT's fp16 kernels (the way TensorRT takes half precision)."""
+    tensorrt = provider_names(device)[0] == 'TensorrtExecutionProvider'
+    path = export_manifest.graph(entry, folder, what, fp16 and not tensorrt)
+    return session(path, threads, device, fp16=fp16), path, 'fp16' if fp16 else 'fp32'
 
 
 def _names(items):
@@ -134,39 +44,36 @@ def _names(items):
 
 
 class OnnxDevice:
-    """Device `index` of an export folder: device{index}.onnx in an onnxruntime session."""
+    """Device `index` of an export folder: device{index}.onnx (or its fp16 copy) in an onnxruntime session."""
 
     backend = 'onnxruntime'
 
-    def __init__(self, folder, index, threads=None, device='cpu'):
-        self.manifest = read_manifest(folder)
-        entry = device_entry(self.manifest, index, folder)
+    def __init__(self, folder, index, threads=None, device='cpu', fp16=False):
+        self.manifest = export_manifest.read(folder)
+        entry = export_manifest.device(self.manifest, index, folder)
         self.index = index
-        self.source = os.path.join(folder, entry['file'])
-        self.session = onnx_session(self.source, threads, device)
-        self.input_name, self.output_name = entry.get('input', 'image'), entry.get('output', 'tokens')
+        self.session, self.source, self.precision = onnx_graph(folder, entry, f'device {index}', threads, device,
+                                                               fp16)
+        self.input_name, self.output_name = entry['input'], entry['output']
         if self.input_name not in _names(self.session.get_inputs()):
             raise ModelError(f'{self.source} has no input {self.input_name!r} (it has '
                              f'{", ".join(_names(self.session.get_inputs()))})')
         if self.output_name not in _names(self.session.get_outputs()):
             raise ModelError(f'{self.source} has no output {self.output_name!r} (it has '
                              f'{", ".join(_names(self.session.get_outputs()))})')
-        inp = self.manifest['input']
-        self.input = {'size': int(inp['size']), 'channels': int(inp['channels']),
-                      'mean': [float(v) for v in inp['mean']], 'std': [float(v) for v in inp['std']]}
-        self.spec = {'model': entry.get('model'), 'kwargs': entry.get('model_kwargs') or {}}
+        self.input = input_of(self.manifest)
+        self.spec = {'model': entry['model'], 'kwargs': entry['model_kwargs']}
         # The width this graph really gives, from one forward: a file swapped for another export's is caught here.
+        size, chans = self.input['size'], self.input['channels']
         try:
-            probe = self.run(np.zeros((1, self.input['channels'], self.input['size'], self.input['size']),
-                                      dtype=np.float32))
+            probe = self.run(np.zeros((1, chans, size, size), dtype=np.float32))
         except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ModelError(f'{self.source} does not run on a {self.input["channels"]}×{self.input["size"]}×'
-                             f'{self.input["size"]} image: {first}') from None
+            raise ModelError(f'{self.source} does not run on a {chans}×{size}×{size} image: '
+                             f'{export_manifest.first_line(err)}') from None
         self.token_width = int(probe.shape[-1])
-        if probe.ndim != 2 or self.token_width != int(entry['token_width']):
+        if probe.ndim != 2 or self.token_width != entry['token_width']:
             raise ModelError(f'{self.source} gives tokens of shape {list(probe.shape)} but '
-                             f'{os.path.join(folder, MANIFEST)} says {entry["token_width"]} floats per image')
+                             f'{export_manifest.path_of(folder)} says {entry["token_width"]} floats per image')
 
     def run(self, x):
         return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
@@ -175,42 +82,49 @@ class OnnxDevice:
         return describe(self)
 
 
+def input_of(m):
+    """The manifest's input as the runtime passes it around: {size, channels, mean, std}."""
+    inp = m['input']
+    return {'size': inp['size'], 'channels': inp['channels'], 'mean': [float(v) for v in inp['mean']],
+            'std': [float(v) for v in inp['std']]}
+
+
 def describe(model):
     """The model part of a worker's hello."""
     return {'backend': model.backend, 'source': model.source, 'model': model.spec, 'token_width': model.token_width,
-            'input': model.input}
+            'input': model.input, 'precision': getattr(model, 'precision', 'fp32')}
 
 
 class OnnxHead:
-    """head.onnx of an export folder: every device's tokens -> logits, a missing device zero-filled."""
+    """head.onnx of an export folder (or its fp16 copy): every device's tokens -> logits, a missing device
+    zero-filled."""
 
     backend = 'onnxruntime'
 
-    def __init__(self, folder, threads=None, device='cpu'):
-        self.manifest = m = read_manifest(folder)
-        if m.get('head') is None:
-            raise ModelError(f'{os.path.join(folder, MANIFEST)} has no head (an export of students only): the '
+    def __init__(self, folder, threads=None, device='cpu', fp16=False):
+        self.manifest = m = export_manifest.read(folder)
+        if m['head'] is None:
+            raise ModelError(f'{export_manifest.path_of(folder)} has no head (an export of students only): the '
                              'aggregator needs an ensemble export')
-        self.source = os.path.join(folder, m['head']['file'])
-        self.session = onnx_session(self.source, threads, device)
-        self.inputs, self.output = list(m['head']['inputs']), m['head'].get('output', 'logits')
+        self.session, self.source, self.precision = onnx_graph(folder, m['head'], 'the head', threads, device, fp16)
+        self.inputs, self.output = list(m['head']['inputs']), m['head']['output']
         have = _names(self.session.get_inputs())
         if sorted(have) != sorted(self.inputs):
             raise ModelError(f'{self.source} has inputs {", ".join(have)}; the manifest says {", ".join(self.inputs)}')
-        devices = sorted(m['devices'], key=lambda d: int(d['index']))
-        self.widths = [int(d['token_width']) for d in devices]
+        if self.output not in _names(self.session.get_outputs()):
+            raise ModelError(f'{self.source} has no output {self.output!r} (it has '
+                             f'{", ".join(_names(self.session.get_outputs()))})')
+        self.widths = [d['token_width'] for d in m['devices']]
         declared = {a.name: a.shape for a in self.session.get_inputs()}
         for i, (name, width) in enumerate(zip(self.inputs, self.widths)):
             last = declared[name][-1] if declared[name] else None
             if isinstance(last, int) and last != width:
                 raise ModelError(f'{self.source} takes {last} floats per image as {name} but '
-                                 f'{os.path.join(folder, MANIFEST)} says device {i} sends {width}')
-        self.num_classes = int(m['num_classes'])
-        self.class_names = m.get('class_names')
-        inp = m['input']
-        self.input = {'size': int(inp['size']), 'channels': int(inp['channels']),
-                      'mean': [float(v) for v in inp['mean']], 'std': [float(v) for v in inp['std']]}
-        self.specs = [{'model': d.get('model'), 'kwargs': d.get('model_kwargs') or {}} for d in devices]
+                                 f'{export_manifest.path_of(folder)} says device {i} sends {width}')
+        self.num_classes = m['num_classes']
+        self.class_names = m['class_names']
+        self.input = input_of(m)
+        self.specs = [{'model': d['model'], 'kwargs': d['model_kwargs']} for d in m['devices']]
 
     def run(self, tokens):
         """tokens: one B×W_i array (or None: missing) per device -> B×K float32 logits."""

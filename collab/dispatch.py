@@ -109,7 +109,8 @@ class Slot:
         return {'index': self.index, 'state': self.state, 'reason': self.reason, 'since': self.since,
                 'last_latency_ms': self.last_latency_ms, 'last_compute_ms': self.last_compute_ms,
                 'model': (i.get('model') or {}).get('model'), 'model_kwargs': (i.get('model') or {}).get('kwargs'),
-                'backend': i.get('backend'), 'source': i.get('source'), 'host': i.get('host'), 'pid': i.get('pid'),
+                'backend': i.get('backend'), 'precision': i.get('precision'), 'source': i.get('source'),
+                'host': i.get('host'), 'pid': i.get('pid'),
                 'session': self.session, 'cpu_quota': i.get('cpu_quota'), 'joins': self.joins,
                 'answered': self.answered, 'missed': self.missed, 'late_replies': self.late_replies}
 

@@ -84,7 +84,7 @@ def _args_dict(a) -> dict:
 def load_head(args) -> HeadSpec:
     """The ensemble head of --model-path: a stage-3 checkpoint (--backend torch) or an export (onnxruntime)."""
     if args.backend == 'onnxruntime':
-        head = backends.OnnxHead(args.model_path, args.threads)
+        head = backends.OnnxHead(args.model_path, args.threads, fp16=args.fp16_model)
         train_args = {}
         source = head.manifest.get('source')
         if source and os.path.isfile(source):
@@ -434,7 +434,8 @@ def run_worker(args) -> int:
     if args.mode == 'collab':
         path = args.worker_model_path or args.model_path
         return worker.start(lambda: worker.load_model(args.backend, path, rank - 1, args.threads, args.device,
-                                                      args.ema, local_rank), endpoint, rank - 1, name, **common)
+                                                      args.ema, local_rank, args.fp16_model),
+                            endpoint, rank - 1, name, **common)
     return worker.start(lambda: backends.TorchStage(args.teacher_model, args.teacher_kwargs, args.teacher_path,
                                                     args.seed, rank - 1, world - 1, args.device, local_rank,
                                                     args.threads),
@@ -481,7 +482,10 @@ def run(args):
         client.close()
     meta = {'mode': args.mode, 'batch_size': args.batch_size, 'warmup': args.warmup, 'backend': args.backend,
             'transport': 'zmq', 'input_dtype': args.input_dtype, 'wire_dtype': 'fp16' if args.fp16_tokens else 'fp32',
-            'threads': torch.get_num_threads(), 'device': str(torch_models.compute_device(args.device, 0)),
+            'model_precision': 'fp16' if args.fp16_model else 'fp32',
+            'threads': torch.get_num_threads(),
+            'device': (args.device or 'cpu') if args.backend == 'onnxruntime' else
+            str(torch_models.compute_device(args.device, 0)),
             'dataset': None if args.images else args.dataset, 'model_path': args.model_path,
             'dropout_tolerant': bool(args.dropout_tolerant), 'deadline_ms': args.deadline_ms,
             'cpu_quota': args.cpu_quota, 'dropped_ranks': client.dropped, **extra}

@@ -18,23 +18,10 @@ import utils
 from datasets import default_mean_std
 from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, load_weights
 from models.ensemble_model import CONFIG_KEY, create_backbone, read_ensemble_checkpoint
-from models.features import has_dist_token, prefix_tokens, token_width
+from models.features import DeviceTokens, has_dist_token
 
 
-class Backbone(nn.Module):
-    """Device i's share of the ensemble: its backbone, returning what the device sends, B×(P·d_i)."""
-
-    def __init__(self, backbone: nn.Module, distilled: bool):
-        super().__init__()
-        self.backbone = backbone
-        self.distilled = distilled
-        self.width = token_width(backbone, dist=distilled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return prefix_tokens(self.backbone, x, dist=self.distilled)
-
-
-def load_backbone(ckpt: Mapping[str, Any], index: int, use_ema: bool = False, path: str = '<dict>') -> Backbone:
+def load_backbone(ckpt: Mapping[str, Any], index: int, use_ema: bool = False, path: str = '<dict>') -> DeviceTokens:
     """Backbone `index` of a stage-3 checkpoint dict, built alone (keys `backbones.{index}.*`), in eval mode."""
     config = ckpt[CONFIG_KEY]
     specs = config['backbones']
@@ -47,10 +34,10 @@ def load_backbone(ckpt: Mapping[str, Any], index: int, use_ema: bool = False, pa
     load_state_dict_checked(backbone, state, reset_head=False, resample_pos_embed=False,
                             what=f'backbone {index}', source=path)
     distilled = config.get('distilled')
-    return Backbone(backbone, has_dist_token(backbone) if distilled is None else bool(distilled)).eval()
+    return DeviceTokens(backbone, has_dist_token(backbone) if distilled is None else bool(distilled)).eval()
 
 
-def load_device(path: str, index: int, use_ema: bool = False) -> tuple[Backbone, dict, dict]:
+def load_device(path: str, index: int, use_ema: bool = False) -> tuple[DeviceTokens, dict, dict]:
     """(backbone `index` of the checkpoint at `path`, its input {size, channels, mean, std}, its spec)."""
     path = os.fspath(path)
     ckpt = read_ensemble_checkpoint(path)

@@ -3,7 +3,7 @@
 What a board runs (numpy, pyzmq and onnxruntime or PyTorch; Python 3.6+):
 
     python -m collab.worker --aggregator tcp://HOST:PORT --device-index I --model-path EXPORT_OR_CHECKPOINT \\
-        [--backend torch|onnxruntime] [--cpu-quota Q] [--threads T] [--device cpu|cuda]
+        [--backend torch|onnxruntime] [--fp16-model] [--cpu-quota Q] [--threads T] [--device cpu|cuda|tensorrt]
 
 Under a launcher, collab_infer.py's ranks 1..N run this same code (rank r is device r-1; the aggregator's address
 comes from MASTER_ADDR and MASTER_PORT + 1, or --collab-port).
@@ -32,8 +32,11 @@ import time
 import zmq
 
 from . import backends, launcher, quota, wire
+from .manifest import first_line
 
 JOIN_RESEND_S = 1.0
+FP16_MODEL_NEEDS = ('--fp16-model runs the half-precision graphs of an export (export_onnx.py --fp16): it needs '
+                    '--backend onnxruntime')
 WARMUP = -1  # the image index of warm-up requests (not counted by the fault hooks)
 
 
@@ -68,10 +71,6 @@ class Fault:
         if kind == 'kill':
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(self.seconds)
-
-
-def _first_line(err):
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 class Worker:
@@ -245,8 +244,8 @@ class Worker:
             x = codec.decode(arrays[0]) if first else arrays[0].astype('float32')
             out = self.model.run(x)
         except Exception as err:  # a request the model cannot take must not end the worker
-            self.say(f'warning: request {header.get("id")} failed: {_first_line(err)}')
-            self._send({'type': 'failed', 'id': header.get('id'), 'agg': agg, 'message': _first_line(err)})
+            self.say(f'warning: request {header.get("id")} failed: {first_line(err)}')
+            self._send({'type': 'failed', 'id': header.get('id'), 'agg': agg, 'message': first_line(err)})
             return
         ms = (time.perf_counter() - t0) * 1e3
         self.served += 1
@@ -269,11 +268,14 @@ class Worker:
 # ---------------------------------------------------------------------------------------------------------------
 # Building a worker
 
-def load_model(backend, model_path, index, threads=None, device=None, ema=False, local_rank=0):
-    """Device `index`'s model with `backend` (backends.OnnxDevice or backends.TorchDevice)."""
+def load_model(backend, model_path, index, threads=None, device=None, ema=False, local_rank=0, fp16=False):
+    """Device `index`'s model with `backend` (backends.OnnxDevice or backends.TorchDevice); `fp16`: the export's
+    half-precision graph (onnxruntime only)."""
     if backend == 'onnxruntime':
-        return backends.OnnxDevice(model_path, index, threads, device or 'cpu')
+        return backends.OnnxDevice(model_path, index, threads, device or 'cpu', fp16)
     if backend == 'torch':
+        if fp16:
+            raise ValueError(FP16_MODEL_NEEDS)
         return backends.TorchDevice(model_path, index, ema, device, local_rank, threads)
     raise ValueError(f'unknown backend {backend!r} (choose from {", ".join(backends.BACKENDS)})')
 
@@ -298,7 +300,10 @@ def get_parser():
                    help='stage-3 checkpoint (--backend torch) or export folder (--backend onnxruntime)')
     p.add_argument('--backend', default='torch', choices=backends.BACKENDS)
     p.add_argument('--device', default=None, help='torch: cpu or cuda (default cuda when available); '
-                                                  'onnxruntime: cpu (default), cuda or tensorrt')
+                                                  'onnxruntime: cpu (default), cuda, tensorrt or auto')
+    p.add_argument('--fp16-model', action='store_true',
+                   help="onnxruntime: run the export's fp16 copy of this device's graph (on TensorRT: the fp32 graph "
+                        "with TensorRT's fp16 kernels)")
     p.add_argument('--threads', type=int, default=None, help='intra-op threads (default: OMP_NUM_THREADS)')
     p.add_argument('--cpu-quota', type=float, default=None, metavar='Q',
                    help='limit this worker to Q of one CPU core (cgroup CFS quota: an emulated slow device)')
@@ -320,7 +325,7 @@ def start(model_factory, endpoint, index, name, role='device', num_stages=None, 
         apply_quota(cpu_quota)
         model = model_factory()
     except (ValueError, OSError, quota.QuotaError) as err:  # ModelError and CheckpointError are ValueErrors
-        sys.stderr.write(f'{name} error: {_first_line(err)}\n')
+        sys.stderr.write(f'{name} error: {first_line(err)}\n')
         return 2
     info = dict(extra or {}, cpu_quota=cpu_quota)
     worker = Worker(model, endpoint, index, role, num_stages, exit_on_loss, startup_timeout, fault, name, info)
@@ -328,11 +333,14 @@ def start(model_factory, endpoint, index, name, role='device', num_stages=None, 
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.fp16_model and args.backend != 'onnxruntime':
+        parser.error(FP16_MODEL_NEEDS)
     rank = launcher.env_rank()[0]
     index = args.device_index if args.device_index is not None else (rank - 1 if launcher.launched() else None)
     if index is None or index < 0:
-        get_parser().error('--device-index is required (which device of the ensemble this worker is)')
+        parser.error('--device-index is required (which device of the ensemble this worker is)')
     name = f'[rank {rank}]' if launcher.launched() else f'[device {index}]'
     if launcher.launched():
         launcher.exit_with_launcher(name=name)
@@ -341,7 +349,7 @@ def main(argv=None):
 
     def factory():
         return load_model(args.backend, args.model_path, index, args.threads, args.device, args.ema,
-                          launcher.env_rank()[2])
+                          launcher.env_rank()[2], args.fp16_model)
     fault = Fault(args.fault, args.fault_after, args.fault_seconds, name)
     return start(factory, endpoint, index, name, cpu_quota=args.cpu_quota,
                  exit_on_loss=args.exit_on_loss or launcher.launched(), startup_timeout=timeout, fault=fault,

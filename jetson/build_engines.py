@@ -14,7 +14,7 @@ DIR/device{i}.trtexec.log; DIR/engines.json records the commands, the TensorRT v
 
 TensorRT before 8.6 (JetPack 4.6 has 8.2, JetPack 5.1 has 8.5) cannot import LayerNormalization, which an opset-17
 export contains: this tool says so before building; export with `export_onnx.py --opset 13` for those boards.
-Standard library only, Python 3.6 and later.
+Standard library only (the manifest is read by collab/manifest.py, the runtime's reader), Python 3.6 and later.
 """
 import argparse
 import json
@@ -27,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from collab import manifest as export_manifest
 from jetson.power import jetson_model
 
 TRTEXEC_PATHS = ('/usr/src/tensorrt/bin/trtexec',)  # where JetPack installs it (not on PATH by default)
-FORMAT = 'devit-onnx'
 
 
 class BuildError(Exception):
@@ -56,16 +56,11 @@ def get_args_parser():
 
 
 def read_manifest(folder):
-    path = Path(folder) / 'manifest.json'
+    """The export's manifest, checked by the runtime's own reader (collab/manifest.py)."""
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BuildError(f'{path} not found: give a folder written by export_onnx.py') from None
-    except (OSError, ValueError) as e:
-        raise BuildError(f'cannot read {path}: {e}') from None
-    if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
-        raise BuildError(f'{path} is not a manifest of export_onnx.py (format {FORMAT!r})')
-    return manifest
+        return export_manifest.read(folder)
+    except export_manifest.ModelError as e:
+        raise BuildError(str(e)) from None
 
 
 def find_trtexec(explicit=None):

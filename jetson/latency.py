@@ -19,7 +19,8 @@ torch: the model is ``timm.create_model(--model, **--model-kwargs)`` after ``imp
 onnxruntime: ``--provider auto`` takes the first of TensorRT, CUDA and CPU that this onnxruntime build has. The
 input shapes are the graph's own, with the batch dimension set to 1 (every input gets random float32 values, so
 head.onnx can be timed too). fp16 is the TensorRT provider's fp16 mode on the same graph, or with CUDA the
-``*.fp16.onnx`` copy beside the graph (export_onnx.py --fp16); on a CPU it is skipped and the JSON says so.
+graph's fp16 copy that the export's manifest names (export_onnx.py --fp16); on a CPU it is skipped and the JSON
+says so. Sessions are opened as the runtime's workers open them (collab/sessions.py).
 Timing: ``time.perf_counter`` around each call on one random input, after ``--warmup`` untimed calls, with
 ``torch.cuda.synchronize()`` before reading the clock on CUDA (onnxruntime's ``run`` returns host arrays, so it has
 finished when it returns).
@@ -29,7 +30,6 @@ Runs on Python 3.6 (JetPack 4.6); PyTorch and timm are imported only by the torc
 import argparse
 import ast
 import json
-import os
 import platform
 import re
 import sys
@@ -39,13 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from collab import manifest as export_manifest
+from collab.sessions import DEVICES, provider_names, session
 from jetson.power import SOURCES, PowerMonitor, SourceUnavailable, jetson_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ('torch', 'onnxruntime')
-# --provider name -> onnxruntime's, in the order `auto` tries them
-PROVIDERS = (('tensorrt', 'TensorrtExecutionProvider'), ('cuda', 'CUDAExecutionProvider'),
-             ('cpu', 'CPUExecutionProvider'))
 
 
 class ParseKwargs(argparse.Action):
@@ -85,7 +84,7 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=20)
     p.add_argument('--iters', type=int, default=200)
     p.add_argument('--device', default='auto', help='torch: auto (cuda if present), cpu, cuda, cuda:1')
-    p.add_argument('--provider', default='auto', choices=['auto'] + [k for k, _ in PROVIDERS],
+    p.add_argument('--provider', default='auto', choices=DEVICES,
                    help='onnxruntime execution provider (auto: TensorRT, else CUDA, else CPU, as present)')
     p.add_argument('--trt-cache', default='',
                    help='TensorRT provider: engine cache folder (default: trt_cache/ beside the graph)')
@@ -206,25 +205,17 @@ class TorchRunner:
 # ---------------------------------------------------------------------------------------------------------------------
 # onnxruntime
 
-def pick_provider(requested, available):
-    """onnxruntime's provider name for ``--provider`` among ``available``; SystemExit naming what is there."""
-    names = dict(PROVIDERS)
-    if requested == 'auto':
-        for _, name in PROVIDERS:
-            if name in available:
-                return name
-        raise SystemExit(f'onnxruntime offers none of {", ".join(names.values())} (it has {", ".join(available)})')
-    if names[requested] not in available:
-        raise SystemExit(f'--provider {requested}: this onnxruntime has no {names[requested]} (it has '
-                         f'{", ".join(available)}; on a Jetson install the onnxruntime-gpu wheel for its JetPack)')
-    return names[requested]
-
-
 def fp16_copy(path):
-    """``X.fp16.onnx`` beside ``X.onnx`` (what export_onnx.py --fp16 writes), or None."""
+    """The fp16 copy of graph ``path`` that the manifest beside it names (export_onnx.py --fp16), or None."""
     p = Path(path)
-    copy = p.with_name(p.name[:-len('.onnx')] + '.fp16.onnx') if p.name.endswith('.onnx') else None
-    return copy if copy is not None and copy.is_file() else None
+    try:
+        m = export_manifest.read(str(p.parent))
+    except export_manifest.ModelError:
+        return None
+    for entry in m['devices'] + ([m['head']] if m['head'] else []):
+        if entry['file'] == p.name and entry.get('fp16_file') and (p.parent / entry['fp16_file']).is_file():
+            return p.parent / entry['fp16_file']
+    return None
 
 
 def random_feeds(session, rng):
@@ -240,7 +231,7 @@ def random_feeds(session, rng):
 
 
 class OrtRunner:
-    """One .onnx graph in onnxruntime with one execution provider."""
+    """One .onnx graph in onnxruntime with one execution provider (sessions opened by collab/sessions.py)."""
 
     def __init__(self, args):
         try:
@@ -251,43 +242,31 @@ class OrtRunner:
         self.path = Path(args.model)
         if not self.path.is_file():
             raise SystemExit(f'--model {args.model}: no such .onnx file (give a graph of export_onnx.py)')
-        self.provider = pick_provider(args.provider, ort.get_available_providers())
         self.threads = args.threads
-        self.trt_cache = args.trt_cache or str(self.path.parent / 'trt_cache')
+        self.trt_cache = args.trt_cache or None  # None: trt_cache/ beside the graph
         self.rng = np.random.RandomState(0)  # numpy < 1.17 (JetPack 4) has no default_rng
-        self.sessions = {'fp32': self.session(self.path, fp16=False)}
-        self.feeds, self.shapes = random_feeds(self.sessions['fp32'], self.rng)
-        self.precisions, self.skipped = ['fp32'], {}
-        if args.fp16:
-            if self.provider == 'TensorrtExecutionProvider':
-                self.sessions['fp16'] = self.session(self.path, fp16=True)
-            elif self.provider == 'CUDAExecutionProvider' and fp16_copy(self.path) is not None:
-                self.sessions['fp16'] = self.session(fp16_copy(self.path), fp16=True)
-            elif self.provider == 'CUDAExecutionProvider':
-                self.skipped['fp16'] = f'no fp16 copy beside {self.path} (export_onnx.py --fp16 writes one)'
-            else:
-                self.skipped['fp16'] = 'fp16 is timed on the CUDA and TensorRT providers only; this run is on CPU'
-            if 'fp16' in self.sessions:
-                self.precisions.append('fp16')
+        try:
+            self.provider = provider_names(args.provider)[0]
+            self.sessions = {'fp32': self.session(self.path, args.provider, fp16=False)}
+            self.feeds, self.shapes = random_feeds(self.sessions['fp32'], self.rng)
+            self.precisions, self.skipped = ['fp32'], {}
+            if args.fp16:
+                if self.provider == 'TensorrtExecutionProvider':
+                    self.sessions['fp16'] = self.session(self.path, args.provider, fp16=True)
+                elif self.provider == 'CUDAExecutionProvider' and fp16_copy(self.path) is not None:
+                    self.sessions['fp16'] = self.session(fp16_copy(self.path), args.provider, fp16=True)
+                elif self.provider == 'CUDAExecutionProvider':
+                    self.skipped['fp16'] = f'no fp16 copy of {self.path} in its manifest (export_onnx.py --fp16)'
+                else:
+                    self.skipped['fp16'] = 'fp16 is timed on the CUDA and TensorRT providers only; this run is on CPU'
+                if 'fp16' in self.sessions:
+                    self.precisions.append('fp16')
+        except ValueError as e:  # ModelError (a graph onnxruntime cannot load), or a provider this build lacks
+            raise SystemExit(f'error: {e}') from None
         self.label = self.provider
 
-    def session(self, path, fp16):
-        ort = self.ort
-        options = ort.SessionOptions()
-        if self.threads > 0:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-        providers = [self.provider]
-        if self.provider == 'TensorrtExecutionProvider':
-            os.makedirs(self.trt_cache, exist_ok=True)  # engines take minutes to build on a Jetson: keep them
-            providers = [(self.provider, {'trt_fp16_enable': bool(fp16), 'trt_engine_cache_enable': True,
-                                          'trt_engine_cache_path': self.trt_cache}), 'CUDAExecutionProvider']
-        if self.provider != 'CPUExecutionProvider':
-            providers.append('CPUExecutionProvider')
-        try:
-            return ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime's Fail/InvalidGraph/NoSuchFile are not a common base class
-            raise SystemExit(f'{path}: onnxruntime cannot load it ({type(e).__name__}: {e})') from e
+    def session(self, path, provider, fp16):
+        return session(str(path), self.threads or None, provider, fp16=fp16, trt_cache=self.trt_cache)
 
     def call(self, precision):
         sess, feeds = self.sessions[precision], self.feeds

@@ -22,7 +22,7 @@
 # power_node<R>.csv and its energy to power_node<R>.json with jetson/power.py), --local (every process on this host
 # under torch's launcher, for a check without boards), --script PATH (default collab_infer.py of this repo).
 # Everything else goes to collab_infer.py on node 0. A worker takes only its own flags from it: --model-path
-# (--worker-model-path wins), --backend, --threads, --device, --ema, --startup-timeout.
+# (--worker-model-path wins), --backend, --fp16-model, --threads, --device, --ema, --startup-timeout.
 #
 # All boards at once from a laptop, with the repo at ~/devit on each (keys in ~/.ssh, same paths):
 #   HOSTS=(agg nano1 nano2 nano3 nano4); MASTER=192.168.1.10
@@ -83,7 +83,7 @@ worker_args() {
             --model-path) model=${all[$((i + 1))]:-}; i=$((i + 1)) ;;
             --worker-model-path) wmodel=${all[$((i + 1))]:-}; i=$((i + 1)) ;;
             --backend|--threads|--device|--startup-timeout) out+=("$a" "${all[$((i + 1))]:-}"); i=$((i + 1)) ;;
-            --ema) out+=("$a") ;;
+            --ema|--fp16-model) out+=("$a") ;;
         esac
         i=$((i + 1))
     done

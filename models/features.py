@@ -123,3 +123,17 @@ def prefix_tokens(model: nn.Module, x: torch.Tensor, dist: bool = True) -> torch
 def token_width(model: nn.Module, dist: bool = True) -> int:
     """Number of floats per image `prefix_tokens` returns."""
     return model.num_features * (2 if dist and has_dist_token(model) else 1)
+
+
+class DeviceTokens(nn.Module):
+    """A backbone as device i runs it (the runtime's PyTorch worker, the exported device graph): image B×C×S×S ->
+    the tokens it sends, `prefix_tokens` (cls, then dist when `distilled`), B×`width`."""
+
+    def __init__(self, backbone: nn.Module, distilled: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.distilled = distilled
+        self.width = token_width(backbone, dist=distilled)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return prefix_tokens(self.backbone, image, dist=self.distilled)

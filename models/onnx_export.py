@@ -7,7 +7,9 @@ An export folder holds one graph per device and one for the aggregator, plus `ma
   float32 B×K (`DeViTEnsemble.head_forward(tokens).eval_logits()`);
 - with `fp16`, `*.fp16.onnx` copies whose weights and arithmetic are half precision and whose inputs and outputs
   stay float32 (Cast nodes at the edges), so they take the same feeds.
-The batch dimension is dynamic (`batch`) everywhere.
+The batch dimension is dynamic (`batch`) everywhere. The manifest follows collab/manifest.py (the runtime's schema
+and reader), which checks it before it is written; graphs are run for parity in sessions of collab/sessions.py, as
+the runtime's workers open them.
 
 The graphs come from `torch.onnx.export(dynamo=True)` (torch.export, then onnxscript's translation and optimiser):
 it gives plain default-domain graphs with no Identity/Constant clutter, where the TorchScript exporter (deprecated
@@ -42,13 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from collab import manifest as export_manifest
+from collab.manifest import FORMAT, VERSION
+from collab.sessions import session
+
 from .checkpoint import read_checkpoint
 from .ensemble_model import DeViTEnsemble, load_ensemble, load_students, student_checkpoint_paths
-from .features import prefix_tokens
+from .features import DeviceTokens
 
-FORMAT = 'devit-onnx'
-VERSION = 1
-MANIFEST = 'manifest.json'
 OPSETS = (17, 13)
 # The oldest IR version of each opset (onnx 1.12 / 1.8): onnxruntime refuses a model with a newer IR version than
 # its own (1.16, as on JetPack 5 boards, reads up to IR 9), and the graphs need nothing newer.
@@ -76,18 +79,6 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # What is exported
 # ----------------------------------------------------------------------------------------------------------------
-
-class DeviceGraph(nn.Module):
-    """Device i's graph: normalised image B×C×S×S -> the tokens it sends, B×W."""
-
-    def __init__(self, backbone: nn.Module, distilled: bool):
-        super().__init__()
-        self.backbone = backbone
-        self.distilled = distilled
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return prefix_tokens(self.backbone, image, dist=self.distilled)
-
 
 class HeadGraph(nn.Module):
     """The aggregator's graph: N devices' tokens -> eval logits B×K (zeros stand for a missing device)."""
@@ -424,17 +415,6 @@ def to_fp16(src: str, dst: str) -> None:
     onnx.save(model, dst)
 
 
-def session(path: str, threads: int | None = None):
-    """An onnxruntime CPU session on `path` with `threads` intra-op threads (default: torch's thread count)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Parity
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,10 +436,11 @@ def parity(source: Source, folder: str, images: torch.Tensor, suffix: str = '', 
     `tolerance` (times max(1, max |PyTorch value|) when `relative`) or, for fp32, an argmax differs."""
     x = images.float().contiguous()
     n = x.shape[0]
+    threads = torch.get_num_threads()
     chunks = [slice(0, 1), slice(1, n)] if n > 1 else [slice(0, 1)]
     feed = x.numpy()
     with torch.inference_mode():
-        ref_tokens = [DeviceGraph(b, source.distilled).eval()(x).numpy() for b in source.backbones]
+        ref_tokens = [DeviceTokens(b, source.distilled).eval()(x).numpy() for b in source.backbones]
     tokens, token_diffs = [], []
 
     def check(what: str, file: str, diff: float, ref: np.ndarray) -> None:
@@ -470,7 +451,7 @@ def parity(source: Source, folder: str, images: torch.Tensor, suffix: str = '', 
 
     for i, ref in enumerate(ref_tokens):
         file = f'device{i}{suffix}.onnx'
-        out = _run_chunks(session(os.path.join(folder, file)), {'image': feed}, chunks)
+        out = _run_chunks(session(os.path.join(folder, file), threads), {'image': feed}, chunks)
         if out.shape != ref.shape:
             raise ExportError(f'parity check failed: {file} gives tokens of shape {out.shape}, PyTorch {ref.shape}')
         diff = _max_abs(out, ref)
@@ -483,7 +464,7 @@ def parity(source: Source, folder: str, images: torch.Tensor, suffix: str = '', 
         return result
 
     file = f'head{suffix}.onnx'
-    head = session(os.path.join(folder, file))
+    head = session(os.path.join(folder, file), threads)
     names = [f'tokens{i}' for i in range(len(tokens))]
     with torch.inference_mode():
         ref_logits = source.head(*map(torch.from_numpy, ref_tokens)).numpy()
@@ -521,13 +502,10 @@ def check_destination(output_dir: str) -> None:
         raise ExportError(f'--output_dir {output_dir} exists and is not a folder')
     if not os.listdir(output_dir):
         return
-    try:
-        with open(os.path.join(output_dir, MANIFEST)) as f:
-            if json.load(f).get('format') == FORMAT:
-                return
-    except (OSError, ValueError, AttributeError):
-        pass
-    raise ExportError(f'--output_dir {output_dir} is a non-empty folder that is not an ONNX export (no {MANIFEST} '
+    if export_manifest.is_export(output_dir):
+        return
+    raise ExportError(f'--output_dir {output_dir} is a non-empty folder that is not an ONNX export (no '
+                      f'{export_manifest.FILE} '
                       f'of format {FORMAT!r}); it would be replaced whole: choose another folder')
 
 
@@ -602,7 +580,7 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
         sample = images[:2] if images.shape[0] >= 2 else images.expand(2, -1, -1, -1)
         devices, sample_tokens = [], []
         for i, backbone in enumerate(source.backbones):
-            graph = DeviceGraph(backbone, source.distilled).eval()
+            graph = DeviceTokens(backbone, source.distilled).eval()
             file = f'device{i}.onnx'
             with torch.inference_mode():
                 tokens = graph(sample)
@@ -649,7 +627,11 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
             'exporter': {'how': 'torch.onnx.export(dynamo=True), onnx.version_converter', 'torch': torch.__version__,
                          'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__},
         }
-        with open(os.path.join(tmp, MANIFEST), 'w') as f:
+        try:  # what the runtime's reader will take, checked before it is written
+            export_manifest.validate(json.loads(json.dumps(manifest, default=str)))
+        except export_manifest.ModelError as err:
+            raise ExportError(f'the manifest to write does not follow collab/manifest.py: {err}') from None
+        with open(export_manifest.path_of(tmp), 'w') as f:
             json.dump(manifest, f, indent=2, default=str)
             f.write('\n')
         umask = os.umask(0)
@@ -663,6 +645,6 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
     return manifest
 
 
-__all__ = ['DeviceGraph', 'ExportError', 'FORMAT', 'FP16_RELATIVE_TOLERANCE', 'FP32_TOLERANCE', 'HeadGraph',
-           'MANIFEST', 'OPSETS', 'Source', 'TENSORRT_OPS', 'VERSION', 'check_destination', 'check_ops', 'export',
-           'export_graph', 'input_spec', 'load_source', 'op_types', 'parity', 'replace_folder', 'session', 'to_fp16']
+__all__ = ['ExportError', 'FP16_RELATIVE_TOLERANCE', 'FP32_TOLERANCE', 'HeadGraph', 'OPSETS', 'Source',
+           'TENSORRT_OPS', 'check_destination', 'check_ops', 'export', 'export_graph', 'input_spec', 'load_source',
+           'op_types', 'parity', 'replace_folder', 'to_fp16']

@@ -1,37 +1,76 @@
-"""What the runtime's tests share: tiny stage-3 checkpoints, their ONNX export, real Fashion-MNIST images as PNG files,
-the in-process reference predictions.
-
-`export` is a minimal writer of the export folder the runtime reads (collab/backends.py documents its manifest):
-torch.onnx.export (TorchScript exporter, opset 17) of each backbone and of the head. export_onnx.py is the product's
-exporter; this fixture only has to produce the same contract.
+"""What the runtime's and the exporter's tests share: tiny stage-3 checkpoints (random or briefly trained on real
+Fashion-MNIST images), their ONNX export by export_onnx.py's own code, real test images as PNG files, and the
+in-process reference predictions.
 """
-import json
+import hashlib
 import os
-import warnings
+import shutil
 
 import numpy as np
 import torch
-from torch import nn
 
+import export_onnx
 import utils
-from collab import torch_models
 from datasets import build_dataset, default_mean_std
-from models.ensemble_model import CONFIG_KEY, DeViTEnsemble, create_backbone, load_ensemble, read_ensemble_checkpoint
+from models.ensemble_model import DeViTEnsemble, create_backbone, load_ensemble
 
-OPSET = 17
 STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 
 
+def save_stage3(path, ensemble, data_path=None, **args):
+    """The stage-3 checkpoint format of engine.fit + ensemble.py: weights, EMA, config, args, stage."""
+    utils.save_checkpoint({'model': ensemble.state_dict(), 'model_ema': None, 'ensemble_config': ensemble.config,
+                           'stage': 3, 'num_classes': ensemble.num_classes, 'epoch': 0, 'best_acc1': 0.0,
+                           'args': {'dataset': 'fashion_mnist', 'data_path': data_path, 'tiny_transforms': True,
+                                    'input_size': 28, **args}}, path)
+    return str(path)
+
+
 def save_ensemble(path, num_devices, embed_dim=32, seed=0, depth=2):
-    """A random tiny stage-3 checkpoint in the format ensemble.py writes."""
+    """A random tiny stage-3 checkpoint (`num_devices` dedeit students of width `embed_dim`, 10 classes)."""
     torch.manual_seed(seed)
     backbones = [create_backbone('dedeit', {**STUDENT, 'embed_dim': embed_dim, 'depth': depth})
                  for _ in range(num_devices)]
-    ens = DeViTEnsemble(backbones, num_classes=10, embed_dim=48)
-    utils.save_checkpoint({'model': ens.state_dict(), 'model_ema': None, 'ensemble_config': ens.config,
-                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True, 'input_size': 28},
-                           'epoch': 0, 'best_acc1': 0.0}, path)
-    return str(path)
+    return save_stage3(path, DeViTEnsemble(backbones, num_classes=10, embed_dim=48))
+
+
+def train_briefly(ensemble, fmnist_root, steps=25, batch=64):
+    """A few AdamW steps of `ensemble` (both heads, cross-entropy) on real training images; its accuracy on them."""
+    ds = build_dataset('fashion_mnist', fmnist_root, 'train', input_size=28, in_chans=1, tiny=True)
+    x = torch.stack([ds[i][0] for i in range(steps * batch // 4)])
+    y = torch.tensor([ds[i][1] for i in range(len(x))])
+    opt = torch.optim.AdamW(ensemble.parameters(), lr=3e-3)
+    ensemble.train()
+    for _step in range(steps):
+        idx = torch.randint(len(x), (batch,))
+        out = ensemble(x[idx])
+        loss = torch.nn.functional.cross_entropy(out.logits, y[idx]) + \
+            torch.nn.functional.cross_entropy(out.logits_dist, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ensemble.eval()
+    with torch.inference_mode():
+        return float((ensemble(x).argmax(1) == y).float().mean())
+
+
+_EXPORTED = {}  # sha256 of a checkpoint (and the options) -> the folder its export was first written to
+
+
+def export(checkpoint, folder, fp16=False, parity_images=4):
+    """export_onnx.py (its main, in this process) of `checkpoint` into `folder`. A checkpoint with the same bytes
+    exported before in this test session is copied from there (save_ensemble is deterministic), since a
+    torch.export of each graph takes seconds."""
+    with open(checkpoint, 'rb') as f:
+        key = (hashlib.sha256(f.read()).hexdigest(), fp16, parity_images)
+    folder = os.fspath(folder)
+    if key in _EXPORTED and os.path.isdir(_EXPORTED[key]):
+        shutil.copytree(_EXPORTED[key], folder)
+        return folder
+    export_onnx.main(['--model-path', os.fspath(checkpoint), '--output_dir', folder, '--parity-images',
+                      str(parity_images), *(['--fp16'] if fp16 else [])])
+    _EXPORTED[key] = folder
+    return folder
 
 
 def images(fmnist_root, k, start=0):
@@ -61,55 +100,3 @@ def reference(ckpt, x, present=None):
     with torch.inference_mode():
         tokens = [ens.device_tokens(i, x) for i in range(ens.num_devices)]
         return ens.head_forward(tokens, present).eval_logits().argmax(1).tolist()
-
-
-class _Head(nn.Module):
-    def __init__(self, ensemble):
-        super().__init__()
-        self.ensemble = ensemble
-
-    def forward(self, *tokens):
-        return self.ensemble.head_forward(list(tokens)).eval_logits()
-
-
-def export(checkpoint, folder, token_width_override=None):
-    """Write folder/device{i}.onnx, head.onnx and manifest.json for the stage-3 checkpoint. token_width_override
-    {i: W} writes a manifest claiming another width for device i (to test the refusals)."""
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
-        warnings.simplefilter('ignore')
-        return _export(checkpoint, folder, token_width_override)
-
-
-def _export(checkpoint, folder, token_width_override):
-    os.makedirs(folder, exist_ok=True)
-    ckpt = read_ensemble_checkpoint(checkpoint)
-    ens = load_ensemble(ckpt).eval()
-    size, chans = utils.input_spec(ens.backbones[0])
-    mean, std = default_mean_std(chans)
-    devices = []
-    x = torch.zeros(2, chans, size, size)
-    for i, spec in enumerate(ckpt[CONFIG_KEY]['backbones']):
-        module = torch_models.load_backbone(ckpt, i, path=checkpoint)
-        torch.onnx.export(module, (x,), os.path.join(folder, f'device{i}.onnx'), input_names=['image'],
-                          output_names=['tokens'], dynamic_axes={'image': {0: 'batch'}, 'tokens': {0: 'batch'}},
-                          opset_version=OPSET, dynamo=False)
-        devices.append({'index': i, 'file': f'device{i}.onnx', 'fp16_file': None, 'model': spec['model'],
-                        'model_kwargs': spec.get('kwargs') or {}, 'token_width': module.width, 'input': 'image',
-                        'output': 'tokens'})
-    widths = ens.token_widths()
-    names = [f'tokens{i}' for i in range(len(widths))]
-    torch.onnx.export(_Head(ens), tuple(torch.zeros(2, w) for w in widths), os.path.join(folder, 'head.onnx'),
-                      input_names=names, output_names=['logits'],
-                      dynamic_axes={**{n: {0: 'batch'} for n in names}, 'logits': {0: 'batch'}},
-                      opset_version=OPSET, dynamo=False)
-    for i, w in (token_width_override or {}).items():
-        devices[i]['token_width'] = w
-    manifest = {'format': 'devit-onnx', 'version': 1, 'opset': OPSET, 'source': os.fspath(checkpoint),
-                'source_kind': 'ensemble', 'input': {'size': size, 'channels': chans, 'mean': list(mean),
-                                                     'std': list(std)},
-                'num_classes': ens.num_classes, 'class_names': None, 'distilled': ens.distilled, 'devices': devices,
-                'head': {'file': 'head.onnx', 'fp16_file': None, 'inputs': names, 'output': 'logits'},
-                'parity': {}}
-    with open(os.path.join(folder, 'manifest.json'), 'w') as f:
-        json.dump(manifest, f, indent=1)
-    return folder

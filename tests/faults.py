@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, digest, env, launch_cmd, read_log  # noqa: F401
+from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, digest, env, kill_group, launch_cmd, read_log  # noqa: F401
 
 import splite_dataset
 import utils
@@ -87,14 +87,6 @@ def wait_exit(proc, timeout):
     except subprocess.TimeoutExpired:
         kill_group(proc)
         raise AssertionError(f'still running {timeout} s after the fault: the run hangs') from None
-
-
-def kill_group(proc, sig=signal.SIGKILL):
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def processes_with(marker):

@@ -99,6 +99,15 @@ def launch_cmd(script, *args, nproc=2, launcher='launch'):
             f'--master_port={port}', '--use_env', script, *args]
 
 
+def kill_group(proc, sig=signal.SIGKILL):
+    """Signal the process group of `proc` (started with start_new_session=True) and reap it."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def descendants(pid):
     """Every process below ``pid``, parents before their children (from /proc: the children of each of a process's
     threads, since a child belongs to the thread that started it)."""

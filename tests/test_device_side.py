@@ -1,71 +1,84 @@
 """The device side of the runtime: what a board runs needs no PyTorch and runs on Python 3.6 (JetPack 4.6, the
-Nano's last); the onnxruntime backend gives the PyTorch backend's predictions; a bad export is refused with one
-line naming the file."""
+Nano's last); an onnxruntime worker serves a torch-free aggregator; a bad export is refused with one line naming the
+file, by the library, the worker and the aggregator alike. (That the runtime on an export predicts as on its
+checkpoint is tests/test_export.py's end-to-end test.)"""
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
-from collab_fixtures import export, images, save_ensemble
+from collab_fixtures import export, images, reference, save_ensemble
 from helpers import ROOT, env, free_port
 
-from collab import backends, dispatch, quota, wire
-from datasets import build_dataset, default_mean_std
-from models.ensemble_model import DeViTEnsemble, create_backbone
+import collab_infer
+import utils
+from collab import backends, dispatch, manifest, quota, sessions, wire
+from datasets import default_mean_std
 
 # What a board runs: the worker and everything it imports, the client, and jetson/ (kept 3.6-compatible by its
-# owners; listed by glob so that new files are checked too).
-DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/quota.py',
-               'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py']
+# owners; listed by glob so that new files are checked too). Every module of collab/ is in one of the two lists.
+DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/manifest.py',
+               'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py']
+AGGREGATOR_SIDE = ['collab/modes.py', 'collab/report.py', 'collab/service.py', 'collab/torch_models.py']
 JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py')))
 HIDDEN = ('torch', 'timm', 'torchvision')
-# Run a module as __main__ in an interpreter where torch, timm and torchvision cannot be imported.
-WITHOUT_TORCH = '''
-import runpy, sys
+HIDE = f"""
+import sys
 class Hide:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {hidden!r}:
+        if name.split('.')[0] in {HIDDEN!r}:
             raise ImportError(name + ' is hidden: device-side code must not need it')
 sys.meta_path.insert(0, Hide())
+"""
+# Run a module as __main__ in an interpreter where torch, timm and torchvision cannot be imported.
+WITHOUT_TORCH = HIDE + '''
+import runpy
 sys.argv = [{module!r}] + sys.argv[1:]
 runpy.run_module({module!r}, run_name='__main__', alter_sys=True)
 '''
 
 
 def without_torch(module, *args, timeout=120):
-    code = WITHOUT_TORCH.format(hidden=HIDDEN, module=module)
+    code = WITHOUT_TORCH.format(module=module)
     return subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def modules(paths):
+    return [p[:-3].replace('/', '.').replace('.__init__', '') for p in paths]
 
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp('device-side')
     ckpt = save_ensemble(d / 'ens.pth', 2)
-    return {'ckpt': ckpt, 'export': export(ckpt, str(d / 'export')),
-            'wide': export(save_ensemble(d / 'wide.pth', 2, embed_dim=48), str(d / 'wide'))}
+    return {'ckpt': ckpt, 'export': export(ckpt, d / 'export'),
+            'wide': export(save_ensemble(d / 'wide.pth', 1, embed_dim=48), d / 'wide')}
+
+
+def test_every_collab_module_is_placed():
+    found = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', '*.py')))
+    assert found == sorted(DEVICE_SIDE + AGGREGATOR_SIDE)
 
 
 def test_device_side_is_python_3_6_compatible():
-    assert 'jetson/power.py' in JETSON
+    assert {'jetson/power.py', 'jetson/latency.py', 'jetson/build_engines.py'} <= set(JETSON)
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), 'vermin'), '--target=3.6-',
                            '--eval-annotations', '--no-tips', '--violations', *DEVICE_SIDE, *JETSON], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_device_side_imports_nothing_of_torch():
-    modules = [p[:-3].replace('/', '.').replace('.__init__', '') for p in DEVICE_SIDE]
-    code = (f'import sys\nimport {", ".join(modules)}\n'
-            f'print(sorted(m for m in sys.modules if m.split(".")[0] in {HIDDEN!r}))')
+def test_device_side_imports_with_torch_hidden():
+    """Every device-side module imports where torch, timm and torchvision cannot be imported at all."""
+    code = HIDE + f'import {", ".join(modules(DEVICE_SIDE + JETSON))}\nprint("imported")'
     proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == '[]', proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == 'imported', proc.stdout + proc.stderr
 
 
 def test_worker_without_torch_serves_the_onnx_export(exported, fmnist_root):
@@ -77,7 +90,7 @@ def test_worker_without_torch_serves_the_onnx_export(exported, fmnist_root):
     d = dispatch.Dispatcher(2, lambda i: {'input': head.input, 'token_width': head.widths[i], 'model': head.specs[i]},
                             {'input_dtype': 'uint8', 'wire_dtype': 'fp32', 'mean': mean, 'std': std,
                              'num_classes': 10}, f'tcp://127.0.0.1:{port}', timeout=30, log=lambda line: None)
-    procs = [subprocess.Popen([sys.executable, '-c', WITHOUT_TORCH.format(hidden=HIDDEN, module='collab.worker'),
+    procs = [subprocess.Popen([sys.executable, '-c', WITHOUT_TORCH.format(module='collab.worker'),
                                '--aggregator', f'tcp://127.0.0.1:{port}', '--device-index', str(i), '--backend',
                                'onnxruntime', '--model-path', exported['export'], '--threads', '1'],
                               cwd=ROOT, env=env(), stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -89,7 +102,6 @@ def test_worker_without_torch_serves_the_onnx_export(exported, fmnist_root):
         for k in range(len(x)):
             req = d.submit(codec.encode(x[k:k + 1].numpy()), k).wait(30)
             got.append(int(head.run([req.results[i][0] for i in range(2)]).argmax()))
-        from collab_fixtures import reference
         assert got == reference(exported['ckpt'], x)
         assert [h['backend'] for h in d.health()] == ['onnxruntime'] * 2
         d.stop_workers()
@@ -102,37 +114,123 @@ def test_worker_without_torch_serves_the_onnx_export(exported, fmnist_root):
         d.close()
 
 
+def _copy(src, dst, **changes):
+    """A copy of export `src` at `dst`, with manifest fields replaced by `changes` (dotted: 'devices.1.token_width')."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / 'manifest.json').read_text())
+    for key, value in changes.items():
+        *path, last = key.split('.')
+        node = m
+        for k in path:
+            node = node[int(k) if k.isdigit() else k]
+        node[last] = value
+    (dst / 'manifest.json').write_text(json.dumps(m))
+    return dst
+
+
 def test_bad_exports_are_refused_naming_the_file(exported, tmp_path):
     src = exported['export']
     with pytest.raises(backends.ModelError, match=r'manifest.json not found: not an export folder'):
         backends.OnnxDevice(str(tmp_path), 0)
     # A device file from another export: its tokens do not have the manifest's (and the head's) width.
-    swapped = shutil.copytree(src, tmp_path / 'swapped')
+    swapped = _copy(src, tmp_path / 'swapped')
     shutil.copy(os.path.join(exported['wide'], 'device0.onnx'), swapped / 'device0.onnx')
     with pytest.raises(backends.ModelError, match=r'swapped/device0.onnx gives tokens of shape \[1, 96\] but '
                                                   r'.*manifest.json says 64 floats per image'):
         backends.OnnxDevice(str(swapped), 0)
     # A manifest whose widths do not fit head.onnx.
-    lying = shutil.copytree(src, tmp_path / 'lying')
-    m = json.loads((lying / 'manifest.json').read_text())
-    m['devices'][1]['token_width'] = 96
-    (lying / 'manifest.json').write_text(json.dumps(m))
+    lying = _copy(src, tmp_path / 'lying', **{'devices.1.token_width': 96})
     with pytest.raises(backends.ModelError, match=r'lying/head.onnx takes 64 floats per image as tokens1 but '
                                                   r'.*manifest.json says device 1 sends 96'):
         backends.OnnxHead(str(lying))
-    corrupt = shutil.copytree(src, tmp_path / 'corrupt')
+    corrupt = _copy(src, tmp_path / 'corrupt')
     (corrupt / 'device1.onnx').write_bytes(b'not a protobuf')
     with pytest.raises(backends.ModelError, match=r'cannot load .*corrupt/device1.onnx'):
         backends.OnnxDevice(str(corrupt), 1)
-    (corrupt / 'manifest.json').write_text('{"format": "devit-onnx", "version": 1}')
-    with pytest.raises(backends.ModelError, match=r'corrupt/manifest.json is incomplete or malformed'):
-        backends.OnnxDevice(str(corrupt), 0)
+    no_fp16 = _copy(src, tmp_path / 'no-fp16')
+    with pytest.raises(backends.ModelError, match=r'no-fp16/manifest.json has no fp16 copy of device 1 \(export '
+                                                  r'with export_onnx.py --fp16\)'):
+        backends.OnnxDevice(str(no_fp16), 1, fp16=True)
+    (_copy(src, tmp_path / 'partial') / 'manifest.json').write_text('{"format": "devit-onnx", "version": 1}')
+    with pytest.raises(backends.ModelError, match=r'partial/manifest.json is malformed: opset must be'):
+        backends.OnnxDevice(str(tmp_path / 'partial'), 0)
+    with pytest.raises(backends.ModelError, match=r'there is no device 2'):
+        backends.OnnxDevice(src, 2)
+
     # What a board's worker says: one line naming the file, exit 2, before it ever connects.
-    proc = without_torch('collab.worker', '--aggregator', 'tcp://127.0.0.1:9', '--device-index', '0', '--backend',
-                         'onnxruntime', '--model-path', str(swapped))
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith('[device 0] error: ') and 'swapped/device0.onnx gives tokens' in lines[0]
+    for folder, index, extra, says in ((swapped, 0, [], 'swapped/device0.onnx gives tokens'),
+                                       (corrupt, 1, [], f'cannot load {corrupt}/device1.onnx: '),
+                                       (no_fp16, 0, ['--fp16-model'], 'no-fp16/manifest.json has no fp16 copy')):
+        proc = without_torch('collab.worker', '--aggregator', 'tcp://127.0.0.1:9', '--device-index', str(index),
+                             '--backend', 'onnxruntime', '--model-path', str(folder), *extra)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f'[device {index}] error: ') and says in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('case', ['missing manifest', 'head width', 'not onnx', 'wrong format'])
+def test_aggregator_refuses_a_bad_export_in_one_line(case, exported, tmp_path, capsys):
+    """collab_infer.py --backend onnxruntime: the head's export checked before anything listens."""
+    src = exported['export']
+    if case == 'missing manifest':
+        folder, says = tmp_path, f'error: {tmp_path}/manifest.json not found: not an export folder'
+    elif case == 'head width':
+        folder = _copy(src, tmp_path / 'lying', **{'devices.0.token_width': 96})
+        says = f'error: {folder}/head.onnx takes 64 floats per image as tokens0 but {folder}/manifest.json says'
+    elif case == 'not onnx':
+        folder = _copy(src, tmp_path / 'corrupt')
+        (folder / 'head.onnx').write_text('tokens -> logits\n')
+        says = f'error: cannot load {folder}/head.onnx: '
+    else:
+        folder = _copy(src, tmp_path / 'other', format='other-tool')
+        says = f"error: {folder}/manifest.json is not a DeViT ONNX manifest: format 'other-tool'"
+    with pytest.raises(SystemExit) as exc:
+        utils.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(folder), '--collab-port',
+                                           str(free_port())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(says), err
+
+
+def test_manifest_schema_names_what_is_wrong(exported):
+    m = manifest.read(exported['export'])
+    assert manifest.validate(m) is m
+    cases = {'input.mean must be 1 numbers': {'input': dict(m['input'], mean=[0.5, 0.5])},
+             'input.std must be 1 numbers (one per channel), > 0': {'input': dict(m['input'], std=[0.0])},
+             'devices[1].index is 0, expected 1': {'devices': [m['devices'][0], m['devices'][0]]},
+             'devices[0].file must be a file name inside the folder': {
+                 'devices': [dict(m['devices'][0], file='/etc/passwd'), m['devices'][1]]},
+             'head.inputs must be 2 distinct names': {'head': dict(m['head'], inputs=['tokens0'])},
+             'an ensemble export needs a head': {'head': None},
+             'class_names must be null or num_classes strings': {'class_names': ['a']},
+             'version 2 (this reader reads version 1)': {'version': 2}}
+    for says, change in cases.items():
+        with pytest.raises(manifest.ModelError, match=re.escape(says)):
+            manifest.validate({**m, **change}, 'EXPORT/manifest.json')
+
+
+def test_sessions_choose_providers_and_threads(exported, monkeypatch):
+    """collab/sessions.py: the execution providers for each --device (with fallbacks), the threads from
+    OMP_NUM_THREADS, and the session every part of the project opens."""
+    trt, cuda, cpu = 'TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider'
+    jetson = [trt, cuda, cpu]
+    assert sessions.provider_names('tensorrt', jetson) == [trt, cuda, cpu]
+    assert sessions.provider_names('cuda', jetson) == [cuda, cpu]
+    assert sessions.provider_names('auto', jetson) == [trt, cuda, cpu]
+    assert sessions.provider_names('auto', [cpu]) == sessions.provider_names('cpu', [cpu]) == [cpu]
+    with pytest.raises(ValueError, match=r'device cuda: this onnxruntime has no CUDAExecutionProvider \(it has '
+                                         r'CPUExecutionProvider'):
+        sessions.provider_names('cuda', [cpu])
+    with pytest.raises(ValueError, match="device 'npu'"):
+        sessions.provider_names('npu', jetson)
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert sessions.default_threads() == 3 and sessions.default_threads(2) == 2
+    assert sessions.session_options().intra_op_num_threads == 3
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    assert sessions.default_threads() is None
+    sess = sessions.session(os.path.join(exported['export'], 'device0.onnx'), threads=1, level='basic')
+    assert sess.get_providers() == [cpu] and sess.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(manifest.ModelError, match=r'nope.onnx not found'):
+        sessions.session(os.path.join(exported['export'], 'nope.onnx'))
 
 
 def test_quota_fractions_below_a_tenth_lengthen_the_period():
@@ -143,50 +241,3 @@ def test_quota_fractions_below_a_tenth_lengthen_the_period():
         quota.quota_us(0.0001)
     with pytest.raises(quota.QuotaError, match='must be > 0'):
         quota.quota_us(0)
-
-
-def _train_tiny(fmnist_root, steps=150):
-    """Two tiny students and the head, trained together for `steps` Adam steps (a minute's worth of DeViT)."""
-    torch.manual_seed(0)
-    kw = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
-    ens = DeViTEnsemble([create_backbone('dedeit', kw) for _ in range(2)], num_classes=10, embed_dim=48)
-    ds = build_dataset('fashion_mnist', fmnist_root, 'train', input_size=28, in_chans=1, tiny=True)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(steps * 64)), batch_size=64, shuffle=True)
-    opt = torch.optim.Adam(ens.parameters(), lr=3e-3)
-    ens.train()
-    for x, y in loader:
-        out = ens(x)
-        loss = torch.nn.functional.cross_entropy(out.logits, y) + torch.nn.functional.cross_entropy(out.logits_dist, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return ens.eval()
-
-
-def test_onnxruntime_predictions_equal_torch_on_a_trained_ensemble(tmp_path, fmnist_root, capsys):
-    import utils
-
-    ens = _train_tiny(fmnist_root)
-    ckpt = str(tmp_path / 'trained.pth')
-    utils.save_checkpoint({'model': ens.state_dict(), 'ensemble_config': ens.config,
-                           'args': {'dataset': 'fashion_mnist', 'tiny_transforms': True}}, ckpt)
-    folder = export(ckpt, str(tmp_path / 'export'))
-    devices = [backends.OnnxDevice(folder, i, threads=1) for i in range(2)]
-    head = backends.OnnxHead(folder, threads=1)
-    ds = build_dataset('fashion_mnist', fmnist_root, 'val', input_size=28, in_chans=1, tiny=True)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(2000)), batch_size=250)
-    same = total = correct = 0
-    for x, y in loader:
-        with torch.inference_mode():
-            ref = ens(x).argmax(1).numpy()
-        got = head.run([d.run(x.numpy()) for d in devices]).argmax(1)
-        same += int((got == ref).sum())
-        correct += int((ref == y.numpy()).sum())
-        total += len(y)
-    with capsys.disabled():
-        print(f'\nonnxruntime vs torch: same prediction on {same}/{total} test images ({100 * same / total:.2f}%); '
-              f'torch accuracy {correct / total:.3f}')
-    assert correct / total > 0.5, 'the tiny ensemble did not train'
-    assert same / total >= 0.999
-    np.testing.assert_allclose(devices[0].run(x.numpy()),
-                               ens.device_tokens(0, x).detach().numpy(), atol=1e-4)

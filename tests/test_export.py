@@ -4,23 +4,30 @@ PyTorch, the operator set TensorRT imports, fp16 copies, and refusals that leave
 A tiny ensemble is trained for a few steps on real Fashion-MNIST images and saved in the stage-3 checkpoint format
 (what ensemble.py writes through engine.fit), so the parity check compares real predictions on real test images.
 """
+import argparse
+import csv
 import json
 import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import launch_cmd, run
+from collab_fixtures import STUDENT, save_stage3, train_briefly
+from helpers import free_port, launch_cmd, run
 
+import collab_infer
 import export_onnx
 import utils
+from collab import backends, dispatch, manifest, modes
+from collab.sessions import session
 from datasets import build_dataset
 from models import onnx_export
-from models.ensemble_model import DeViTEnsemble, create_backbone
+from models.ensemble_model import DeViTEnsemble, create_backbone, read_ensemble_checkpoint
 from models.features import prefix_tokens
 
-STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
 SHRUNK = {**STUDENT, 'embed_dim': 48, 'shrink': {'heads': [1, 2], 'hidden': [40, 96]}}
 CCT = {'img_size': 28, 'in_chans': 1, 'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'n_conv_layers': 1,
        'kernel_size': 3}
@@ -28,34 +35,6 @@ MANIFEST_KEYS = {'format', 'version', 'opset', 'source', 'source_kind', 'input',
                  'distilled', 'devices', 'head', 'parity'}
 DEVICE_KEYS = {'index', 'file', 'fp16_file', 'model', 'model_kwargs', 'token_width', 'input', 'output'}
 FORBIDDEN = {'Einsum', 'Attention', 'MultiHeadAttention'}
-
-
-def save_stage3(path, ensemble, data_path, **args):
-    """The stage-3 checkpoint format of engine.fit + ensemble.py: weights, EMA, config, args, stage."""
-    utils.save_checkpoint({'model': ensemble.state_dict(), 'model_ema': None, 'ensemble_config': ensemble.config,
-                           'stage': 3, 'num_classes': ensemble.num_classes, 'epoch': 0, 'best_acc1': 0.0,
-                           'args': {'dataset': 'fashion_mnist', 'data_path': data_path, 'tiny_transforms': True,
-                                    **args}}, path)
-    return str(path)
-
-
-def train_briefly(ensemble, fmnist_root, steps=25, batch=64):
-    ds = build_dataset('fashion_mnist', fmnist_root, 'train', input_size=28, in_chans=1, tiny=True)
-    x = torch.stack([ds[i][0] for i in range(steps * batch // 4)])
-    y = torch.tensor([ds[i][1] for i in range(len(x))])
-    opt = torch.optim.AdamW(ensemble.parameters(), lr=3e-3)
-    ensemble.train()
-    for _step in range(steps):
-        idx = torch.randint(len(x), (batch,))
-        out = ensemble(x[idx])
-        loss = torch.nn.functional.cross_entropy(out.logits, y[idx]) + \
-            torch.nn.functional.cross_entropy(out.logits_dist, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ensemble.eval()
-    with torch.inference_mode():
-        return float((ensemble(x).argmax(1) == y).float().mean())
 
 
 @pytest.fixture(scope='module')
@@ -114,10 +93,10 @@ def test_trained_ensemble_export(trained, fmnist_root):
     with torch.inference_mode():
         ref_tokens = [prefix_tokens(b, x, dist=True) for b in ens.backbones]
         ref = ens(x)
-    tokens = [onnx_export.session(str(out / d['file'])).run(None, {'image': x.numpy()})[0] for d in m['devices']]
+    tokens = [session(str(out / d['file'])).run(None, {'image': x.numpy()})[0] for d in m['devices']]
     for t, r in zip(tokens, ref_tokens, strict=True):
         assert t.shape == tuple(r.shape) and np.abs(t - r.numpy()).max() <= 1e-4
-    logits = onnx_export.session(str(out / 'head.onnx')).run(None, {'tokens0': tokens[0], 'tokens1': tokens[1]})[0]
+    logits = session(str(out / 'head.onnx')).run(None, {'tokens0': tokens[0], 'tokens1': tokens[1]})[0]
     assert np.abs(logits - ref.numpy()).max() <= 1e-4 and (logits.argmax(1) == ref.argmax(1).numpy()).all()
 
 
@@ -125,14 +104,143 @@ def test_fp16_copies_load_and_match(trained):
     out, m = trained['out'], trained['manifest']
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     for d in m['devices']:
-        fp32 = onnx_export.session(str(out / d['file'])).run(None, {'image': x})[0]
-        s = onnx_export.session(str(out / d['fp16_file']))
+        fp32 = session(str(out / d['file'])).run(None, {'image': x})[0]
+        s = session(str(out / d['fp16_file']))
         assert s.get_inputs()[0].type == 'tensor(float)'  # same feeds as the fp32 graph
         fp16 = s.run(None, {'image': x})[0]
         assert fp16.dtype == np.float32 and fp16.shape == (3, d['token_width'])
         assert np.abs(fp16 - fp32).max() <= onnx_export.FP16_RELATIVE_TOLERANCE * max(1.0, np.abs(fp32).max())
     weights = list(onnx.load(str(out / 'head.fp16.onnx')).graph.initializer)
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights if len(t.dims) == 2)
+
+
+def test_manifest_is_the_checkpoints_contract(trained):
+    """What the runtime reads off the export (collab/manifest.py, the onnxruntime backend) is what it reads off the
+    checkpoint (the torch backend), field by field, so workers of either backend fit an aggregator of either."""
+    m, out, ckpt = trained['manifest'], str(trained['out']), trained['ckpt']
+    assert manifest.read(out) == m  # the runtime's reader takes the file as export_onnx.py wrote it
+    config = read_ensemble_checkpoint(ckpt)['ensemble_config']
+    assert [{'model': d['model'], 'kwargs': d['model_kwargs']} for d in m['devices']] == config['backbones']
+    torch_head = modes.load_head(argparse.Namespace(backend='torch', model_path=ckpt, ema=False))
+    onnx_head = modes.load_head(argparse.Namespace(backend='onnxruntime', model_path=out, threads=1, fp16_model=False))
+    for field in ('widths', 'input', 'specs', 'num_classes', 'train_args'):
+        assert getattr(onnx_head, field) == getattr(torch_head, field), field
+    assert onnx_head.widths == [d['token_width'] for d in m['devices']] == [64, 96]
+    assert onnx_head.input == {'size': 28, 'channels': 1, 'mean': m['input']['mean'], 'std': m['input']['std']}
+    assert [i.name for i in onnx_head.head.session.get_inputs()] == m['head']['inputs'] == ['tokens0', 'tokens1']
+    assert [o.name for o in onnx_head.head.session.get_outputs()] == [m['head']['output']] == ['logits']
+    for i, entry in enumerate(m['devices']):
+        onnx_dev = backends.OnnxDevice(out, i, threads=1)
+        torch_dev = backends.TorchDevice(ckpt, i, device='cpu', threads=1)
+        assert [a.name for a in onnx_dev.session.get_inputs()] == [entry['input']] == ['image']
+        assert [a.name for a in onnx_dev.session.get_outputs()] == [entry['output']] == ['tokens']
+        hello_onnx, hello_torch = onnx_dev.describe(), torch_dev.describe()
+        for field in ('model', 'token_width', 'input', 'precision'):
+            assert hello_onnx[field] == hello_torch[field], (i, field)
+        for head in (torch_head, onnx_head):  # each worker fits each aggregator
+            expected = {'input': head.input, 'token_width': head.widths[i], 'model': head.specs[i]}
+            for hello in (hello_onnx, hello_torch):
+                assert dispatch.mismatch(expected, dict(hello, index=i)) is None
+        half = backends.OnnxDevice(out, i, threads=1, fp16=True)
+        assert half.describe()['precision'] == 'fp16' and half.source == os.path.join(out, entry['fp16_file'])
+    # What the exporter writes is checked by the same schema: a manifest the runtime would refuse is never written.
+    with pytest.raises(manifest.ModelError, match=r'devices\[1\]\.token_width must be a positive integer'):
+        manifest.validate({**m, 'devices': [m['devices'][0], {**m['devices'][1], 'token_width': 0}]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The export served by the collaborative runtime, against the checkpoint served by it
+
+LIMIT, BATCH, DROP_AT = 2000, 250, 1000  # test images, images per request, image at which device 0 leaves
+DROPOUT = ['--dropout-tolerant', '--fp16-tokens', '--fault', 'exit', '--fault-rank', '1', '--fault-after',
+           str(DROP_AT)]
+
+
+def _serve(nproc, argv, out):
+    """collab_infer.py under torch.distributed.launch: its per-image predictions and its report."""
+    proc = run(launch_cmd('collab_infer.py', *argv, '--report', str(out / 'r.json'), '--csv', str(out / 'r.csv'),
+                          '--collab-port', str(free_port()), nproc=nproc), timeout=300)
+    with open(out / 'r.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    return {'preds': [int(r['pred']) for r in rows], 'devices': [r['devices'] for r in rows],
+            'report': json.loads((out / 'r.json').read_text()), 'stderr': proc.stderr}
+
+
+@pytest.fixture(scope='module')
+def served(trained, fmnist_root, tmp_path_factory):
+    """The trained ensemble served on loopback (rank 0 the aggregator, ranks 1 and 2 the devices) over LIMIT test
+    images: from its checkpoint (--backend torch) and from the export of the `trained` fixture (--backend
+    onnxruntime), each plain and with --dropout-tolerant --fp16-tokens and device 0 leaving at image DROP_AT; and
+    the export's fp16 graphs (--fp16-model). Three launches at a time."""
+    common = ['--data-path', fmnist_root, '--limit', str(LIMIT), '--batch-size', str(BATCH), '--timeout', '120',
+              '--warmup', '1']
+    sources = {'torch': ['--backend', 'torch', '--model-path', trained['ckpt']],
+               'onnxruntime': ['--backend', 'onnxruntime', '--model-path', str(trained['out'])]}
+    specs = {**{k: [*v, *common] for k, v in sources.items()},
+             **{f'{k}_dropout': [*v, *common, *DROPOUT] for k, v in sources.items()},
+             'onnxruntime_fp16': [*sources['onnxruntime'], *common, '--fp16-model']}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {k: pool.submit(_serve, 3, argv, tmp_path_factory.mktemp(k)) for k, argv in specs.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def _agreement(a, b):
+    assert len(a['preds']) == len(b['preds']) == LIMIT
+    return sum(p == q for p, q in zip(a['preds'], b['preds'], strict=True)) / LIMIT
+
+
+def test_runtime_on_the_export_predicts_as_on_the_checkpoint(served, capsys):
+    """collab_infer.py --backend onnxruntime --model-path EXPORT gives --backend torch's predictions on >= 99.9% of
+    the test images: plain, and with --dropout-tolerant --fp16-tokens while device 0 leaves half-way."""
+    same = _agreement(served['onnxruntime'], served['torch'])
+    same_dropout = _agreement(served['onnxruntime_dropout'], served['torch_dropout'])
+    with capsys.disabled():
+        print(f'\nruntime, onnxruntime vs torch backend: same prediction on {100 * same:.2f}% of {LIMIT} test images; '
+              f'with --dropout-tolerant --fp16-tokens, device 0 gone from image {DROP_AT}: {100 * same_dropout:.2f}%')
+    assert same >= 0.999 and same_dropout >= 0.999
+    for k in ('torch', 'onnxruntime'):
+        plain, dropout = served[k], served[f'{k}_dropout']
+        assert plain['report']['backend'] == k and {w['backend'] for w in plain['report']['workers']} == {k}
+        assert plain['report']['accuracy'] > 0.25  # a trained model: the agreement compares real predictions
+        assert plain['devices'] == ['0 1'] * LIMIT and plain['report']['wire_dtype'] == 'fp32'
+        assert dropout['devices'] == ['0 1'] * DROP_AT + ['1'] * (LIMIT - DROP_AT), k
+        assert [(d['rank'], d['at_image']) for d in dropout['report']['dropped_ranks']] == [(1, DROP_AT)]
+        assert dropout['report']['wire_dtype'] == 'fp16'
+        assert dropout['report']['bytes_per_image'] == ((64 + 96) * DROP_AT + 96 * (LIMIT - DROP_AT)) * 2 / LIMIT
+    # The half that ran without device 0 is not the plain run's answer: the comparison above covers the dropout path.
+    assert served['torch_dropout']['preds'][DROP_AT:] != served['torch']['preds'][DROP_AT:]
+
+
+def test_runtime_runs_the_fp16_graphs(served, trained, capsys):
+    """--fp16-model: the workers and the head run device{i}.fp16.onnx and head.fp16.onnx."""
+    half = served['onnxruntime_fp16']
+    same = _agreement(half, served['torch'])
+    with capsys.disabled():
+        print(f'\nruntime, --fp16-model (onnxruntime) vs torch fp32: same prediction on {100 * same:.2f}% of {LIMIT} '
+              'test images')
+    assert same >= 0.99
+    report = half['report']
+    assert report['model_precision'] == 'fp16' and {w['precision'] for w in report['workers']} == {'fp16'}
+    assert sorted(os.path.basename(w['source']) for w in report['workers']) == ['device0.fp16.onnx',
+                                                                                 'device1.fp16.onnx']
+
+
+def test_fp16_model_is_refused_where_it_cannot_run(trained, tmp_path, capsys):
+    """--fp16-model on the torch backend, or on an export without fp16 copies: one line, naming the file."""
+    with pytest.raises(SystemExit) as exc:
+        collab_infer.parse_args(['--backend', 'torch', '--model-path', trained['ckpt'], '--fp16-model'])
+    assert exc.value.code == 2 and 'needs --backend onnxruntime' in capsys.readouterr().err
+    plain = tmp_path / 'plain'
+    shutil.copytree(trained['out'], plain)
+    m = json.loads((plain / 'manifest.json').read_text())
+    m['head']['fp16_file'] = None
+    (plain / 'manifest.json').write_text(json.dumps(m))
+    with pytest.raises(SystemExit) as exc:
+        utils.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(plain), '--fp16-model',
+                                           '--collab-port', str(free_port())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [f'error: {plain}/manifest.json has no fp16 copy of the head (export with '
+                                           'export_onnx.py --fp16)']
 
 
 def _ops(path):
@@ -190,8 +298,8 @@ def test_shrunk_mixed_family_export_opset13(tmp_path, capsys):
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
         ref = ens(x).numpy()
-    toks = [onnx_export.session(str(out / d['file'])).run(None, {'image': x.numpy()})[0] for d in m['devices']]
-    logits = onnx_export.session(str(out / 'head.onnx')).run(None, {'tokens0': toks[0], 'tokens1': toks[1]})[0]
+    toks = [session(str(out / d['file'])).run(None, {'image': x.numpy()})[0] for d in m['devices']]
+    logits = session(str(out / 'head.onnx')).run(None, {'tokens0': toks[0], 'tokens1': toks[1]})[0]
     assert np.abs(logits - ref).max() <= 1e-4
 
 
@@ -220,7 +328,7 @@ def test_stage2_folder_exports_devices_only_and_replaces_whole(tmp_path, fmnist_
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
         ref = prefix_tokens(students[1], x).numpy()
-    assert np.abs(onnx_export.session(str(out / 'device1.onnx')).run(None, {'image': x.numpy()})[0] - ref).max() \
+    assert np.abs(session(str(out / 'device1.onnx')).run(None, {'image': x.numpy()})[0] - ref).max() \
         <= 1e-4
 
     # Failing parity (a zero tolerance here) writes nothing: the previous export stays as it was.

@@ -440,11 +440,11 @@ def test_setup_other_board_needs_mode(tmp_path):
 def test_run_collab_dry_run(tmp_path):
     env = dict(os.environ, MASTER_ADDR='192.168.1.10', NODE_RANK='3', CKPT='ens.pth')
     r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--power', '--dataset', 'IMNET', '--limit', '10', '--backend',
-              'onnxruntime'], env=env)
+              'onnxruntime', '--fp16-model', '--device', 'tensorrt'], env=env)
     assert r.returncode == 0, r.stderr
     # A board runs the worker alone, with the flags a worker takes (not the aggregator's --dataset / --limit).
     for part in ('-m jetson.power', '--csv power_node3.csv', '-m collab.worker --aggregator tcp://192.168.1.10:29501 '
-                 '--device-index 2 --model-path ens.pth --backend onnxruntime'):
+                 '--device-index 2 --model-path ens.pth --backend onnxruntime --fp16-model --device tensorrt'):
         assert part in r.stdout
     assert 'torch.distributed' not in r.stdout and '--dataset' not in r.stdout
     r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--dataset', 'IMNET', '--limit', '10'],
@@ -501,11 +501,14 @@ def fake_export(folder, opset=17):
     folder.mkdir(parents=True)
     for f in ('device0.onnx', 'device1.onnx', 'head.onnx'):
         (folder / f).write_bytes(b'onnx')
-    manifest = {'format': 'devit-onnx', 'version': 1, 'opset': opset, 'input': {'size': 224, 'channels': 3},
+    manifest = {'format': 'devit-onnx', 'version': 1, 'opset': opset, 'source': 'ens.pth', 'source_kind': 'ensemble',
+                'input': {'size': 224, 'channels': 3, 'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]},
+                'num_classes': 1000, 'class_names': None, 'distilled': True,
                 'operators': ['Add', 'LayerNormalization', 'MatMul'] if opset == 17 else ['Add', 'MatMul'],
-                'devices': [{'index': i, 'file': f'device{i}.onnx', 'input': 'image', 'output': 'tokens',
+                'devices': [{'index': i, 'file': f'device{i}.onnx', 'fp16_file': None, 'model': 'dedeit',
+                             'model_kwargs': {'embed_dim': w // 2}, 'input': 'image', 'output': 'tokens',
                              'token_width': w} for i, w in enumerate((384, 192))],
-                'head': {'file': 'head.onnx', 'inputs': ['tokens0', 'tokens1'], 'output': 'logits'}}
+                'head': {'file': 'head.onnx', 'fp16_file': None, 'inputs': ['tokens0', 'tokens1'], 'output': 'logits'}}
     (folder / 'manifest.json').write_text(json.dumps(manifest))
     return folder
 
@@ -528,8 +531,11 @@ def test_build_engines_dry_run(tmp_path):
     assert r.returncode == 0 and len(lines) == 1 and f'--saveEngine={tmp_path}/plans/device1.plan' in lines[0]
     assert '--fp16' not in lines[0]
     r = _run([sys.executable, '-m', 'jetson.build_engines', str(tmp_path), '--dry-run'])
-    assert r.returncode == 2 and r.stderr.strip() == (f'error: {tmp_path}/manifest.json not found: give a folder '
-                                                      'written by export_onnx.py')
+    assert r.returncode == 2 and r.stderr.strip() == (f'error: {tmp_path}/manifest.json not found: not an export '
+                                                      'folder (export_onnx.py writes one)')
+    (tmp_path / 'manifest.json').write_text(json.dumps({'format': 'devit-onnx', 'version': 1}))
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(tmp_path), '--dry-run'])
+    assert r.returncode == 2 and r.stderr.startswith(f'error: {tmp_path}/manifest.json is malformed: opset must be')
     r = _run([sys.executable, '-m', 'jetson.build_engines', str(export), '--device', '5', '--dry-run'])
     assert r.returncode == 2 and 'no device 5' in r.stderr
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from collab_fixtures import export, images, reference, save_ensemble, write_pngs
-from helpers import ROOT, descendants, env, free_port, launch_cmd
+from helpers import ROOT, descendants, env, free_port, kill_group, launch_cmd
 
 from collab import client, quota
 from datasets import build_dataset
@@ -61,11 +61,7 @@ class Procs:
     def kill_all(self):
         for p in self.procs.values():
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+                kill_group(p)
 
 
 @pytest.fixture
@@ -247,8 +243,10 @@ def test_deadline_answers_without_a_stalled_worker_and_keeps_it(procs, model):
 
 @pytest.mark.skipif(quota.unavailable_reason() is not None, reason=f'CPU quotas: {quota.unavailable_reason()}')
 def test_deadline_with_a_throttled_worker(procs, model):
-    """Worker 1 runs under its own CPU quota (--cpu-quota); throttled to 0.002 of a core it misses every deadline and
-    the answers come from the others; given its core back it is used again, never having left."""
+    """Worker 1 runs under its own CPU quota (--cpu-quota); throttled to 0.002 of a core it misses most deadlines and
+    those answers come from the others; given its core back it is used again, never having left. (1 ms of CPU per
+    0.5 s period is more than one tiny forward needs: when a period starts during a request, the throttled worker can
+    still make that deadline, so not every answer lacks it.)"""
     deadline = 150
     url, _ = start_service(procs, model, '--deadline-ms', str(deadline), workers={1: ['--cpu-quota', '0.5']})
     pid = procs.procs['worker1'].pid
@@ -256,10 +254,13 @@ def test_deadline_with_a_throttled_worker(procs, model):
         assert f'devit-{pid}' in f.read(), 'the worker is in a cgroup of its own'
     assert client.health(url)['devices'][1]['cpu_quota'] == 0.5
     quota.limit_cpu(0.002, pid)  # the same group, a tighter quota: 1 ms of CPU every 0.5 s
-    answers = [client.predict(url, model['pngs'][k % 8]) for k in range(6)]
-    assert all(a['devices'] == [0, 2] for a in answers[2:]), [a['devices'] for a in answers]
+    answers = [client.predict(url, model['pngs'][k % 8]) for k in range(10)]
+    measured, used = answers[2:], [a['devices'] for a in answers]
+    without = [a for a in measured if a['devices'] == [0, 2]]
+    assert all(a['devices'] in ([0, 2], [0, 1, 2]) for a in measured) and len(without) >= 5, used
+    assert all(a['missing'] == {'1': f'missed the {deadline} ms deadline'} for a in without), used
     d = client.health(url)['devices'][1]
-    assert d['state'] in ('late', 'up') and d['joins'] == 1 and d['missed'] >= 4
+    assert d['state'] in ('late', 'up') and d['joins'] == 1 and d['missed'] >= 5
     quota.limit_cpu(4, pid)
     a = wait_for('device 1 used again', lambda: (lambda r: r if r['devices'] == [0, 1, 2] else None)(
         client.predict(url, model['pngs'][0])), procs, timeout=60)
