@@ -490,6 +490,13 @@ def resolve_mean_std(mean, std, in_chans: int):
     return tuple(out)
 
 
+def recorded_mean_std(train_args, in_chans: int):
+    """The normalisation a model was trained with: its checkpoint's recorded `--mean`/`--std` (``train_args``, the
+    checkpoint's 'args' as a dict), ImageNet's where it recorded none. Deployment and export feed inputs this way."""
+    train_args = train_args or {}
+    return resolve_mean_std(train_args.get('mean'), train_args.get('std'), in_chans)
+
+
 def _to_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     """...×C×H×W with C in {1, 3} -> in_chans channels (grey repeated, colour to luma)."""
     c = x.shape[-3]

@@ -83,7 +83,7 @@ def main(argv=None):
     train = source.args
     dataset = args.dataset or train.get('dataset') or (source.split or {}).get('dataset')
     data_path = args.data_path or train.get('data_path')
-    mean, std = datasets.default_mean_std(chans)  # what the dataset readers normalise with, in training too
+    mean, std = datasets.recorded_mean_std(train, chans)  # as the models were trained (--mean/--std)
     images, note, real, names = parity_images(dataset, data_path, size, chans, args.parity_images)
     print(f'{source.kind} of {len(source.backbones)} from {source.path}; input {chans}x{size}x{size}; parity on {note}',
           flush=True)

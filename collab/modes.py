@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import utils
-from datasets import DatasetError, build_dataset, build_transform, default_mean_std, load_image
-from models.checkpoint import read_checkpoint
+from datasets import DatasetError, build_dataset, build_transform, load_image, recorded_mean_std
+from models.checkpoint import args_dict, read_checkpoint
 from models.ensemble_model import DeViTEnsemble, load_ensemble, read_ensemble_checkpoint
 
 from . import backends, launcher, report, torch_models, wire, worker
@@ -77,9 +77,6 @@ class HeadSpec(NamedTuple):
     ensemble: DeViTEnsemble | None  # torch only (the monolithic baseline uses it)
 
 
-def _args_dict(a) -> dict:
-    return vars(a) if hasattr(a, '__dict__') and not isinstance(a, dict) else dict(a or {})
-
 
 def load_head(args) -> HeadSpec:
     """The ensemble head of --model-path: a stage-3 checkpoint (--backend torch) or an export (onnxruntime)."""
@@ -89,7 +86,7 @@ def load_head(args) -> HeadSpec:
         source = head.manifest.get('source')
         if source and os.path.isfile(source):
             try:
-                train_args = _args_dict(read_checkpoint(source).get('args'))
+                train_args = args_dict(read_checkpoint(source).get('args')) or {}
             except ValueError:
                 pass
         return HeadSpec(head, head.widths, head.input, head.specs, head.num_classes, head.class_names, train_args,
@@ -97,11 +94,11 @@ def load_head(args) -> HeadSpec:
     ckpt = read_ensemble_checkpoint(args.model_path)
     ens = load_ensemble(ckpt, args.ema).eval()
     size, chans = utils.input_spec(ens.backbones[0])
-    mean, std = default_mean_std(chans)
+    train_args = args_dict(ckpt.get('args')) or {}
+    mean, std = recorded_mean_std(train_args, chans)
     return HeadSpec(backends.TorchHead(ens), ens.token_widths(),
                     {'size': int(size), 'channels': int(chans), 'mean': list(mean), 'std': list(std)},
-                    [dict(s) for s in ens.config['backbones']], ens.num_classes, None, _args_dict(ckpt.get('args')),
-                    ens)
+                    [dict(s) for s in ens.config['backbones']], ens.num_classes, None, train_args, ens)
 
 
 def resolve_data_args(args, train_args) -> None:
@@ -394,7 +391,8 @@ def setup(args):
     _check_world(world, n, 'layer-split')
     if n < 1:
         raise ValueError(f'--mode layer-split needs at least 2 processes, got world size {world}')
-    mean, std = default_mean_std(chans)
+    teacher_args = args_dict(utils.checkpoint_info(args.teacher_path).get('args')) if args.teacher_path else None
+    mean, std = recorded_mean_std(teacher_args, chans)  # as the teacher was trained
     inp = {'size': size, 'channels': chans, 'mean': list(mean), 'std': list(std)}
     teacher = {'model': args.teacher_model, 'kwargs': dict(args.teacher_kwargs)}
     dispatcher = Dispatcher(

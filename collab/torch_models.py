@@ -15,8 +15,8 @@ from torch import nn
 
 import models  # noqa: F401  (registers dedeit / devit with timm)
 import utils
-from datasets import default_mean_std
-from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, load_weights
+from datasets import recorded_mean_std
+from models.checkpoint import CheckpointError, args_dict, extract_state_dict, load_state_dict_checked, load_weights
 from models.ensemble_model import CONFIG_KEY, create_backbone, read_ensemble_checkpoint
 from models.features import DeviceTokens, has_dist_token
 
@@ -43,7 +43,7 @@ def load_device(path: str, index: int, use_ema: bool = False) -> tuple[DeviceTok
     ckpt = read_ensemble_checkpoint(path)
     module = load_backbone(ckpt, index, use_ema, path)
     size, chans = utils.input_spec(module.backbone)
-    mean, std = default_mean_std(chans)
+    mean, std = recorded_mean_std(args_dict(ckpt.get('args')), chans)
     spec = ckpt[CONFIG_KEY]['backbones'][index]
     return module, {'size': int(size), 'channels': int(chans), 'mean': list(mean), 'std': list(std)}, \
         {'model': spec['model'], 'kwargs': dict(spec.get('kwargs') or {})}

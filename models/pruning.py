@@ -16,8 +16,8 @@ pruned shapes (fused attention kept).
 Two descriptions of a pruned model:
 - its *shape*, `{'heads': [H'_l], 'hidden': [h'_l]}` per layer: all a rebuild needs (`reshape_(fresh_model, shape)`
   then load the weights). An ensemble's backbone spec carries it as `kwargs['shrink']`, which
-  `models.ensemble_model.create_backbone` (so `build_ensemble` and the collaborative runtime) applies after timm builds the
-  whole model; works for every student whose blocks are timm Blocks (`dedeit`, `devit`, `decct`);
+  `models.ensemble_model.create_backbone` (so `build_ensemble` and the collaborative runtime) applies after timm
+  builds the whole model; works for every student whose blocks are timm Blocks (`dedeit`, `devit`, `decct`);
 - its *policy*, the shape plus which heads/neurons of the parent were kept (`kept_heads`, `kept_neurons`), their
   importances and the ratios: what `shrink.py` writes to `shrink.json` and to the checkpoint's `shrink_policy`.
 """

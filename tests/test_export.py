@@ -388,3 +388,19 @@ def test_refusals_are_one_line(tmp_path, capsys):
     # The same one-device ensemble exports (its head has a single input).
     m = export_onnx.main(['--model-path', str(good), '--output_dir', str(out), '--parity-images', '4'])
     assert m['head']['inputs'] == ['tokens0'] and m['parity']['argmax_agreement'] == 1.0
+
+
+
+def test_recorded_normalisation_reaches_the_export_and_the_runtime(tmp_path):
+    """A model trained with --mean/--std is fed that way after deployment: the export's manifest and the torch
+    worker's input both take the checkpoint's recorded values, not ImageNet's."""
+    from collab import torch_models
+    from collab_fixtures import export
+    torch.manual_seed(0)
+    ens = DeViTEnsemble([create_backbone('dedeit', STUDENT) for _ in range(2)], num_classes=10, embed_dim=48)
+    path = save_stage3(tmp_path / 'ckpt.pth', ens, mean=[0.5], std=[0.25])
+    _, inp, _ = torch_models.load_device(path, 0)
+    assert (inp['mean'], inp['std']) == ([0.5], [0.25])
+    export(path, tmp_path / 'export')
+    written = json.loads((tmp_path / 'export' / 'manifest.json').read_text())
+    assert (written['input']['mean'], written['input']['std']) == ([0.5], [0.25])
