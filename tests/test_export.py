@@ -394,8 +394,9 @@ def test_refusals_are_one_line(tmp_path, capsys):
 def test_recorded_normalisation_reaches_the_export_and_the_runtime(tmp_path):
     """A model trained with --mean/--std is fed that way after deployment: the export's manifest and the torch
     worker's input both take the checkpoint's recorded values, not ImageNet's."""
-    from collab import torch_models
     from collab_fixtures import export
+
+    from collab import torch_models
     torch.manual_seed(0)
     ens = DeViTEnsemble([create_backbone('dedeit', STUDENT) for _ in range(2)], num_classes=10, embed_dim=48)
     path = save_stage3(tmp_path / 'ckpt.pth', ens, mean=[0.5], std=[0.25])
