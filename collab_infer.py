@@ -22,7 +22,7 @@ Baselines on the same images: --mode layer-split (the teacher's blocks cut into 
 passed stage to stage; random weights unless --teacher-path; same N+1 processes) and --mode monolithic (the
 teacher, or the whole ensemble, in one process).
 --images a.png b.png predicts files. --cpu-quota 1 1 0.25 0.25 emulates slow devices (worker r limited to that
-fraction of one core).
+fraction of one core; --cpu-reserve: and given it on a busy machine).
 """
 import argparse
 import sys
@@ -77,6 +77,9 @@ def get_parser():
                        help='intra-op threads per process (torch threads, onnxruntime sessions)')
     group.add_argument('--cpu-quota', type=utils.positive_float, nargs='+', default=None, metavar='Q',
                        help='limit worker r to Q[r-1] of one CPU core (cgroup CFS quota: emulated slow devices)')
+    group.add_argument('--cpu-reserve', action='store_true',
+                       help='with --cpu-quota: each worker also claims its quota (CFS weight), so that other busy '
+                            'processes do not hold an emulated device below it')
     group.add_argument('--collab-port', type=utils.positive_int, default=None,
                        help=f'port the aggregator listens on for workers (default MASTER_PORT + 1 under a launcher, '
                             f'else {launcher.DEFAULT_PORT})')
@@ -117,6 +120,8 @@ def parse_args(argv=None):
         parser.error(FP16_MODEL_NEEDS)
     if args.fault and args.fault_rank is None:
         parser.error('--fault needs --fault-rank')
+    if args.cpu_reserve and not args.cpu_quota:
+        parser.error('--cpu-reserve needs --cpu-quota (the share each worker claims)')
     return args
 
 

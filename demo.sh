@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DeViT end to end on the embedded Fashion-MNIST (Debian's dataset-fashion-mnist), from nothing:
-#   0. split the classes into 4 disjoint divisions (and all classes as one, the teacher's)  (splite_dataset.py);
-#   teacher: a small ViT trained from scratch on all 60k training images (no pretrained weights offline);
+#   teacher: a small ViT trained from scratch on all 60k training images (no pretrained weights offline), its
+#      confusion matrix on those training images written to OUT/confusion.json;
+#   0. split the classes into 4 disjoint divisions (splite_dataset.py --strategy, the authors' random split by default);
 #   1. fine-tune the teacher into a sub-teacher per division                                 (train_subdata.py);
 #   2. distil a smaller student per division: hard KD + q/k/v relations, gama 0.2 0.1 0.3   (distill_sub.py);
 #   3. train the ensemble head (and backbones) against the full teacher                      (ensemble.py);
@@ -13,6 +14,20 @@
 #   bash demo.sh            full demo (about 13 minutes on 2 idle cores)
 #   bash demo.sh --quick    the same pipeline on a slice of the data, for the tests (about 2 minutes)
 #   bash demo.sh --family decct   the DeCCTs decomposition (CCT teacher, decct students) into output/demo-decct
+#   bash demo.sh --strategy S [--split-seed K]   which classes share a division (splite_dataset.py --strategy):
+#       random (default: the authors' seeded shuffle, seed K, default 42), confusion-together or confusion-spread
+#       (from OUT/confusion.json, the teacher's confusions on its own training images: no test label chooses them)
+#   bash demo.sh --devices F0 F1 F2 F3   also the decomposition plan.py plans for these device profiles, against the
+#       uniform plan of this demo's own student; stages 1-3 a second time, with the same recipe, teacher and split
+#       flags, into OUT/planned, reported beside the uniform one (planned_* keys of results.json). The profiles are
+#       planned first (a bad one: one error line before anything is deleted or trained). The demo fleet:
+#       profiles/demo/slow.json profiles/demo/fast.json profiles/demo/slow.json profiles/demo/fast.json (two
+#       devices 4x slower than the other two; fast.json measured here, slow.json its x4 estimate). In this order
+#       the plan's class counts (2 3 2 3) are the uniform split's, so both ensembles learn the same four groups and
+#       differ only where the plan differs: each slow device's student is dedeit 96x1 (one block: at 28x28 a
+#       block's fixed cost dominates, so wide-and-shallow is its fastest student that keeps the uniform plan's
+#       parameters per class) instead of 64x2, the fast ones keep 64x2. Whether one block learns its two classes as
+#       well is what the comparison measures (target: within 1 point of the uniform ensemble's top-1).
 # Environment: PYTHON (default python3), OUT (default output/demo), NPROC (processes per stage, default 2, one
 # thread each: 15% faster than one process with two threads on two cores; the global batch stays 256),
 # PORT (default 29531), DATA (default /usr/share/datasets/fashion-mnist).
@@ -21,19 +36,38 @@ cd "$(dirname "$0")"
 
 QUICK=0
 FAMILY=dedeits
+STRATEGY=random
+SPLIT_SEED=42
+DEVICES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --family) FAMILY=${2:-}; shift ;;
     --family=*) FAMILY=${1#--family=} ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument $1 (use --quick, --family dedeits|decct)" >&2; exit 2 ;;
+    --strategy) STRATEGY=${2:-}; shift ;;
+    --strategy=*) STRATEGY=${1#--strategy=} ;;
+    --split-seed) SPLIT_SEED=${2:-}; shift ;;
+    --split-seed=*) SPLIT_SEED=${1#--split-seed=} ;;
+    --devices) while [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; do DEVICES+=("$2"); shift; done
+               if [ ${#DEVICES[@]} -eq 0 ]; then
+                 echo "error: --devices needs profile files (one per device)" >&2; exit 2
+               fi ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1 (use --quick, --family dedeits|decct, --strategy S, --split-seed K," \
+            "--devices FILES...)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$FAMILY" in
   dedeits|decct) ;;
   *) echo "error: --family must be dedeits or decct, got '$FAMILY'" >&2; exit 2 ;;
+esac
+case "$STRATEGY" in
+  random|confusion-together|confusion-spread) ;;
+  *) echo "error: --strategy must be random, confusion-together or confusion-spread, got '$STRATEGY'" >&2; exit 2 ;;
+esac
+case "$SPLIT_SEED" in
+  ''|*[!0-9]*) echo "error: --split-seed must be a non-negative integer, got '$SPLIT_SEED'" >&2; exit 2 ;;
 esac
 if [ "$FAMILY" = decct ]; then OUT=${OUT:-output/demo-decct}; fi
 
@@ -96,19 +130,40 @@ launch() {
     --use_env "$@"
 }
 stage() { echo; echo "=== $* ($(date +%T))"; }
+kw() { local w; for w in "${STUDENT_KW[@]}"; do if [ "${w%%=*}" = "$1" ]; then echo "${w#*=}"; fi; done; }
 
 START=$(date +%s)
+PLAN_TMP=
+if [ ${#DEVICES[@]} -gt 0 ]; then
+  # Planned first, into a temporary folder: bad profiles stop the demo before anything is deleted or trained.
+  PLAN_TMP=$(mktemp -d)
+  trap 'rm -rf "$PLAN_TMP"' EXIT
+  stage "plan: ${#DEVICES[@]} devices (${DEVICES[*]}); uniform plan: $STUDENT $(kw embed_dim)x$(kw depth) on each"
+  "$PYTHON" plan.py --devices "${DEVICES[@]}" --dataset fashion_mnist --data_path "$DATA" --family "$FAMILY" \
+    --uniform-width "$(kw embed_dim)" --uniform-depth "$(kw depth)" --output "$PLAN_TMP/plan.json"
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
+if [ -n "$PLAN_TMP" ]; then
+  mkdir -p "$OUT/planned"
+  mv "$PLAN_TMP/plan.json" "$OUT/planned/plan.json"
+fi
 
-stage "0. split: all classes as one division (the teacher's data) and $N class-disjoint divisions"
+stage "teacher from scratch: $TEACHER ${TEACHER_KW[*]}, $E0 epochs (data: all classes as one division)"
 "$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division 1 --output_path "$OUT/split1"
-"$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division $N --output_path "$OUT/split$N"
-
-stage "teacher from scratch: $TEACHER ${TEACHER_KW[*]}, $E0 epochs"
 launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 2e-3 \
   --epochs "$E0" --data-path "$OUT/split1" --num_division 1 --start-division 0 --output_dir "$OUT/teacher"
 TEACHER_CKPT="$OUT/teacher/sub-dataset0/checkpoint.pth"
+# Its confusions on its own training images (not the test images the accuracies are reported on).
+"$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --teacher-path "$TEACHER_CKPT" \
+  --write-confusion "$OUT/confusion.json" --confusion-split train
+
+# Which classes share a division: the same flags for the uniform split and the planned one.
+SPLIT_FLAGS=(--strategy "$STRATEGY" --seed "$SPLIT_SEED")
+if [ "$STRATEGY" != random ]; then SPLIT_FLAGS+=(--confusion "$OUT/confusion.json" --confusion-split train); fi
+stage "0. split: $N class-disjoint divisions (${SPLIT_FLAGS[*]})"
+"$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division $N --output_path "$OUT/split$N" \
+  "${SPLIT_FLAGS[@]}"
 
 stage "1. sub-teachers: fine-tune the teacher on each division, $E1 epoch(s)"
 launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 5e-4 \
@@ -131,6 +186,33 @@ launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_
   --epochs $((E2 + E3)) --data-path "$OUT/split1" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
   --teacher-path "$OUT/teacher" --distillation-type hard --gama 0.2 0.1 0.3 --num_division 1 --start-division 0 \
   --output_dir "$OUT/baseline"
+
+if [ -n "$PLAN_TMP" ]; then
+  # The planned decomposition: each device's classes and student from OUT/planned/plan.json, then stages 1-3 with
+  # the same recipe, the same teacher and the same split flags.
+  P="$OUT/planned"
+  stage "planned 0. split: the plan's class counts (${SPLIT_FLAGS[*]})"
+  "$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --plan "$P/plan.json" \
+    --output_path "$P/split" "${SPLIT_FLAGS[@]}"
+  NP=${#DEVICES[@]}
+
+  stage "planned 1. sub-teachers on the planned divisions, $E1 epoch(s)"
+  launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 5e-4 \
+    --model-path "$TEACHER_CKPT" --epochs "$E1" --data-path "$P/split" --num_division $NP --all-divisions \
+    --output_dir "$P/stage1"
+
+  stage "planned 2. each division's planned student (plan.json), $E2 epochs"
+  # No --model-kwargs: the plan carries each student's whole shape (explicit ones would win over it key by key).
+  launch distill_sub.py "${COMMON[@]}" --model $STUDENT --plan "$P/plan.json" --lr 2e-3 \
+    --epochs "$E2" --data-path "$P/split" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+    --teacher-path "$P/stage1" --distillation-type hard --gama 0.2 0.1 0.3 --num_division $NP --all-divisions \
+    --output_dir "$P/stage2"
+
+  stage "planned 3. ensemble of the $NP planned students + head against the full teacher, $E3 epochs"
+  launch ensemble.py "${COMMON[@]}" --model $STUDENT --model-path "$P/stage2" --lr 3e-3 --epochs "$E3" \
+    --data-path "$DATA" --num_division $NP --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+    --teacher-path "$TEACHER_CKPT" --output_dir "$P/stage3" --eval-missing
+fi
 
 stage "results: table, results.json and results.png"
 "$PYTHON" demo_report.py --out "$OUT" --seconds $(( $(date +%s) - START ))

@@ -6,8 +6,11 @@
 Accuracies are those of the checkpoints each stage hands to the next (``checkpoint.pth``), as fractions 0..1:
 the teacher, the ensemble and the baseline on the 10,000 test images (all classes), each sub-teacher and student
 on the test images of its own division's classes; and, when stage 3 ran with ``--eval-missing``, the ensemble
-with each device missing in turn (``ensemble_missing_acc``). The figure shows the top-1 of the teacher, the
-ensemble, the baseline and each student, and the ensemble's top-1 with each device missing.
+with each device missing in turn (``ensemble_missing_acc``). ``split`` records how the classes were grouped
+(strategy, seed, the groups). After ``demo.sh --devices``, the planned decomposition in OUT/planned beside it
+(``planned_*`` keys; ``planned_minus_uniform_points``: its top-1 minus the uniform one's, in points; the plan's
+predicted latencies). The figure shows the top-1 of the teacher, the ensemble, the baseline and each student, and the
+ensemble's top-1 with each device missing.
 """
 import argparse
 import io
@@ -37,6 +40,57 @@ def division_summaries(folder, num_division):
     return [checkpoint_summary(os.path.join(utils.division_dir(folder, i), BEST)) for i in range(num_division)]
 
 
+def split_summary(folder):
+    """How a split grouped the classes: strategy, seed, confusion source and split, the groups (ids and names)."""
+    manifest = datasets.read_manifest(folder, required=True)
+    return {'strategy': manifest.get('strategy'), 'seed': manifest.get('seed'),
+            'confusion_split': manifest.get('confusion_split'),
+            'groups': [d['classes'] for d in manifest['divisions']],
+            'group_names': [d['class_names'] for d in manifest['divisions']]}
+
+
+def planned_summary(out, uniform_acc):
+    """The planned decomposition of ``demo.sh --devices`` (OUT/planned), as ``planned_*`` keys; {} without one."""
+    import plan
+
+    folder = os.path.join(out, 'planned')
+    ensemble_path = os.path.join(folder, 'stage3', BEST)
+    if not os.path.isfile(ensemble_path):
+        return {}
+    p = plan.read_plan(os.path.join(folder, 'plan.json'))
+    n = len(p['devices'])
+    sub_teachers = division_summaries(os.path.join(folder, 'stage1'), n)
+    students = division_summaries(os.path.join(folder, 'stage2'), n)
+    state = read_checkpoint(ensemble_path)
+    ensemble = load_ensemble(state)
+    acc = state['test_acc1'] / 100.0
+    return {
+        'planned_ensemble_acc': acc,
+        'planned_minus_uniform_points': 100.0 * (acc - uniform_acc),
+        'planned_ensemble_missing_acc': _missing(os.path.join(folder, 'stage3')),
+        'planned_sub_teacher_acc': [s['acc'] for s in sub_teachers],
+        'planned_student_acc': [s['acc'] for s in students],
+        'planned_students': [{'device': d['name'], 'classes': d['num_classes'], 'width': d['width'],
+                              'depth': d['depth'], 'params': s['params'], 'flops': s['flops']}
+                             for d, s in zip(p['devices'], students)],
+        'planned_params': {'ensemble': count_params(ensemble), 'students': sum(s['params'] for s in students)},
+        'planned_flops': {'ensemble': ensemble_stats(ensemble)['flops']},
+        'planned_split': split_summary(os.path.join(folder, 'split')),
+        'plan': os.path.abspath(os.path.join(folder, 'plan.json')), 'plan_chosen': p['chosen'],
+        'plan_predicted_ms': p['predicted_ms'], 'plan_uniform_predicted_ms': p['uniform']['predicted_ms'],
+        'planned_ensemble_checkpoint': os.path.abspath(ensemble_path),
+    }
+
+
+def _missing(stage3):
+    """Top-1 (fractions) with each device missing, from stage 3's --eval-missing file; None without one."""
+    path = os.path.join(stage3, 'missing_devices.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return [a / 100.0 for a in json.load(f)['missing']]
+
+
 def build_report(out, seconds):
     teacher = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'teacher'), 0), BEST))
     baseline = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'baseline'), 0), BEST))
@@ -48,11 +102,7 @@ def build_report(out, seconds):
     ensemble_state = read_checkpoint(ensemble_path)
     ensemble = load_ensemble(ensemble_state)
     ens_stats = ensemble_stats(ensemble)
-    missing_file = os.path.join(out, 'stage3', 'missing_devices.json')
-    missing = None
-    if os.path.isfile(missing_file):
-        with open(missing_file) as f:
-            missing = [a / 100.0 for a in json.load(f)['missing']]
+    missing = _missing(os.path.join(out, 'stage3'))
     return {
         'teacher_acc': teacher['acc'],
         'ensemble_acc': ensemble_state['test_acc1'] / 100.0,
@@ -70,7 +120,8 @@ def build_report(out, seconds):
         'bytes_per_device_fp32': ens_stats['bytes_per_device_fp32'],
         'flops_convention': 'MACs per image (the paper/DeiT convention)',
         'num_division': num_division,
-    }
+        'split': split_summary(os.path.join(out, f'split{num_division}')),
+    } | planned_summary(out, ensemble_state['test_acc1'] / 100.0)
 
 
 def format_table(report):
@@ -86,8 +137,25 @@ def format_table(report):
     for i, acc in enumerate(report.get('ensemble_missing_acc') or []):
         rows.append((f'ensemble without device {i} (all classes)', f'{100 * acc:.2f}', p['ensemble'],
                      f['ensemble']))
+    if 'planned_ensemble_acc' in report:
+        pp, pf = report['planned_params'], report['planned_flops']
+        rows.append((f'planned ensemble ({report["planned_minus_uniform_points"]:+.2f} vs uniform)',
+                     f'{100 * report["planned_ensemble_acc"]:.2f}', pp['ensemble'], pf['ensemble']))
+        for i, (s, acc) in enumerate(zip(report['planned_students'], report['planned_student_acc'])):
+            rows.append((f'planned student {i}: {s["width"]}x{s["depth"]}, {s["classes"]} classes', f'{100 * acc:.2f}',
+                         s['params'], s['flops']))
+        for i, acc in enumerate(report.get('planned_ensemble_missing_acc') or []):
+            rows.append((f'planned ensemble without device {i}', f'{100 * acc:.2f}', pp['ensemble'], pf['ensemble']))
     lines = [f'{"model":<42} {"top-1 %":>8} {"params":>10} {"MACs":>12}', '-' * 75]
     lines += [f'{name:<42} {acc:>8} {params:>10,} {flops:>12,}' for name, acc, params, flops in rows]
+    split = report.get('split')
+    if split:
+        groups = ' / '.join(', '.join(g) for g in split['group_names'])
+        lines.append(f'split: {split["strategy"]} (seed {split["seed"]}): {groups}')
+    if 'planned_ensemble_acc' in report:
+        groups = ' / '.join(', '.join(g) for g in report['planned_split']['group_names'])
+        lines.append(f'planned split: {groups}; predicted latency {report["plan_predicted_ms"]:.2f} ms, uniform plan '
+                     f'{report["plan_uniform_predicted_ms"]:.2f} ms ({report["plan"]})')
     lines.append(f'total time: {report["seconds"]:.0f} s; ensemble checkpoint: {report["ensemble_checkpoint"]}')
     return '\n'.join(lines)
 
@@ -102,6 +170,10 @@ def plot_report(report):
     names = ['teacher', 'ensemble', 'baseline'] + [f'student {i}' for i in range(n)]
     accs = [report['teacher_acc'], report['ensemble_acc'], report['baseline_acc'], *report['student_acc']]
     colours = ['tab:gray', 'tab:blue', 'tab:orange'] + ['tab:green'] * n
+    if 'planned_ensemble_acc' in report:
+        names.append('planned ensemble')
+        accs.append(report['planned_ensemble_acc'])
+        colours.append('tab:purple')
     missing = report.get('ensemble_missing_acc') or []
     fig, axes = plt.subplots(1, 2 if missing else 1, figsize=(10 if missing else 6, 4), squeeze=False,
                              gridspec_kw={'width_ratios': [3 + n, 1 + n] if missing else [1]})

@@ -3,9 +3,10 @@
     python3 splite_dataset.py --dataset cifar100 --data_path ./your_datasets --num_division 4 \\
         --output_path ./sub_datasets [--sub_classes 25 25 25 25] [--seed 42] [--overwrite] [--copy]
         [--strategy random|confusion-together|confusion-spread] [--confusion confusion.json]
-        [--plan plan.json] [--teacher-path CKPT [--teacher-model NAME] [--teacher-kwargs k=v ...]]
+        [--plan plan.json] [--teacher-path CKPT [--teacher-model NAME] [--teacher-kwargs k=v ...]
+        [--confusion-split val|train]]
     python3 splite_dataset.py --dataset fashion_mnist --data_path DATA --teacher-path CKPT \\
-        --write-confusion confusion.json
+        --write-confusion confusion.json --confusion-split train
 
 Which classes form each division (module `grouping`):
 - `--strategy random` (default) is the authors' split: Python's random.Random(seed) shuffles list(range(C)) and
@@ -13,27 +14,30 @@ Which classes form each division (module `grouping`):
   cumulative sizes instead.
 - `--strategy confusion-together` / `confusion-spread` group the classes so that the confusion of a trained
   full-class model between classes of the same group is as high / as low as the sizes allow. The matrix comes from
-  `--confusion FILE.json` or is computed on the validation split from `--teacher-path CKPT` (model name, kwargs,
-  input size and transforms default to those the checkpoint was trained with; `--teacher-model`,
-  `--teacher-kwargs`, `--input-size`, `--tiny-transforms` override them). `--write-confusion OUT.json` saves it;
-  without `--output_path` that is all the command does.
+  `--confusion FILE.json` or is computed from `--teacher-path CKPT` (model name, kwargs, input size and transforms
+  default to those the checkpoint was trained with; `--teacher-model`, `--teacher-kwargs`, `--input-size`,
+  `--tiny-transforms` override them) on the images of `--confusion-split`: `val` (default) or `train` (the
+  training images, through the eval transform). Where the validation split is the test set the accuracies are
+  reported on (Fashion-MNIST, CIFAR-100), groups chosen from its confusions have seen its labels: use `train`
+  (demo.sh and bench/strategies_bench.py do), so that no test label chooses the groups. `--write-confusion
+  OUT.json` saves the matrix; without `--output_path` that is all the command does.
 - `--plan plan.json` (written by plan.py) gives the class count of division i, `devices[i].num_classes`, and, where
   `devices[i].classes` is a list of class ids, exactly those classes; the strategy assigns the others.
   `--num_division` defaults to the plan's device count and must equal it when given.
 Each group is kept in ascending id order, so `--num_division 1` labels classes exactly as the full dataset does.
 
-confusion.json: {"format": "devit-confusion", "version": 1, "dataset", "split": "val", "classes": C,
+confusion.json: {"format": "devit-confusion", "version": 1, "dataset", "split" ("val" or "train"), "classes": C,
 "class_names", "checkpoint", "model", "model_kwargs", "images", "accuracy" (top-1, fraction), "matrix": C×C counts,
 rows = true class, columns = predicted}; only "matrix" is required of a file written by other tools.
 
 Output: `OUT/split.json` and `OUT/sub-dataset{i}/`, which `datasets.build_dataset(name, OUT, split, division=i)`
 reads with labels 0..k-1. split.json: {"dataset", "num_division", "seed", "strategy", "plan" (path or null),
-"confusion" (its source or null), "confusion_within" (share of the off-diagonal confusion inside divisions, or
-null), "divisions": [{"index", "classes", "class_names", ...}], ...}. ImageFolder
-sources become `sub-dataset{i}/{train,val}/<class>/` trees of hard links (copies with `--copy`, or where the output
-is on another filesystem); array and annotation-file sources (CIFAR-100 pickles, Fashion-MNIST, Flowers102,
-StanfordCars) become `sub-dataset{i}/indices.json` = {"train": [...], "val": [...]}, row numbers into the source
-split named by `source_path`.
+"confusion" (its source or null), "confusion_split" (the split it was counted on, or null), "confusion_within"
+(share of the off-diagonal confusion inside divisions, or null), "divisions": [{"index", "classes", "class_names",
+...}], ...}. ImageFolder sources become `sub-dataset{i}/{train,val}/<class>/` trees of hard links (copies with
+`--copy`, or where the output is on another filesystem); array and annotation-file sources (CIFAR-100 pickles,
+Fashion-MNIST, Flowers102, StanfordCars) become `sub-dataset{i}/indices.json` = {"train": [...], "val": [...]}, row
+numbers into the source split named by `source_path`.
 Everything is written into a temporary folder beside OUT and renamed at the end, so a failed run leaves nothing.
 """
 import argparse
@@ -63,6 +67,7 @@ LINK_MODES = ('hardlink', 'copy')
 # os.link fails with these where a link is impossible (another filesystem, no link support, link count limit).
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP}
 PLAN_FORMAT = 'devit-plan'
+CONFUSION_SPLITS = ('val', 'train')  # the images a confusion matrix is counted on (--confusion-split)
 
 
 class SplitError(ValueError):
@@ -217,13 +222,16 @@ def _materialise(samples: Samples, indices, dest_root: str, split: str, link_mod
     return len(indices), copied, link_mode
 
 
-def load_confusion(confusion, strategy: str, dataset: str, class_names: list) -> tuple:
-    """(checked C×C matrix or None, its source: a path or the checkpoint it was computed from) for `strategy`."""
+def load_confusion(confusion, strategy: str, dataset: str, class_names: list, expected_split: str | None = None
+                   ) -> tuple:
+    """(checked C×C matrix or None, its source: a path or the checkpoint it was computed from, the split it was
+    counted on or None where the file does not say) for `strategy`. expected_split: refuse a matrix that says it
+    was counted on another split."""
     if strategy == 'random':
         if confusion is not None:
             raise SplitError('--confusion and --teacher-path are used by --strategy confusion-together or '
                              'confusion-spread only (or --write-confusion)')
-        return None, None
+        return None, None, None
     if confusion is None:
         raise SplitError(f'--strategy {strategy} needs a confusion matrix: --confusion FILE.json or '
                          f'--teacher-path CKPT')
@@ -235,19 +243,25 @@ def load_confusion(confusion, strategy: str, dataset: str, class_names: list) ->
         matrix = grouping.confusion_from_json(obj, len(class_names), source or '<confusion>', dataset, class_names)
     except GroupingError as e:
         raise SplitError(str(e)) from None
-    return matrix, source
+    split = obj.get('split') if isinstance(obj, dict) else None
+    if expected_split is not None and split is not None and split != expected_split:
+        raise SplitError(f'--confusion-split {expected_split}, but the confusion matrix {source or ""} was counted '
+                         f'on the {split} split')
+    return matrix, source, split
 
 
 def split_dataset(dataset: str, data_path: str, num_division: int | None, output_path: str, sub_classes=None,
                   seed: int = AUTHORS_SEED, overwrite: bool = False, link_mode: str = 'hardlink',
-                  strategy: str = 'random', confusion=None, plan: str | None = None) -> dict:
+                  strategy: str = 'random', confusion=None, plan: str | None = None,
+                  confusion_split: str | None = None) -> dict:
     """Split `dataset` at `data_path` into `num_division` class-disjoint parts under `output_path`; return the manifest.
 
     link_mode: 'hardlink' (copy fallback across filesystems) or 'copy' for ImageFolder sources; array sources always
     store indices. strategy / seed / sub_classes: see `class_groups`. confusion: a confusion.json path or its loaded
-    object (needed by the confusion strategies only). plan: a plan.json path; num_division may then be None.
-    The returned dict also has `stats` ({'bytes_copied', 'files'}), which is not written to split.json.
-    Raises SplitError / DatasetError on bad input, before anything is written.
+    object (needed by the confusion strategies only); confusion_split: the split it must have been counted on (None:
+    any). plan: a plan.json path; num_division may then be None. The returned dict also has `stats`
+    ({'bytes_copied', 'files'}), which is not written to split.json. Raises SplitError / DatasetError on bad input,
+    before anything is written.
     """
     if link_mode not in LINK_MODES:
         raise SplitError(f'link_mode must be one of {LINK_MODES}, got {link_mode!r}')
@@ -257,7 +271,8 @@ def split_dataset(dataset: str, data_path: str, num_division: int | None, output
     class_names = samples['train'].class_names
     num_classes = len(class_names)
     devices = read_plan(_read_json(plan, '--plan'), num_classes, plan) if plan is not None else None
-    matrix, confusion_source = load_confusion(confusion, strategy, name, class_names)
+    matrix, confusion_source, confusion_split = load_confusion(confusion, strategy, name, class_names,
+                                                               confusion_split)
     groups = class_groups(num_classes, num_division, sub_classes, seed, strategy, matrix, devices)
     num_division = len(groups)
     storage = samples['train'].storage
@@ -275,7 +290,7 @@ def split_dataset(dataset: str, data_path: str, num_division: int | None, output
     manifest = {
         'format_version': 1, 'dataset': name, 'source_path': src, 'seed': int(seed), 'num_division': num_division,
         'num_classes': num_classes, 'strategy': strategy, 'plan': os.path.abspath(plan) if plan is not None else None,
-        'confusion': confusion_source,
+        'confusion': confusion_source, 'confusion_split': confusion_split,
         'confusion_within': grouping.within_confusion(matrix, groups) if matrix is not None else None,
         'storage': storage,
         'link_mode': link_mode if storage == 'files' else None,
@@ -326,18 +341,23 @@ def split_dataset(dataset: str, data_path: str, num_division: int | None, output
 
 def compute_confusion(dataset: str, data_path: str, teacher_path: str, teacher_model: str | None = None,
                       teacher_kwargs: dict | None = None, input_size: int | None = None, batch_size: int = 256,
-                      tiny: bool | None = None) -> dict:
-    """The confusion.json object of a full-class checkpoint on the validation split of `dataset` at `data_path`.
+                      tiny: bool | None = None, split: str = 'val') -> dict:
+    """The confusion.json object of a full-class checkpoint on split `split` ('val' or 'train') of `dataset` at
+    `data_path`.
 
-    A plain eval loop (eval transform, no augmentation, argmax of `model(x)`). teacher_model / teacher_kwargs /
-    input_size / tiny default to the `args` the checkpoint was trained with (train_subdata.py records them).
-    Raises SplitError for a checkpoint that is unreadable, does not fit the model, or has other classes.
+    A plain eval loop (the eval transform on either split, no augmentation, argmax of `model(x)`). 'train' counts
+    the model's confusions on its own training images, so that no validation (test) label takes part in choosing
+    the groups. teacher_model / teacher_kwargs / input_size / tiny default to the `args` the checkpoint was trained
+    with (train_subdata.py records them). Raises SplitError for a checkpoint that is unreadable, does not fit the
+    model, or has other classes.
     """
+    if split not in CONFUSION_SPLITS:
+        raise SplitError(f'--confusion-split must be one of {", ".join(CONFUSION_SPLITS)}, got {split!r}')
     import torch
     from torch.utils.data import DataLoader
 
     import utils
-    from datasets import build_dataset
+    from datasets import ArrayDataset, FileDataset, build_transform
     from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
 
     name = canonical_name(dataset)
@@ -363,17 +383,21 @@ def compute_confusion(dataset: str, data_path: str, teacher_path: str, teacher_m
     except (utils.UsageError, CheckpointError) as e:
         raise SplitError(str(e)) from None
     del state
-    val = build_dataset(name, data_path, 'val', input_size=size, in_chans=chans, tiny=tiny)
+    samples = read_samples(name, data_path, split)
+    transform = build_transform(False, size, chans, tiny)
+    identity = list(range(num_classes))
+    data = (ArrayDataset(samples, transform, identity) if samples.images is not None
+            else FileDataset(samples, transform, identity))
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model.to(device).eval()
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     with torch.inference_mode():
-        for images, targets in DataLoader(val, batch_size=batch_size, shuffle=False):
+        for images, targets in DataLoader(data, batch_size=batch_size, shuffle=False):
             predicted = model(images.to(device)).argmax(dim=1).cpu()
             counts += torch.bincount(targets * num_classes + predicted, minlength=num_classes * num_classes)
     matrix = counts.view(num_classes, num_classes)
     images = int(matrix.sum())
-    return {'format': grouping.CONFUSION_FORMAT, 'version': 1, 'dataset': name, 'split': 'val',
+    return {'format': grouping.CONFUSION_FORMAT, 'version': 1, 'dataset': name, 'split': split,
             'classes': num_classes, 'class_names': class_names, 'checkpoint': os.path.abspath(teacher_path),
             'model': model_name, 'model_kwargs': teacher_kwargs, 'images': images,
             'accuracy': float(matrix.diagonal().sum()) / max(images, 1), 'matrix': matrix.tolist()}
@@ -445,7 +469,8 @@ def get_args_parser():
     p.add_argument('--copy', action='store_true', help='copy files instead of hard-linking them (folder datasets)')
     g = p.add_argument_group('confusion matrix (the confusion strategies)')
     g.add_argument('--confusion', default=None, help='a saved confusion.json')
-    g.add_argument('--teacher-path', default=None, help='a full-class checkpoint: compute the matrix on the val split')
+    g.add_argument('--teacher-path', default=None,
+                   help='a full-class checkpoint: compute the matrix on the images of --confusion-split')
     g.add_argument('--teacher-model', default=None, help='its timm model (default: recorded in the checkpoint)')
     g.add_argument('--teacher-kwargs', nargs='*', default=None, action=_Kwargs, metavar='KEY=VALUE',
                    help='its model kwargs (default: recorded in the checkpoint)')
@@ -453,6 +478,10 @@ def get_args_parser():
     g.add_argument('--tiny-transforms', action='store_true', default=None,
                    help='plain eval transform (default: as the checkpoint was trained)')
     g.add_argument('--batch-size', type=_positive, default=256, help='evaluation batch size')
+    g.add_argument('--confusion-split', choices=CONFUSION_SPLITS, default=None,
+                   help='the images --teacher-path\'s matrix is counted on: val (default) or train (no test label '
+                        'chooses the groups where val is the test set); with --confusion, the split the file must '
+                        'say it was counted on')
     g.add_argument('--write-confusion', default=None, metavar='OUT.json',
                    help='save the matrix computed from --teacher-path (alone: no split)')
     return p
@@ -471,6 +500,9 @@ def main(argv=None) -> int:
             raise SplitError('--write-confusion needs --teacher-path CKPT, the model to compute the matrix from')
         if args.confusion is not None and args.teacher_path is not None:
             raise SplitError('give --confusion FILE.json or --teacher-path CKPT, not both')
+        if args.confusion_split is not None and args.confusion is None and args.teacher_path is None:
+            raise SplitError('--confusion-split is for the matrix of --teacher-path CKPT (or a check of --confusion '
+                             'FILE.json)')
         if args.output_path is not None:  # refuse a bad output folder before the (possibly long) evaluation
             _check_paths(args.data_path, args.output_path, args.overwrite)
         confusion = args.confusion
@@ -479,12 +511,13 @@ def main(argv=None) -> int:
                 raise SplitError('--teacher-path is used by --strategy confusion-together or confusion-spread only '
                                  '(or --write-confusion)')
             confusion = compute_confusion(args.dataset, args.data_path, args.teacher_path, args.teacher_model,
-                                          args.teacher_kwargs, args.input_size, args.batch_size, args.tiny_transforms)
+                                          args.teacher_kwargs, args.input_size, args.batch_size, args.tiny_transforms,
+                                          args.confusion_split or 'val')
             if args.write_confusion is not None:
                 target = args.write_confusion
                 write_confusion(args.write_confusion, confusion)
                 print(f'{args.write_confusion}: confusion of {confusion["checkpoint"]} on {confusion["images"]} '
-                      f'{confusion["dataset"]} val images (top-1 {100 * confusion["accuracy"]:.2f}%)')
+                      f'{confusion["dataset"]} {confusion["split"]} images (top-1 {100 * confusion["accuracy"]:.2f}%)')
             if args.output_path is None:
                 return 0
             if args.strategy == 'random':  # only written, not used
@@ -493,7 +526,7 @@ def main(argv=None) -> int:
         manifest = split_dataset(args.dataset, args.data_path, args.num_division, args.output_path,
                                  sub_classes=args.sub_classes, seed=args.seed, overwrite=args.overwrite,
                                  link_mode='copy' if args.copy else 'hardlink', strategy=args.strategy,
-                                 confusion=confusion, plan=args.plan)
+                                 confusion=confusion, plan=args.plan, confusion_split=args.confusion_split)
     except (SplitError, DatasetError, GroupingError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -23,16 +23,18 @@ Steps, all in this run:
 3. build random-weight stage-3 checkpoints (collab_bench.write_ensemble) of the planned students and of the uniform
    plan's (4 x dedeit 192x12): latency does not depend on the weights; the capacity rule keeps the planned total at
    or above the uniform total (both are reported);
-4. run each: ``collab_infer.py --cpu-quota 0.6 0.6 0.15 0.15`` under the launcher (N+1 processes, one thread each),
-   alternating, where collab_infer.py has ``--cpu-quota``; and in every case "concurrent forwards": each planned
-   (or uniform) student's forward in its own process under its quota, the four in lock-step image by image (a
-   barrier before each image, as the runtime starts all devices on the same image), the image's latency the slowest
-   of the four, which is what the plan's compute prediction is about.
+4. run each through the runtime: ``collab_infer.py --cpu-quota 0.6 0.6 0.15 0.15 --cpu-reserve`` under the launcher
+   (N+1 processes, one thread each, uint8 images), planned and uniform alternating, 2 rounds (1 with --quick);
+5. a cross-check without the runtime, "concurrent forwards": each student's forward in its own process under its
+   quota, the four in lock-step image by image (a barrier before each image, as the runtime starts all devices on
+   the same image), the image's latency the slowest of the four: what the plan's compute part predicts. It is
+   reported under "forwards" and separates the profiles' error from the runtime's own cost.
 
-Keys: ``hetero_plan_vs_uniform`` = p50 latency of the planned fleet / p50 of the uniform one (target <= 0.6), and
-``plan_prediction_error`` = |predicted - measured| / measured p50 of the planned fleet (target <= 0.2), both from
-the collab_infer.py runs where they exist (predicted: the plan's total, transfers included), else from the
-concurrent forwards (predicted: the plan's compute part, since nothing is sent) and said so in "what".
+Keys, both from the collab_infer.py runs: ``hetero_plan_vs_uniform`` = p50 latency of the planned fleet / p50 of the
+uniform one (target <= 0.6), and ``plan_prediction_error`` = |predicted - measured| / measured p50 of the planned
+fleet (target <= 0.2), predicted = the plan's collaborative latency, transfers included (the image to each device and
+its tokens back over the loopback link each profile measured). The machine is shared: the load average before and
+after is recorded, and a busy machine slows the aggregator (which has no quota) before the reserved workers.
 """
 import argparse
 import json
@@ -167,16 +169,20 @@ def concurrent_forwards(specs, quotas, images, warmup=2):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The runtime, when it can throttle its workers
+# The runtime: throttled workers that claim their quota
 
-def runtime_flags():
-    """collab_infer.py's flags for throttled workers: None without --cpu-quota, else the words to add."""
-    import collab_infer
+RUNTIME_FLAGS = ['--cpu-quota', *map(str, QUOTAS), '--cpu-reserve']
 
-    options = collab_infer.get_parser()._option_string_actions
-    if '--cpu-quota' not in options:
-        return None
-    return ['--cpu-quota', *map(str, QUOTAS), *(['--cpu-reserve'] if '--cpu-reserve' in options else [])]
+
+def runtime_runs(ckpt, images, rounds, workdir, verbose=True):
+    """collab_infer.py on each checkpoint ({name: path}), alternating, `rounds` times: {name: [report, ...]}."""
+    run = collab_bench.Runner(workdir, verbose)
+    reports = {name: [] for name in ckpt}
+    for _ in range(rounds):
+        for name, path in ckpt.items():
+            argv = collab_bench.collab_argv(path, images) + RUNTIME_FLAGS
+            reports[name].append(run(len(QUOTAS) + 1, argv, 1, f'hetero-{name}'))
+    return reports
 
 
 def bench(quick, workdir, verbose=True):
@@ -190,7 +196,20 @@ def bench(quick, workdir, verbose=True):
     rounds = 1 if quick else 2
     images = 8 if quick else 20
 
-    # concurrent forwards, alternating
+    # the runtime: stage-3 style checkpoints of both (random weights), served by collab_infer.py under the quotas
+    ckpt = {name: collab_bench.write_ensemble(os.path.join(workdir, f'{name}.pth'), specs, TEACHER, NUM_CLASSES)
+            for name, specs in (('planned', planned), ('uniform', uniform))}
+    reports = runtime_runs(ckpt, images, rounds, workdir, verbose)
+    p50 = {k: collab_bench.p50(v) for k, v in reports.items()}
+    runtime = {'p50_ms': p50, 'ratio': p50['planned'] / p50['uniform'], 'flags': RUNTIME_FLAGS,
+               'predicted_ms': plan['predicted_ms'], 'uniform_predicted_ms': plan['uniform']['predicted_ms'],
+               'prediction_error': abs(plan['predicted_ms'] - p50['planned']) / p50['planned'],
+               'uniform_prediction_error': abs(plan['uniform']['predicted_ms'] - p50['uniform']) / p50['uniform'],
+               'worker_compute_ms': {k: v[-1]['worker_compute_ms'] for k, v in reports.items()},
+               'breakdown_p50_ms': {k: v[-1]['breakdown_p50_ms'] for k, v in reports.items()},
+               'images': images * rounds}
+
+    # cross-check: concurrent forwards, alternating
     fwd = {'planned': [], 'uniform': []}
     per_device = {'planned': [], 'uniform': []}
     for _ in range(rounds):
@@ -205,6 +224,7 @@ def bench(quick, workdir, verbose=True):
     predicted_compute = max(d['predicted_ms']['compute'] for d in plan['devices'])
     uniform_compute = max(planner_uniform_compute(plan, paths))
     result = {
+        'runtime': runtime,
         'plan': {k: plan[k] for k in ('num_classes', 'capacity_per_class', 'predicted_ms', 'chosen')},
         'devices': [{k: d[k] for k in ('index', 'name', 'num_classes', 'width', 'depth', 'params', 'predicted_ms')}
                     for d in plan['devices']],
@@ -214,52 +234,33 @@ def bench(quick, workdir, verbose=True):
         'table': table,
         'quotas': list(QUOTAS),
         'forwards': {
+            'what': 'cross-check without the runtime: each student in its own process under its quota, in lock-step; '
+                    'predicted = the plan\'s compute part',
             'p50_ms': fwd_p50, 'ratio': fwd_p50['planned'] / fwd_p50['uniform'],
             'predicted_compute_ms': predicted_compute, 'uniform_predicted_compute_ms': uniform_compute,
             'prediction_error': abs(predicted_compute - fwd_p50['planned']) / fwd_p50['planned'],
             'uniform_prediction_error': abs(uniform_compute - fwd_p50['uniform']) / fwd_p50['uniform'],
             'per_device_median_ms': per_device, 'images': images * rounds},
     }
-
-    # stage-3 style checkpoints of both (random weights): what collab_infer.py serves
-    ckpt = {name: collab_bench.write_ensemble(os.path.join(workdir, f'{name}.pth'), specs, TEACHER, NUM_CLASSES)
-            for name, specs in (('planned', planned), ('uniform', uniform))}
     result['ensemble_params'] = {name: sum(t.numel() for t in torch.load(path, weights_only=False)['model'].values())
                                  for name, path in ckpt.items()}
-    runtime = None
-    flags = runtime_flags()
-    if flags is not None:
-        run = collab_bench.Runner(workdir, verbose)
-        reports = {'planned': [], 'uniform': []}
-        for _ in range(rounds):
-            for name in ('planned', 'uniform'):
-                argv = collab_bench.collab_argv(ckpt[name], images) + flags
-                reports[name].append(run(len(QUOTAS) + 1, argv, 1, f'hetero-{name}'))
-        p50 = {k: collab_bench.p50(v) for k, v in reports.items()}
-        runtime = {'p50_ms': p50, 'ratio': p50['planned'] / p50['uniform'], 'flags': flags,
-                   'prediction_error': abs(plan['predicted_ms'] - p50['planned']) / p50['planned'],
-                   'uniform_prediction_error': abs(plan['uniform']['predicted_ms'] - p50['uniform']) / p50['uniform'],
-                   'worker_compute_ms': {k: v[-1]['worker_compute_ms'] for k, v in reports.items()},
-                   'breakdown_p50_ms': {k: v[-1]['breakdown_p50_ms'] for k, v in reports.items()}}
-        result['runtime'] = runtime
     result['load'] = [load_before, os.getloadavg()[0]]
 
-    src = runtime or result['forwards']
-    how = (f'collab_infer.py {" ".join(flags)}, 5 processes' if runtime else
-           'concurrent forwards (collab_infer.py has no --cpu-quota yet): each student in its own process under its '
-           'quota, in lock-step')
+    how = (f'collab_infer.py {" ".join(RUNTIME_FLAGS)}, 5 processes, {images * rounds} images each, alternating; load '
+           f'average {load_before:.1f} before, {result["load"][1]:.1f} after')
     sizes = f'{result["params_planned"] / 1e6:.1f}M vs {result["params_uniform"] / 1e6:.1f}M parameters'
     shapes = ', '.join(f'{d["width"]}x{d["depth"]}/{d["num_classes"]}' for d in plan['devices'])
     return {
         'hetero_plan_vs_uniform': dict(
-            ratio=src['ratio'], target=0.6, direction='max',
+            ratio=runtime['ratio'], target=0.6, direction='max',
             what=f'224x224, fleet at quotas {" ".join(map(str, QUOTAS))} of a core: p50 of the planned students '
                  f'({shapes} width x depth / classes) / p50 of 4 x dedeit 192x12 ({sizes}); {how}', **result),
         'plan_prediction_error': dict(
-            ratio=src['prediction_error'], target=0.2, direction='max',
-            what=f'|predicted - measured| / measured p50 of the planned fleet (predicted '
-                 f'{plan["predicted_ms"] if runtime else predicted_compute:.1f} ms from the profiles; measured '
-                 f'{src["p50_ms"]["planned"]:.1f} ms); {how}'),
+            ratio=runtime['prediction_error'], target=0.2, direction='max',
+            what=f'|predicted - measured| / measured p50 of the planned fleet (predicted {plan["predicted_ms"]:.1f} '
+                 f'ms from the profiles, transfers included; measured {runtime["p50_ms"]["planned"]:.1f} ms); {how}',
+            uniform_prediction_error=runtime['uniform_prediction_error'],
+            forwards_prediction_error=result['forwards']['prediction_error']),
     }
 
 

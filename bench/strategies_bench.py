@@ -12,8 +12,9 @@ with PYTHON set to a recorder that writes each command down instead of running i
 
 All strategies share one full teacher: `--teacher CKPT`; by default the finished demo's
 output/demo/teacher/sub-dataset0/checkpoint.pth when its model is the one demo.sh trains in this mode, else
-demo.sh's stage 0 is run once into OUT/base. Its confusion matrix on the validation split (the 10,000 test images)
-is written by `splite_dataset.py --write-confusion OUT/confusion.json` and drives both confusion strategies.
+demo.sh's teacher is trained once into OUT/base. Its confusion matrix on its own 60,000 training images
+(`splite_dataset.py --write-confusion OUT/confusion.json --confusion-split train`, as demo.sh writes it) drives both
+confusion strategies: no test label takes part in choosing the groups whose test accuracy the table reports.
 
 Writes OUT/strategies.json and OUT/strategies.md (default OUT: output/strategies, output/strategies-quick with
 --quick): per strategy the groups (class names), the share of the teacher's confusion inside groups, each
@@ -39,9 +40,9 @@ import grouping  # noqa: E402
 import utils  # noqa: E402
 
 # splite_dataset.py flags that choose the classes: dropped from demo.sh's split, set per strategy here.
-SPLIT_CHOICE = {'--strategy', '--seed', '--confusion', '--teacher-path', '--teacher-model', '--teacher-kwargs',
-                '--plan', '--sub_classes', '--sub-classes', '--write-confusion', '--input-size', '--tiny-transforms',
-                '--batch-size'}
+SPLIT_CHOICE = {'--strategy', '--seed', '--confusion', '--confusion-split', '--teacher-path', '--teacher-model',
+                '--teacher-kwargs', '--plan', '--sub_classes', '--sub-classes', '--write-confusion', '--input-size',
+                '--tiny-transforms', '--batch-size'}
 DEMO_TEACHER = os.path.join(ROOT, 'output', 'demo', 'teacher', 'sub-dataset0', 'checkpoint.pth')
 RECORDER = '''#!{python}
 import json, os, sys
@@ -195,7 +196,7 @@ def get_teacher(args, demo):
         return trained
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
-    print(f'training the teacher: demo.sh stage 0 into {base}', flush=True)
+    print(f'training the teacher: demo.sh\'s teacher into {base}', flush=True)
     sh([sys.executable, *demo.mapped(demo.split1, base, trained)], os.path.join(base, 'split1.log'), demo.omp)
     seconds = sh(demo.command('teacher', base, trained), os.path.join(base, 'teacher.log'), demo.omp)
     print(f'  teacher: {seconds:.0f} s', flush=True)
@@ -280,7 +281,7 @@ def markdown(report):
     lines = [f'# Class assignment strategies on {report["dataset"]} ({report["num_division"]} divisions'
              f'{", quick mode" if report["quick"] else ""})', '',
              f'Teacher `{report["teacher"]}`: top-1 {report["teacher_acc1"]:.2f}% on the {report["confusion_images"]} '
-             f'validation images its confusion matrix was counted on. Stages 1-3: demo.sh'
+             f'{report["confusion_split"]} images its confusion matrix was counted on. Stages 1-3: demo.sh'
              f'{" --quick" if report["quick"] else ""}\'s commands. Accuracies in percent; "inside" is the share of '
              f'the teacher\'s off-diagonal confusion (C + Cᵀ) between classes of the same division.', '',
              '| strategy | groups | inside | sub-teachers | students | ensemble | one device missing: mean | worst |',
@@ -321,7 +322,8 @@ def main(argv=None):
     teacher = get_teacher(args, demo)
     conf_file = os.path.join(args.out, 'confusion.json')
     sh([sys.executable, 'splite_dataset.py', '--dataset', 'fashion_mnist', '--data_path', demo.data,
-        '--teacher-path', teacher, '--write-confusion', conf_file], os.path.join(args.out, 'confusion.log'), demo.omp)
+        '--teacher-path', teacher, '--write-confusion', conf_file, '--confusion-split', 'train'],
+       os.path.join(args.out, 'confusion.log'), demo.omp)
     with open(conf_file) as f:
         conf = json.load(f)
     confusion = grouping.confusion_from_json(conf, conf['classes'], conf_file)
@@ -340,6 +342,7 @@ def main(argv=None):
     base, second = by_name.get('random-42'), by_name.get(f'random-{args.second_seed}')
     report = {'dataset': 'fashion_mnist', 'num_division': demo.num_division, 'quick': args.quick,
               'teacher': teacher, 'teacher_acc1': 100 * conf['accuracy'], 'confusion_images': conf['images'],
+              'confusion_split': conf.get('split'),
               'confusion': conf_file, 'second_seed': args.second_seed, 'strategies': rows,
               'spread': abs(base['ensemble_acc1'] - second['ensemble_acc1']) if base and second else None,
               'vs_random': {r['name']: r['ensemble_acc1'] - base['ensemble_acc1']

@@ -428,7 +428,7 @@ def run_worker(args) -> int:
     fault = worker.Fault(args.fault if args.fault_rank == rank else None, args.fault_after, args.fault_seconds,
                          name)
     common = {'cpu_quota': quota, 'exit_on_loss': True, 'startup_timeout': args.startup_timeout, 'fault': fault,
-              'extra': {'threads': backends.default_threads(args.threads)}}
+              'extra': {'threads': backends.default_threads(args.threads)}, 'cpu_reserve': args.cpu_reserve}
     if args.mode == 'collab':
         path = args.worker_model_path or args.model_path
         return worker.start(lambda: worker.load_model(args.backend, path, rank - 1, args.threads, args.device,

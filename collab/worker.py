@@ -3,7 +3,8 @@
 What a board runs (numpy, pyzmq and onnxruntime or PyTorch; Python 3.6+):
 
     python -m collab.worker --aggregator tcp://HOST:PORT --device-index I --model-path EXPORT_OR_CHECKPOINT \\
-        [--backend torch|onnxruntime] [--fp16-model] [--cpu-quota Q] [--threads T] [--device cpu|cuda|tensorrt]
+        [--backend torch|onnxruntime] [--fp16-model] [--cpu-quota Q [--cpu-reserve]] [--threads T]
+        [--device cpu|cuda|tensorrt]
 
 Under a launcher, collab_infer.py's ranks 1..N run this same code (rank r is device r-1; the aggregator's address
 comes from MASTER_ADDR and MASTER_PORT + 1, or --collab-port).
@@ -280,11 +281,12 @@ def load_model(backend, model_path, index, threads=None, device=None, ema=False,
     raise ValueError(f'unknown backend {backend!r} (choose from {", ".join(backends.BACKENDS)})')
 
 
-def apply_quota(fraction):
-    """Put this process under `fraction` of a core (None: no limit); one QuotaError line when not possible."""
+def apply_quota(fraction, reserve=False):
+    """Put this process under `fraction` of a core (None: no limit; `reserve`: and claim that much, see
+    collab.quota); one QuotaError line when not possible."""
     if fraction is None:
         return None
-    return quota.limit_cpu(fraction)
+    return quota.limit_cpu(fraction, reserve=reserve)
 
 
 def get_parser():
@@ -307,6 +309,9 @@ def get_parser():
     p.add_argument('--threads', type=int, default=None, help='intra-op threads (default: OMP_NUM_THREADS)')
     p.add_argument('--cpu-quota', type=float, default=None, metavar='Q',
                    help='limit this worker to Q of one CPU core (cgroup CFS quota: an emulated slow device)')
+    p.add_argument('--cpu-reserve', action='store_true',
+                   help='with --cpu-quota: also claim that much CPU (CFS weight), so that other busy processes do '
+                        'not hold the emulated device below its quota')
     p.add_argument('--ema', action='store_true', help="torch: use the checkpoint's EMA weights")
     p.add_argument('--startup-timeout', type=float, default=None,
                    help='seconds to wait for the aggregator (default: forever; 300 under a launcher)')
@@ -319,10 +324,10 @@ def get_parser():
 
 
 def start(model_factory, endpoint, index, name, role='device', num_stages=None, cpu_quota=None,
-          exit_on_loss=False, startup_timeout=None, fault=None, extra=None):
+          exit_on_loss=False, startup_timeout=None, fault=None, extra=None, cpu_reserve=False):
     """Quota, model, worker: the exit code of its run. Bad input (model file, quota) is one error line, exit 2."""
     try:
-        apply_quota(cpu_quota)
+        apply_quota(cpu_quota, cpu_reserve)
         model = model_factory()
     except (ValueError, OSError, quota.QuotaError) as err:  # ModelError and CheckpointError are ValueErrors
         sys.stderr.write(f'{name} error: {first_line(err)}\n')
@@ -337,6 +342,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.fp16_model and args.backend != 'onnxruntime':
         parser.error(FP16_MODEL_NEEDS)
+    if args.cpu_reserve and args.cpu_quota is None:
+        parser.error('--cpu-reserve needs --cpu-quota (the share this worker claims)')
     rank = launcher.env_rank()[0]
     index = args.device_index if args.device_index is not None else (rank - 1 if launcher.launched() else None)
     if index is None or index < 0:
@@ -351,7 +358,7 @@ def main(argv=None):
         return load_model(args.backend, args.model_path, index, args.threads, args.device, args.ema,
                           launcher.env_rank()[2], args.fp16_model)
     fault = Fault(args.fault, args.fault_after, args.fault_seconds, name)
-    return start(factory, endpoint, index, name, cpu_quota=args.cpu_quota,
+    return start(factory, endpoint, index, name, cpu_quota=args.cpu_quota, cpu_reserve=args.cpu_reserve,
                  exit_on_loss=args.exit_on_loss or launcher.launched(), startup_timeout=timeout, fault=fault,
                  extra={'threads': backends.default_threads(args.threads)})
 

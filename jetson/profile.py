@@ -78,6 +78,8 @@ import tempfile
 import time
 import warnings
 
+from collab import quota
+
 FORMAT = 'devit-profile'
 VERSION = 1
 BACKENDS = ('torch', 'onnxruntime')
@@ -270,20 +272,6 @@ def time_calls(fn, warmup, iters, sync=None):
     return times
 
 
-def quota_module():
-    """collab.quota; loaded from its file when the collab package cannot be imported (it imports the runtime, hence
-    torch, which a board timing onnxruntime only may lack)."""
-    try:
-        from collab import quota
-        return quota
-    except ImportError:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location('devit_quota', os.path.join(REPO_ROOT, 'collab', 'quota.py'))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
 class Throttle:
     """``with Throttle(q):`` holds this process to ``q`` of one core for the block (no-op for q None; ``reserve``:
     and claims that much, see collab.quota); counts the CFS periods in which the kernel throttled it."""
@@ -296,7 +284,7 @@ class Throttle:
 
     def __enter__(self):
         if self.fraction is not None:
-            self.limit = quota_module().limit_cpu(self.fraction, reserve=self.reserve)
+            self.limit = quota.limit_cpu(self.fraction, reserve=self.reserve)
         return self
 
     def __exit__(self, *exc):
@@ -631,7 +619,6 @@ def check_args(args):
         if values and min(values) <= 0:
             raise ProfileError(f'{flag} must be positive integers, got {values}')
     if args.cpu_quota is not None:
-        quota = quota_module()
         quota.quota_us(args.cpu_quota)  # a bad fraction: QuotaError before anything runs
         reason = quota.unavailable_reason()
         if reason:
@@ -823,11 +810,11 @@ def main(argv=None):
             return serve_link(args.link_server)
         result = validate_profile(profile(args))
         write_json_atomic(args.output, result)
-    except (ProfileError, OSError, quota_module().QuotaError) as err:
+    except (ProfileError, OSError, quota.QuotaError) as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         sys.exit(2)
-    quota = '' if args.cpu_quota is None else f', under --cpu-quota {args.cpu_quota:g}'
-    print(f'wrote {args.output} ({len(result["candidates"])} candidates{quota})')
+    throttled = '' if args.cpu_quota is None else f', under --cpu-quota {args.cpu_quota:g}'
+    print(f'wrote {args.output} ({len(result["candidates"])} candidates{throttled})')
     return result
 
 

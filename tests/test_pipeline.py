@@ -226,6 +226,6 @@ def test_demo_quick_mode_runs_end_to_end(tmp_path, fmnist_root):
     assert results['seconds'] > 0 and os.path.isfile(results['ensemble_checkpoint'])
     assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # the figure beside results.json
     stages = [line for line in proc.stdout.splitlines() if line.startswith('=== ')]
-    assert [s.split()[1].rstrip(':') for s in stages] == ['0.', 'teacher', '1.', '2.', '3.', 'baseline', 'results'], \
-        stages  # one stage numbering: 0 split, 1-3 the stages; the teacher and the baseline by name
+    assert [s.split()[1].rstrip(':') for s in stages] == ['teacher', '0.', '1.', '2.', '3.', 'baseline', 'results'], \
+        stages  # one stage numbering: 0 split (after the teacher, whose confusions it may use), 1-3 the stages
     assert load_ensemble(results['ensemble_checkpoint']).num_devices == 4

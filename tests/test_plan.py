@@ -339,3 +339,94 @@ def test_distill_follows_the_plan_and_the_ensemble_takes_unlike_students(tmp_pat
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1 and 'split with splite_dataset.py --plan' in lines[0]
     assert not (tmp_path / 'bad').exists() or not any((tmp_path / 'bad').rglob('*.pth'))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# demo.sh --devices: checked before anything runs, and wired plan -> split --plan -> stages 1-3 (commands recorded)
+
+DEMO_FLEET = [os.path.join(ROOT, 'profiles', 'demo', name) for name in ('slow.json', 'fast.json', 'slow.json',
+                                                                         'fast.json')]
+# PYTHON for demo.sh: runs plan.py for real (cheap), records every other command instead of running it.
+RECORDER = '''#!{python}
+import json, os, sys
+if sys.argv[1:2] == ['plan.py']:
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+with open(os.environ['DEVIT_RECORD'], 'a') as f:
+    f.write(json.dumps(sys.argv[1:]) + '\\n')
+'''
+
+
+def run_demo(tmp_path, *args, record=False):
+    import subprocess
+
+    from helpers import env, free_port
+
+    python = sys.executable
+    if record:
+        python = str(tmp_path / 'python')
+        (tmp_path / 'python').write_text(RECORDER.format(python=sys.executable))
+        os.chmod(python, 0o755)
+    e = dict(env(), OUT=str(tmp_path / 'out'), PYTHON=python, PORT=str(free_port()),
+             DEVIT_RECORD=str(tmp_path / 'commands.jsonl'))
+    return subprocess.run(['bash', os.path.join(ROOT, 'demo.sh'), *args], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--devices'], '--devices needs profile files'),
+    (['--devices', 'MISSING'], 'cannot read it'),
+    (['--devices', 'BAD'], 'missing field version'),
+    (['--family', 'decct', '--devices', *DEMO_FLEET], 'profiles are of family dedeits'),
+    (['--strategy', 'best'], '--strategy must be random, confusion-together or confusion-spread'),
+    (['--split-seed', 'x'], '--split-seed must be a non-negative integer')])
+def test_demo_bad_options_are_one_error_line_before_anything_runs(tmp_path, args, fragment):
+    (tmp_path / 'bad.json').write_text('{"format": "devit-profile"}')
+    args = [{'MISSING': str(tmp_path / 'missing.json'), 'BAD': str(tmp_path / 'bad.json')}.get(a, a) for a in args]
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'earlier.txt').write_text('an earlier run')
+    proc = run_demo(tmp_path, *args)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert (tmp_path / 'out' / 'earlier.txt').exists()  # nothing deleted, nothing trained
+
+
+def test_demo_devices_wiring(tmp_path):
+    proc = run_demo(tmp_path, '--devices', *DEMO_FLEET, '--strategy', 'confusion-spread', '--split-seed', '3',
+                    record=True)
+    assert proc.returncode == 0, proc.stderr
+    out, planned = str(tmp_path / 'out'), str(tmp_path / 'out' / 'planned')
+    p = plan.read_plan(os.path.join(planned, 'plan.json'))
+    # the demo fleet in this order: the uniform split's class counts, one-block students on the slow devices
+    assert p['chosen'] == 'planned' and [d['num_classes'] for d in p['devices']] == [2, 3, 2, 3]
+    assert [(d['width'], d['depth']) for d in p['devices']] == [(96, 1), (64, 2), (96, 1), (64, 2)]
+    assert p['uniform']['model_kwargs']['embed_dim'] == 64 and p['uniform']['model_kwargs']['depth'] == 2
+    assert (splite_dataset.class_groups(10, plan=splite_dataset.read_plan(p, 10))
+            == splite_dataset.class_groups(10, 4))  # the same groups as the uniform split
+    with open(tmp_path / 'commands.jsonl') as f:
+        commands = [json.loads(line) for line in f]
+
+    def script(argv):
+        return next(a for a in argv if a.endswith('.py'))
+
+    def value(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    names = [script(c) for c in commands]
+    teacher = next(i for i, c in enumerate(commands) if script(c) == 'train_subdata.py')
+    confusion = next(i for i, c in enumerate(commands) if '--write-confusion' in c)
+    splits = [c for c in commands if script(c) == 'splite_dataset.py' and '--output_path' in c]
+    assert teacher < confusion and value(commands[confusion], '--confusion-split') == 'train'
+    assert [value(s, '--output_path') for s in splits] == [f'{out}/split1', f'{out}/split4', f'{planned}/split']
+    for s in splits[1:]:  # the uniform and the planned split: the same flags choose the classes
+        assert s[s.index('--strategy'):][:8] == ['--strategy', 'confusion-spread', '--seed', '3', '--confusion',
+                                                   f'{out}/confusion.json', '--confusion-split', 'train'], s
+    assert value(splits[2], '--plan') == f'{planned}/plan.json'
+    stages = {value(c, '--output_dir'): c for c in commands if '--output_dir' in c}
+    s1, s2, s3 = (stages[f'{planned}/stage{i}'] for i in (1, 2, 3))
+    assert value(s1, '--data-path') == f'{planned}/split' and value(s1, '--model-path') == value(
+        stages[f'{out}/stage1'], '--model-path')  # the same teacher
+    assert value(s2, '--plan') == f'{planned}/plan.json' and '--model-kwargs' not in s2
+    assert value(s2, '--teacher-path') == f'{planned}/stage1' and value(s2, '--data-path') == f'{planned}/split'
+    assert value(s3, '--model-path') == f'{planned}/stage2' and '--eval-missing' in s3
+    assert names[-1] == 'demo_report.py'

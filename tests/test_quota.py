@@ -9,7 +9,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import ROOT, env, error_lines, run
+from helpers import ROOT, env, error_lines, free_port, run
 
 from collab import quota
 from jetson.profile import read_profile
@@ -102,6 +102,37 @@ def test_group_is_removed_by_remove_at_exit_and_after_a_kill():
         time.sleep(0.05)
     assert group in quota.remove_stale()
     assert not os.path.exists(group)
+
+
+@needs_quota
+def test_worker_cpu_reserve_claims_its_quota(tmp_path):
+    """``python -m collab.worker --cpu-quota 0.5 --cpu-reserve``: the worker's own group has the quota and the reserve
+    weight (collab_infer.py --cpu-reserve hands the same flag to its ranks)."""
+    from collab_fixtures import save_ensemble
+
+    ckpt = save_ensemble(tmp_path / 'ensemble.pth', 1)
+    cmd = [sys.executable, '-m', 'collab.worker', '--aggregator', f'tcp://127.0.0.1:{free_port()}', '--device-index',
+           '0', '--model-path', ckpt, '--device', 'cpu', '--cpu-quota', '0.5', '--cpu-reserve', '--startup-timeout',
+           '60']
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    version, root = quota.controller()
+    group = os.path.join(root, f'{quota.PREFIX}{proc.pid}')
+    try:
+        deadline = time.time() + 30
+        while str(proc.pid) not in quota._members(group) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        weight = int(quota._read(os.path.join(group, 'cpu.shares' if version == 'v1' else 'cpu.weight')))
+        if version == 'v1':
+            limit = (int(quota._read(os.path.join(group, 'cpu.cfs_quota_us')))
+                     / int(quota._read(os.path.join(group, 'cpu.cfs_period_us'))))
+        else:
+            q, period = quota._read(os.path.join(group, 'cpu.max')).split()
+            limit = int(q) / int(period)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert weight == quota.reserve_weight(0.5, version) and limit == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -274,6 +274,40 @@ def test_write_confusion_from_a_checkpoint_and_split_with_it(fmnist_root, tmp_pa
     assert manifest['confusion'] == str(tmp_path / 'teacher.pth')
 
 
+def test_confusion_counted_on_the_training_images(fmnist_root, tmp_path, capsys):
+    """--confusion-split train: the teacher's confusions on its 60,000 training images (eval transform), so no test
+    label chooses the groups; the split records where its matrix was counted, and a file of another split is refused."""
+    from types import SimpleNamespace
+
+    import torch
+
+    model = save_teacher(tmp_path / 'teacher.pth')
+    out, split, ckpt = tmp_path / 'confusion.json', tmp_path / 'split', str(tmp_path / 'teacher.pth')
+    assert main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--teacher-path', ckpt, '--write-confusion',
+                 str(out), '--confusion-split', 'train', '--batch-size', '2000', '--num_division', '4', '--strategy',
+                 'confusion-together', '--output_path', str(split)]) == 0
+    conf = json.loads(out.read_text())
+    m = np.asarray(conf['matrix'])
+    assert conf['split'] == 'train' and conf['images'] == 60000 and (m.sum(axis=1) == 6000).all()
+    # the model's own argmax counts over the training images, by another route (the train transform, unflipped)
+    train = build_dataset('fashion_mnist', fmnist_root, 'train', tiny=True, in_chans=1, args=SimpleNamespace(hflip=0.0))
+    with torch.inference_mode():
+        preds = torch.cat([model.eval()(x).argmax(1) for x, _ in torch.utils.data.DataLoader(train, batch_size=4000)])
+    assert m.sum(axis=0).tolist() == torch.bincount(preds, minlength=10).tolist()
+    manifest = json.loads((split / 'split.json').read_text())
+    assert manifest['confusion_split'] == 'train'
+    assert [d['classes'] for d in manifest['divisions']] == grouping.confusion_groups(m, [2, 3, 2, 3], together=True)
+    capsys.readouterr()
+    base = ['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '4', '--output_path',
+            str(tmp_path / 'b'), '--strategy', 'confusion-spread']
+    for extra, expected in ((['--confusion', str(out), '--confusion-split', 'val'], 'was counted on the train split'),
+                            (['--confusion-split', 'train'], '--confusion-split is for the matrix of --teacher-path')):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and expected in err, (extra, err)
+    assert not (tmp_path / 'b').exists()
+
+
 def test_teacher_of_other_classes_refused(fmnist_root, tmp_path, capsys):
     save_teacher(tmp_path / 'sub.pth', classes=range(5))
     assert main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--teacher-path', str(tmp_path / 'sub.pth'),
