@@ -38,10 +38,16 @@ DEFAULT_TEACHER = 'deit_base_distilled_patch16_224'
 
 
 def get_parser():
-    parser = argparse.ArgumentParser('DeViT collaborative inference', parents=[utils.get_args_parser()])
+    parser = argparse.ArgumentParser('DeViT collaborative inference', parents=[utils.data_args(training=False)])
     # None: taken from the ensemble checkpoint's training args, so a bare --model-path is enough.
-    parser.set_defaults(dataset=None, batch_size=1, teacher_model=None)
+    parser.set_defaults(dataset=None)
+    group = parser.add_argument_group('models')
+    group.add_argument('--model-path', '--model_path', dest='model_path', default=None,
+                       help='the stage-3 ensemble checkpoint (--backend torch) or the folder export_onnx.py wrote')
+    utils.add_teacher_flags(group, default=None)
+    utils.add_common_flags(group)
     group = parser.add_argument_group('collaborative inference')
+    group.add_argument('--batch-size', type=utils.positive_int, default=1, help='images per request')
     group.add_argument('--mode', default='collab', choices=MODES,
                        help='collab (DeViT), layer-split (teacher cut into N stages) or monolithic (one process)')
     group.add_argument('--backend', default='torch', choices=BACKENDS,
@@ -100,7 +106,7 @@ def get_parser():
 
 def parse_args(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = utils.parse_args(parser, argv)
     if args.monolithic_model is None:
         teacher = args.teacher_model or args.teacher_path or not args.model_path
         args.monolithic_model = 'teacher' if teacher else 'ensemble'

@@ -81,18 +81,22 @@ class ParseKwargs(TimmParseKwargs):
 #     argparse.ArgumentParser('...', parents=[utils.data_args(), utils.model_args(), ...])
 # so its --help lists only its own flags. Every flag keeps the seed's spelling, with a hyphenated alias.
 
-def data_args():
-    """What is read and how it is fed: dataset, path, input size, normalisation, loader."""
+def data_args(training=True):
+    """What is read and how it is fed: dataset, path, transforms; for training also input size, normalisation and
+    the loader (``training=False``: the dataset alone, for the deployment runtime, which takes the rest from the
+    checkpoint)."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('data')
     group.add_argument('--dataset', '--data-set', dest='dataset', default='fashion_mnist',
                        choices=['cifar100', 'IMNET', 'imagenet', 'flowers', 'cars', 'fashion_mnist', 'folder'])
     group.add_argument('--data-path', '--data_path', dest='data_path', default=None,
                        help='dataset root, or the output folder of splite_dataset.py for stages 1 and 2')
-    group.add_argument('--input-size', type=positive_int, default=None,
-                       help="image size fed to the model (default: the model's img_size, else the dataset's)")
     group.add_argument('--tiny-transforms', action='store_true',
                        help='plain to-tensor + normalise (+ flip) instead of DeiT augmentation: for tiny CPU runs')
+    if not training:
+        return parser
+    group.add_argument('--input-size', type=positive_int, default=None,
+                       help="image size fed to the model (default: the model's img_size, else the dataset's)")
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='M',
                        help='normalisation mean, one value or one per input channel (default: ImageNet\'s); '
                             'recorded in the checkpoints, later stages take it from their input checkpoints')
@@ -182,14 +186,19 @@ def optim_args():
     return parser
 
 
+def add_teacher_flags(group, default='deit_base_distilled_patch16_224'):
+    """--teacher-model, --teacher-kwargs, --teacher-path (stages 2 and 3; the runtime's baselines)."""
+    group.add_argument('--teacher-model', default=default)
+    group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs)
+    group.add_argument('--teacher-path', default=None,
+                       help='teacher checkpoint file, or the stage-1 output folder (division i uses sub-dataset{i})')
+
+
 def distill_args(relations=True):
     """The teacher and the KD loss; ``relations``: also stage 2's q/k/v relation terms."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('distillation')
-    group.add_argument('--teacher-model', default='deit_base_distilled_patch16_224')
-    group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs)
-    group.add_argument('--teacher-path', default=None,
-                       help='teacher checkpoint file, or the stage-1 output folder (division i uses sub-dataset{i})')
+    add_teacher_flags(group)
     group.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
     group.add_argument('--distillation-alpha', type=probability, default=0.5)
     group.add_argument('--distillation-tau', type=positive_float, default=1.0)
@@ -202,19 +211,24 @@ def distill_args(relations=True):
     return parser
 
 
+def add_common_flags(group):
+    """-c/--config, --seed, --device: every entry script that builds models."""
+    group.add_argument('-c', '--config', default=None, metavar='FILE.yaml',
+                       help='recipe: a YAML file of flag defaults (e.g. configs/small.yaml); the command line wins')
+    group.add_argument('--seed', type=int, default=0)
+    group.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+
+
 def run_args():
     """Recipe file, output, resume, seed, device and the distributed set-up."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('run')
-    group.add_argument('-c', '--config', default=None, metavar='FILE.yaml',
-                       help='recipe: a YAML file of flag defaults (e.g. configs/small.yaml); the command line wins')
+    add_common_flags(group)
     group.add_argument('--output_dir', '--output-dir', dest='output_dir', default='./output')
     group.add_argument('--resume', default='', help='checkpoint to resume from (checkpoint_last.pth)')
     group.add_argument('--auto-resume', action='store_true', help='resume from OUTPUT/checkpoint_last.pth if present')
     group.add_argument('--overwrite', action='store_true', help='allow starting over in a folder with checkpoints')
     group.add_argument('--eval', action='store_true', help='evaluate only')
-    group.add_argument('--seed', type=int, default=0)
-    group.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     group.add_argument('--tensorboard', action='store_true', help='also write TensorBoard scalars')
     group.add_argument('--no-progress', action='store_true', help='no tqdm bars')
     group.add_argument('--dist-url', default='env://')
