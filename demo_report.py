@@ -234,7 +234,7 @@ def docs_summary(report):
 
 
 def docs_table(report, out):
-    """docs/results.md: every model of the demo, each division with its classes."""
+    """docs/results.md: the figure (docs/NAME.png), then every model of the demo, each division with its classes."""
     p, f = report['params'], report['flops']
     manifest = datasets.read_manifest(os.path.join(out, 'stage2'), required=True)
     rows = ['| model | top-1 % | params | MACs |', '|---|---:|---:|---:|',
@@ -249,7 +249,9 @@ def docs_table(report, out):
                     f"{p['sub_teacher']:,} / {p['student']:,} | {f['sub_teacher']:,} / {f['student']:,} |")
     for i, acc in enumerate(report.get('ensemble_missing_acc') or []):
         rows.append(f'| ensemble with device {i} missing (`--eval-missing`) | {100 * acc:.2f} | | |')
-    return docs_setup(out, report) + '\n\n' + '\n'.join(rows)
+    name = os.path.basename(os.path.normpath(out))
+    return (f"![{name}: top-1 of every model, and of the ensemble with one device missing]({name}.png)\n\n"
+            + docs_setup(out, report) + '\n\n' + '\n'.join(rows))
 
 
 def write_docs(report, out, root=DOCS_ROOT):

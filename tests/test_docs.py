@@ -427,6 +427,7 @@ def test_demo_report_writes_its_blocks_and_figure(tmp_path):
     assert 'stale' not in results + readme
     assert readme.endswith('<!-- end generated demo -->\nafter\n')
     assert (root / 'docs' / 'demo.png').read_bytes() == b'\x89PNG\r\n\x1a\nfigure'
+    assert '](demo.png)' in results and '](docs/demo.png)' not in readme  # README shows the figure at its top
     # another demo folder: its own block of docs/results.md, README untouched; a missing block is one clear error
     out2 = tmp_path / 'output' / 'demo-decct'
     shutil.copytree(out, out2)
