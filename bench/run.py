@@ -506,7 +506,8 @@ def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON):
     try:
         replace_blocks({docs: blocks})
     except UsageError as err:
-        sys.exit(f'error: {err}')
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
     if links is not None:
         write_bytes_atomic(os.path.join(os.path.dirname(docs), 'links.png'), links_figure(links))
     print(f'wrote the generated blocks of {os.path.relpath(docs, ROOT)}')

@@ -381,7 +381,8 @@ def main(argv=None):
         try:
             utils.replace_block(DOCS, 'shrink-demo' if args.demo else 'shrink', text.split('\n', 2)[2])
         except utils.UsageError as err:
-            sys.exit(f'error: {err}')
+            print(f'error: {err}', file=sys.stderr)
+            sys.exit(2)
     return result
 
 
