@@ -2,6 +2,7 @@
 (``results.txt``) and a figure (``results.png``).
 
     python demo_report.py --out output/demo --seconds 812
+    python demo_report.py --out output/demo --docs     # also the tables of README.md and docs/results.md
 
 Accuracies are those of the checkpoints each stage hands to the next (``checkpoint.pth``), as fractions 0..1:
 the teacher, the ensemble and the baseline on the 10,000 test images (all classes), each sub-teacher and student
@@ -204,8 +205,14 @@ def plot_report(report):
 def main(argv=None):
     parser = argparse.ArgumentParser('Summarise the DeViT demo')
     parser.add_argument('--out', default='output/demo')
-    parser.add_argument('--seconds', type=float, default=0.0, help='wall time of the whole demo')
+    parser.add_argument('--seconds', type=float, default=None,
+                        help='wall time of the whole demo (default: the one OUT/results.json records, else 0)')
+    parser.add_argument('--docs', action='store_true',
+                        help='also write the tables into docs/results.md (and, for output/demo, README.md) and the '
+                             'figure to docs/NAME.png, NAME the --out folder\'s name')
     args = parser.parse_args(argv)
+    if args.seconds is None:  # a report made again (e.g. with --docs) keeps the wall time the demo recorded
+        args.seconds = recorded_seconds(args.out)
     report = build_report(args.out, args.seconds)
     table = format_table(report)
     utils.write_json_atomic(os.path.join(args.out, 'results.json'), report)
@@ -213,7 +220,124 @@ def main(argv=None):
     utils.write_bytes_atomic(os.path.join(args.out, 'results.png'), plot_report(report))
     print(table)
     print(json.dumps({k: report[k] for k in ('teacher_acc', 'ensemble_acc', 'baseline_acc')}))
+    if args.docs:
+        write_docs(report, args.out)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --docs: the demo's tables in the docs (generated blocks, utils.replace_block) and its figure beside them
+
+DOCS_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def recorded_seconds(out):
+    try:
+        with open(os.path.join(out, 'results.json')) as f:
+            return float(json.load(f).get('seconds') or 0.0)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+
+
+def _stage_args(out, stage):
+    folder = os.path.join(out, stage)
+    if stage != 'stage3':
+        folder = utils.division_dir(folder, 0)
+    with open(os.path.join(folder, 'args.json')) as f:
+        return json.load(f)
+
+
+def _shape(args):
+    kwargs = args.get('model_kwargs') or {}
+    return f"`{args['model']}` {' '.join(f'{k}={v}' for k, v in kwargs.items())}"
+
+
+def _wrap(text, width=120):
+    """Lines of at most ``width`` characters, never breaking inside a `code span`."""
+    import textwrap
+
+    words = text.replace('\n', ' ').split(' ')
+    glued, span = [], None  # words of one code span joined by NUL, so textwrap keeps them on one line
+    for word in words:
+        span = word if span is None else span + '\0' + word
+        if span.count('`') % 2 == 0:
+            glued.append(span)
+            span = None
+    glued += [span] if span is not None else []
+    return textwrap.fill(' '.join(glued), width, break_long_words=False, break_on_hyphens=False).replace('\0', ' ')
+
+
+def docs_setup(out, report, short=False):
+    """Where the figures come from: the command, data, models and epochs (read from each stage's args.json)."""
+    teacher, stage2 = _stage_args(out, 'teacher'), _stage_args(out, 'stage2')
+    manifest = datasets.read_manifest(os.path.join(out, 'stage2'), required=True)
+    test = teacher.get('limit_val') or sum(d['val_count'] for d in manifest['divisions'])
+    command = '`bash demo.sh --quick`' if teacher.get('limit_train') else '`bash demo.sh`'
+    data = (f", the first {teacher['limit_train']:,} training images per stage" if teacher.get('limit_train')
+            else '')
+    text = (f"{command} ({report['seconds']:.0f} s{data}): top-1 on {test:,} {manifest['dataset']} test images "
+            '(sub-teachers and students: those of their own classes)')
+    if not short:
+        def epochs(args):
+            return f"{args['epochs']} epoch{'s' if args['epochs'] != 1 else ''}"
+        text += (f". Teacher {_shape(teacher)} from scratch, {epochs(teacher)}; sub-teachers "
+                 f"{epochs(_stage_args(out, 'stage1'))}; students {_shape(stage2)}, {epochs(stage2)}; ensemble "
+                 f"{epochs(_stage_args(out, 'stage3'))}; baseline {epochs(_stage_args(out, 'baseline'))}. MACs per "
+                 'image (what the paper calls FLOPs)')
+    return _wrap(text + '.')
+
+
+def docs_summary(report):
+    """README's five rows: teacher, ensemble, baseline, the students, the ensemble with one device missing."""
+    p, f, n = report['params'], report['flops'], report['num_division']
+    pct = ' / '.join(f'{100 * a:.2f}' for a in report['student_acc'])
+    rows = ['| model | top-1 % | params | MACs |', '|---|---:|---:|---:|',
+            f"| teacher | {100 * report['teacher_acc']:.2f} | {p['teacher']:,} | {f['teacher'] / 1e6:.2f}M |",
+            f"| ensemble of {n} students | {100 * report['ensemble_acc']:.2f} | {p['ensemble']:,} | "
+            f"{f['ensemble'] / 1e6:.2f}M |",
+            f"| baseline: one student, KD on all classes | {100 * report['baseline_acc']:.2f} | {p['baseline']:,} | "
+            f"{f['baseline'] / 1e6:.2f}M |",
+            f"| students {' / '.join(map(str, range(n)))} (own classes) | {pct} | {p['student']:,} each | "
+            f"{f['student'] / 1e6:.2f}M each |"]
+    missing = report.get('ensemble_missing_acc')
+    rows.append(f"| ensemble with device {' / '.join(map(str, range(n)))} missing | "
+                + (' / '.join(f'{100 * a:.2f}' for a in missing) if missing else 'not measured') + ' | | |')
+    return '\n'.join(rows)
+
+
+def docs_table(report, out):
+    """docs/results.md: the figure (docs/NAME.png), then every model of the demo, each division with its classes."""
+    p, f = report['params'], report['flops']
+    manifest = datasets.read_manifest(os.path.join(out, 'stage2'), required=True)
+    rows = ['| model | top-1 % | params | MACs |', '|---|---:|---:|---:|',
+            f"| teacher (all classes) | {100 * report['teacher_acc']:.2f} | {p['teacher']:,} | {f['teacher']:,} |",
+            f"| ensemble of {report['num_division']} students (all classes) | {100 * report['ensemble_acc']:.2f} | "
+            f"{p['ensemble']:,} | {f['ensemble']:,} |",
+            f"| baseline: one student, KD on all classes | {100 * report['baseline_acc']:.2f} | {p['baseline']:,} | "
+            f"{f['baseline']:,} |"]
+    for d, t, s in zip(manifest['divisions'], report['sub_teacher_acc'], report['student_acc']):
+        names = ', '.join(d.get('class_names') or map(str, d['classes']))
+        rows.append(f"| sub-teacher / student, division {d['index']} ({names}) | {100 * t:.2f} / {100 * s:.2f} | "
+                    f"{p['sub_teacher']:,} / {p['student']:,} | {f['sub_teacher']:,} / {f['student']:,} |")
+    for i, acc in enumerate(report.get('ensemble_missing_acc') or []):
+        rows.append(f'| ensemble with device {i} missing (`--eval-missing`) | {100 * acc:.2f} | | |')
+    name = os.path.basename(os.path.normpath(out))
+    return (f"![{name}: top-1 of every model, and of the ensemble with one device missing]({name}.png)\n\n"
+            + docs_setup(out, report) + '\n\n' + '\n'.join(rows))
+
+
+def write_docs(report, out, root=DOCS_ROOT):
+    """The blocks NAME of docs/results.md (and, for NAME demo, of README.md) and docs/NAME.png, NAME = --out's
+    folder name (demo, demo-decct)."""
+    name = os.path.basename(os.path.normpath(out))
+    edits = {os.path.join(root, 'docs', 'results.md'): {name: docs_table(report, out)}}
+    if name == 'demo':
+        edits[os.path.join(root, 'README.md')] = {name: docs_setup(out, report, short=True) + '\n\n'
+                                                  + docs_summary(report)}
+    utils.replace_blocks(edits)  # both pages or neither
+    with open(os.path.join(out, 'results.png'), 'rb') as f:
+        utils.write_bytes_atomic(os.path.join(root, 'docs', f'{name}.png'), f.read())
+    print(f'wrote the {name!r} blocks of the docs and docs/{name}.png')
 
 
 if __name__ == '__main__':

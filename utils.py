@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 
@@ -580,6 +581,71 @@ def _json_default(value):
 
 def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + '\n')
+
+
+# Generated blocks of the docs: a table a script makes from its result files sits in a markdown page between
+#     <!-- generated NAME: COMMAND -->
+#     <!-- end generated NAME -->
+# (each marker on a line of its own); COMMAND is what regenerates it, NAME tells a page's blocks apart.
+BLOCK_BEGIN = re.compile(r'^<!-- generated (?P<name>[A-Za-z0-9_.-]+): (?P<command>\S.*?) -->$')
+BLOCK_END = re.compile(r'^<!-- end generated (?P<name>[A-Za-z0-9_.-]+) -->$')
+
+
+def generated_blocks(text, where='the text'):
+    """{name: (command, body lines, begin line index, end line index)} of the generated blocks of markdown ``text``;
+    a marker without its partner, a block inside another or a name used twice is a ``UsageError``."""
+    blocks, open_name, lines = {}, None, text.splitlines()
+    for i, line in enumerate(lines):
+        begin, end = BLOCK_BEGIN.match(line), BLOCK_END.match(line)
+        if begin:
+            if open_name is not None:
+                raise UsageError(f'{where}, line {i + 1}: block {begin["name"]!r} begins inside block {open_name!r}')
+            if begin['name'] in blocks:
+                raise UsageError(f'{where}, line {i + 1}: a second generated block named {begin["name"]!r}')
+            open_name, command, start = begin['name'], begin['command'], i
+        elif end:
+            if end['name'] != open_name:
+                raise UsageError(f'{where}, line {i + 1}: "end generated {end["name"]}" closes no open block of '
+                                 f'that name')
+            blocks[open_name] = (command, lines[start + 1:i], start, i)
+            open_name = None
+        elif line.startswith('<!-- generated') or line.startswith('<!-- end generated'):
+            raise UsageError(f'{where}, line {i + 1}: malformed block marker {line!r}')
+    if open_name is not None:
+        raise UsageError(f'{where}: block {open_name!r} has no "<!-- end generated {open_name} -->" line')
+    return blocks
+
+
+def replace_blocks(edits):
+    """``edits``: {path: {block name: markdown body}}. Every page is read and every block found first, so a missing
+    block (``UsageError``, naming page and block) changes no page; then each page is rewritten atomically with only
+    those blocks' bodies replaced, the rest kept byte for byte."""
+    pages = {}
+    for path, bodies in edits.items():
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        blocks = generated_blocks(text, path)
+        for name in bodies:
+            if name not in blocks:
+                raise UsageError(f'{path} has no generated block {name!r}: add the lines '
+                                 f'"<!-- generated {name}: COMMAND -->" and "<!-- end generated {name} -->" where it '
+                                 f'belongs')
+        lines = text.splitlines(keepends=True)
+        for name in sorted(bodies, key=lambda n: -blocks[n][2]):  # from the last block up: earlier indices hold
+            _, _, begin, end = blocks[name]
+            body = bodies[name].rstrip('\n')
+            lines[begin + 1:end] = [line + '\n' for line in body.split('\n')] if body.strip() else []
+        pages[path] = ''.join(lines)
+    for path, text in pages.items():
+        mode = os.stat(path).st_mode & 0o777
+        write_text_atomic(path, text)
+        os.chmod(path, mode)  # the page keeps its permissions (the temp file had the owner's only)
+
+
+def replace_block(path, name, body):
+    """Put ``body`` (markdown) between the markers of the generated block ``name`` of the file ``path``, atomically
+    (``replace_blocks`` for one block)."""
+    replace_blocks({path: {name: body}})
 
 
 def append_log(path, record):

@@ -1,6 +1,7 @@
-"""Run every benchmark, print one table, write bench/results.json and bench/RESULTS.md.
+"""Run every benchmark, print one table, write bench/results.json and the results into docs/benchmarks.md.
 
     python bench/run.py [--quick] [--only training split collab profile]
+    python bench/run.py --docs-only     # docs/benchmarks.md (and docs/links.png) again from the results files
 
 Suites, each in its own process and one after another, so that none disturbs another's timings:
 - training: bench/training_bench.py -- engine_overhead, distill_overhead (+ _paper), data_loading;
@@ -21,11 +22,13 @@ Suites, each in its own process and one after another, so that none disturbs ano
 Every key of results.json holds {"ratio", "target", "what"} plus "direction" ("max": pass when ratio <= target,
 "min": when ratio >= target, null: informational) and the details. Ratios only compare things measured in the same
 run, alternated or repeated, medians; the load average around each suite is recorded, since this machine is shared.
-`--only` merges its suites into an existing results.json. `--quick` writes results.quick.json and RESULTS.quick.md,
-so the recorded full results stay as they are.
+`--only` merges its suites into an existing results.json. A full run (or `--only`) then rewrites the generated
+blocks of docs/benchmarks.md from the merged results (see write_docs below); `--quick` writes results.quick.json and
+RESULTS.quick.md instead, so the recorded full results and the docs stay as they are.
 """
 import argparse
 import datetime
+import io
 import json
 import os
 import platform
@@ -237,10 +240,11 @@ def markdown(results, meta):
     lines = [
         '# Benchmark results',
         '',
-        f'`{meta["command"]}` on {meta["date"]}, {meta["machine"]}; {meta["seconds"] / 60:.1f} min. Every ratio '
+        f'`{meta["command"]}`{" on " + meta["date"] if meta.get("date") else ""}, {meta["machine"]}; '
+        f'{meta["seconds"] / 60:.1f} min. Every ratio '
         'compares two things measured in the same run (alternated or repeated, medians). The machine is shared with '
         f'other work: load average {meta["load"]} (per suite in results.json), so absolute times are noisy and only '
-        'the ratios mean something. Definitions: [bench/README.md](README.md).',
+        'the ratios mean something. Definitions: docs/benchmarks.md.',
         '',
         '| benchmark | ratio | target | result | what |',
         '|---|---:|---:|---|---|',
@@ -384,16 +388,22 @@ def main(argv=None):
     p.add_argument('--only', nargs='+', choices=SUITES, default=None, help='run these suites only')
     p.add_argument('--json', default=None,
                    help='default bench/results.json (bench/results.quick.json with --quick)')
-    p.add_argument('--markdown', default=None, help='default bench/RESULTS.md (bench/RESULTS.quick.md with --quick)')
+    p.add_argument('--markdown', default=None,
+                   help='also write the results page to this file (default with --quick: bench/RESULTS.quick.md)')
+    p.add_argument('--docs-only', action='store_true',
+                   help='run nothing: rewrite docs/benchmarks.md (and docs/links.png) from --json and bench/links.json')
     p.add_argument('--suite', choices=SUITES, help=argparse.SUPPRESS)  # child process: run one suite
     p.add_argument('--out', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    # A quick run never overwrites the recorded full results the README quotes.
+    # A quick run never overwrites the recorded full results the docs quote.
     suffix = '.quick' if args.quick else ''
     args.json = args.json or os.path.join(BENCH, f'results{suffix}.json')
-    args.markdown = args.markdown or os.path.join(BENCH, f'RESULTS{suffix}.md')
+    if args.quick and not args.markdown:
+        args.markdown = os.path.join(BENCH, 'RESULTS.quick.md')
     if args.suite:
         return run_suite(args.suite, args.quick, args.out)
+    if args.docs_only:
+        return write_docs(args.json)
 
     started = time.perf_counter()
     failed = []
@@ -432,11 +442,88 @@ def main(argv=None):
     from utils import write_json_atomic, write_text_atomic  # an interrupted write leaves the old results whole
 
     write_json_atomic(args.json, results)
-    write_text_atomic(args.markdown, markdown(results, meta))
-    print(f'\nwrote {os.path.relpath(args.json, ROOT)} and {os.path.relpath(args.markdown, ROOT)} '
-          f'({meta["seconds"] / 60:.1f} min)')
+    if args.markdown:
+        write_text_atomic(args.markdown, markdown(results, meta))
+    print(f'\nwrote {os.path.relpath(args.json, ROOT)} ({meta["seconds"] / 60:.1f} min)')
+    if not args.quick:
+        write_docs(args.json, meta)
     if failed:
         sys.exit(f'failed suites: {", ".join(failed)}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The docs: generated blocks of docs/benchmarks.md (utils.replace_block) and the links figure
+
+DOCS = os.path.join(ROOT, 'docs', 'benchmarks.md')
+LINKS_JSON = os.path.join(BENCH, 'links.json')  # sudo python bench/links_bench.py --json bench/links.json
+
+
+def links_table(result):
+    """The links results (bench/links_bench.py's JSON) as markdown: its table, and the figure beside the page."""
+    import links_bench
+
+    return (f'`sudo python bench/links_bench.py --json bench/links.json`: {result["what"]}; p50 of '
+            f'{result["images"]["collab"]} (DeViT) and {result["images"]["split"]} (layer-split) images per link.\n\n'
+            f'{links_bench.table(result)}\n\n![DeViT vs layer-split latency per link speed](links.png)')
+
+
+def links_figure(result):
+    """PNG bytes: p50 latency of DeViT and of the layer-split pipeline for each link profile (grouped bars)."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    from matplotlib import pyplot as plt
+
+    rows = result['rows']
+    if not rows:
+        raise ValueError('the links results have no rows')
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for offset, key, label, colour in ((-0.2, 'collab_p50_ms', 'DeViT (4 students side by side)', 'tab:blue'),
+                                       (0.2, 'layer_split_p50_ms', 'layer-split (teacher in 4 stages)', 'tab:orange')):
+        bars = ax.bar([i + offset for i in x], [r[key] for r in rows], width=0.4, label=label, color=colour)
+        ax.bar_label(bars, fmt='%.0f', fontsize=8)
+    ax.set_xticks(list(x), [r['link'] for r in rows], fontsize=8)
+    ax.set_ylabel('p50 latency per image (ms)')
+    ax.set_title('Collaborative inference vs layer-split, per link speed', fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON):
+    """Rewrite the `benchmarks` block of docs/benchmarks.md from the results in ``json_path`` and, where
+    bench/links.json exists, its `links` block and docs/links.png. ``meta``: the run's (else read off the files)."""
+    sys.path[:0] = [ROOT, BENCH]
+    from utils import UsageError, replace_blocks, write_bytes_atomic
+
+    with open(json_path) as f:
+        results = json.load(f)
+    if meta is None:
+        loads = sorted({round(v['suite'][k], 1) for v in results.values() if 'suite' in v
+                        for k in ('load_before', 'load_after')})
+        meta = {'command': 'python bench/run.py',
+                'machine': f'{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})',
+                'seconds': sum({v['suite']['suite']: v['suite']['seconds'] for v in results.values()
+                                if 'suite' in v}.values()),
+                'load': f'{loads[0]}-{loads[-1]}' if loads else '?'}
+    page = markdown(results, {k: v for k, v in meta.items() if k != 'date'})  # the docs state commands, not dates
+    body = page.split('\n', 2)[2] if page.startswith('# ') else page  # the page's title is the docs page's own
+    blocks, links = {'benchmarks': body}, None
+    if os.path.isfile(links_json):
+        with open(links_json) as f:
+            links = json.load(f)
+        blocks['links'] = links_table(links)
+    try:
+        replace_blocks({docs: blocks})
+    except UsageError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
+    if links is not None:
+        write_bytes_atomic(os.path.join(os.path.dirname(docs), 'links.png'), links_figure(links))
+    print(f'wrote the generated blocks of {os.path.relpath(docs, ROOT)}')
 
 
 if __name__ == '__main__':

@@ -1,12 +1,12 @@
 """Benchmark: shrinking DeViT students -- params, MACs, CPU latency and accuracy before and after.
 
     python bench/shrink_bench.py --demo output/demo [--work-dir DIR]       # the demo's four trained students
-    python bench/shrink_bench.py [--quick] [--work-dir DIR] [--markdown models/SHRINK_RESULTS.md] [--json FILE]
+    python bench/shrink_bench.py [--quick] [--work-dir DIR] [--markdown FILE] [--json FILE]
 
 With `--demo OUT` (a finished `bash demo.sh` run): every division's stage-2 student of OUT is shrunk at two ratios
 by shrink.py (all divisions in one call) and re-distilled for one epoch from its sub-teacher in OUT/stage1 with the
 demo's recipe; the control is shrink.py keeping everything (the same extra epoch, no pruning). Nothing is trained
-from scratch, so this takes a few minutes; the table goes to models/SHRINK_DEMO.md.
+from scratch, so this takes a few minutes; the table goes to docs/shrinking.md (its generated block shrink-demo).
 
 Without `--demo`:
 On Fashion-MNIST, division 0 of the demo's 4-way split, with the stage scripts as processes (plain python, world
@@ -19,8 +19,9 @@ Params and MACs: models.stats (MACs = the paper's "FLOPs" convention). Latency: 
 models interleaved in a shuffled order each round (so a busy neighbour slows all of them alike), median of `--runs`
 rounds; the ratio is to the unpruned student measured in the same rounds. Accuracy: top-1 on the division's 3,000
 test images. Training uses `--limit-train` images of the division's 18,000 per epoch (6,000 by default: this
-2-core machine is shared). `--quick` (512 training and 300 test images, one epoch per stage) is a smoke run and
-writes no markdown unless `--markdown` is given.
+2-core machine is shared). The table goes to docs/shrinking.md (its generated block shrink), or to `--markdown FILE`.
+`--quick` (512 training and 300 test images, one epoch per stage) is a smoke run and writes no markdown unless
+`--markdown` is given.
 """
 import argparse
 import copy
@@ -47,6 +48,7 @@ from models.stats import count_macs, count_params  # noqa: E402
 from shrink import load_student  # noqa: E402
 
 DATA = '/usr/share/datasets/fashion-mnist'
+DOCS = os.path.join(ROOT, 'docs', 'shrinking.md')  # generated blocks shrink and shrink-demo (utils.replace_block)
 TEACHER = 'deit_tiny_distilled_patch16_224'
 # The demo's student; the teacher is smaller than the demo's (192 wide, 6 deep) to keep the benchmark short on CPU.
 STUDENT_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=96', 'depth=3', 'num_heads=3', 'mlp_ratio=2']
@@ -326,7 +328,7 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='small slice and 1 epoch per stage (a smoke run)')
     parser.add_argument('--work-dir', default=None, help='keep the trained checkpoints here (default: a temp dir)')
     parser.add_argument('--markdown', default=None,
-                        help='default: models/SHRINK_RESULTS.md (--demo: models/SHRINK_DEMO.md; none with --quick)')
+                        help='write the page to this file instead of docs/shrinking.md (none with --quick)')
     parser.add_argument('--json', default=None, help='also write the results as JSON')
     parser.add_argument('--reuse', action='store_true',
                         help='measure the checkpoints already in --work-dir (from an earlier run) without training')
@@ -371,13 +373,16 @@ def main(argv=None):
                            machine=f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores')
     text = markdown_demo(result) if args.demo else markdown(result)
     print(text)
-    default = os.path.join(ROOT, 'models', 'SHRINK_DEMO.md' if args.demo else 'SHRINK_RESULTS.md')
-    target = args.markdown or (None if args.quick else default)
-    if target:
-        with open(target, 'w') as f:
-            f.write(text)
     if args.json:
         utils.write_json_atomic(args.json, result)
+    if args.markdown:
+        utils.write_text_atomic(args.markdown, text)
+    elif not args.quick:  # the page's title is the docs page's own: the block starts below it
+        try:
+            utils.replace_block(DOCS, 'shrink-demo' if args.demo else 'shrink', text.split('\n', 2)[2])
+        except utils.UsageError as err:
+            print(f'error: {err}', file=sys.stderr)
+            sys.exit(2)
     return result
 
 

@@ -351,6 +351,8 @@ def main(argv=None):
     utils.write_json_atomic(os.path.join(args.out, 'strategies.json'), report)
     utils.write_text_atomic(os.path.join(args.out, 'strategies.md'), markdown(report))
     print(markdown(report))
+    if not args.quick:  # the same table in docs/results.md (its generated block), below that page's own heading
+        utils.replace_block(os.path.join(ROOT, 'docs', 'results.md'), 'strategies', markdown(report).split('\n', 2)[2])
     return 0
 
 

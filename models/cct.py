@@ -319,7 +319,7 @@ def cct_14_7x2(pretrained: bool = False, **kwargs) -> CompactTransformer:
 def decct(pretrained: bool = False, **kwargs) -> CompactTransformer:
     """DeCCT student: CCT-14/7x2 shrunk as the paper's decomposition does (heads 6 -> 4 at head size 64, so dim 256;
     14 -> 6 layers; MLP ratio 3 kept; tokenizer's inner channels 64 -> 32). Four of them plus the ensemble head make
-    18.4M parameters and 5.05 GMACs at 224², against the paper's 18.3M / 5.1G for DeCCTs (models/PAPER_TABLE.md)."""
+    18.4M parameters and 5.05 GMACs at 224², against the paper's 18.3M / 5.1G for DeCCTs (docs/families.md)."""
     model_args = {'embed_dim': 256, 'depth': 6, 'num_heads': 4, 'mlp_ratio': 3, 'n_conv_layers': 2, 'kernel_size': 7,
                   'conv_planes': 32}
     return _create_cct('decct', pretrained, **dict(model_args, **kwargs))

@@ -2,7 +2,7 @@
 
     python -m models.stats --model dedeit --num_division 4 --nb-classes 1000 --input-size 224 --json
     python -m models.stats --family decct                     # one of the paper's families, next to its figures
-    python -m models.stats --paper-table --output models/PAPER_TABLE.md   # all three, as a markdown table
+    python -m models.stats --paper-table --docs     # all three as a markdown table, into docs/families.md
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on one image. `flops` follows the paper's (and
 DeiT's "1.3G for DeiT-Tiny") convention, which is multiply-accumulates (MACs); `flops_2x` is 2×MACs, what
@@ -14,6 +14,7 @@ totals against that formula).
 """
 import argparse
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .ensemble_model import DeViTEnsemble, create_backbone
+
+DOCS_FAMILIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs', 'families.md')
 
 
 def count_params(module: nn.Module) -> int:
@@ -128,7 +131,7 @@ class Family:
 FAMILIES = {
     'devits': Family(
         'DeViTs (from ViT-L/16)', 'devit', 'vit_large_patch16_224', 23.0e6, 5.9e9,
-        'our students have the DeiT-Tiny shape DESIGN.md fixes (5.52M, 1.25G each) and the head projects to ViT-L\'s '
+        'our students have DeiT-Tiny\'s shape (5.52M, 1.25G each) and the head projects to ViT-L\'s '
         '1024-d cls token (1.8M); the paper\'s 5.9G means about 1.47G per student, so its students (shrunk from '
         'ViT-L) are somewhat larger than DeiT-Tiny or its counter counts more than matmuls and convolutions.'),
     'dedeits': Family(
@@ -211,6 +214,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--paper-table', action='store_true',
                         help='all three families next to the paper\'s figures, as a markdown table')
     parser.add_argument('--output', default=None, help='with --paper-table: also write the table to this file')
+    parser.add_argument('--docs', action='store_true',
+                        help='with --paper-table: also write it into its generated block of docs/families.md')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
     return parser
 
@@ -223,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.output:
             with open(args.output, 'w') as f:
                 f.write(table)
+        if args.docs:
+            from utils import replace_block  # the repository root's utils (python -m models.stats runs from there)
+
+            replace_block(DOCS_FAMILIES, 'paper-table', table)
         print(table, end='')
         return {'table': table}
     if args.family:
@@ -263,4 +272,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-    main()
+    from utils import run_main  # bad input as one error line
+
+    run_main(main)

@@ -29,7 +29,7 @@ def _log_softmax(a, axis=-1):
 
 
 def _relation_numpy(s, t):
-    """DESIGN's formula written out: heads concatenated, R = X X^T / sqrt(d_h), batchmean KL with log targets."""
+    """The relation loss written out: heads concatenated, R = X X^T / sqrt(d_h), batchmean KL with log targets."""
     def rel(x):
         B, H, N, d = x.shape
         X = x.transpose(0, 2, 1, 3).reshape(B, N, H * d)
