@@ -57,6 +57,7 @@ import argparse
 import math
 
 import utils
+from fileio import read_json
 from jetson.profile import BACKENDS, ProfileError, check_field, read_profile
 
 FORMAT = 'devit-plan'
@@ -277,15 +278,7 @@ def read_plan(plan):
     """A plan dict, checked: ``plan`` is a path to plan.json or a dict already read. PlanError ('plan PATH: ...')."""
     if isinstance(plan, dict):
         return validate_plan(plan)
-    import json
-
-    try:
-        with open(plan) as f:
-            obj = json.load(f)
-    except OSError as err:
-        raise PlanError(f'plan {plan}: cannot read it: {err.strerror or err}') from None
-    except ValueError as err:
-        raise PlanError(f'plan {plan}: not valid JSON: {err}') from None
+    obj = read_json(plan, 'plan', PlanError)
     try:
         return validate_plan(obj)
     except PlanError as err:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import ParseKwargs as TimmParseKwargs
 
+from fileio import write_bytes_atomic, write_json_atomic, write_text_atomic  # noqa: F401  (one writer)
 from models.checkpoint import CheckpointError, read_checkpoint  # noqa: F401  (one error type, one reader)
 
 
@@ -548,39 +549,6 @@ def _fsync_dir(folder):
         pass
     finally:
         os.close(fd)
-
-
-def write_bytes_atomic(path, data):
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path, text):
-    write_bytes_atomic(path, text.encode())
-
-
-def _json_default(value):
-    # numpy scalars and 0-d tensors as their Python number, anything else (paths, dtypes) as its text
-    try:
-        return value.item()
-    except (AttributeError, TypeError, ValueError, RuntimeError):
-        return str(value)
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + '\n')
 
 
 # Generated blocks of the docs: a table a script makes from its result files sits in a markdown page between

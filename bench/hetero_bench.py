@@ -130,14 +130,13 @@ def _device(spec, fraction, images, warmup, barrier, results, index):
     import torch
 
     from collab.quota import limit_cpu
-    from collab.torch_models import Backbone
     from models.ensemble_model import create_backbone
-    from models.features import has_dist_token
+    from models.features import DeviceTokens, has_dist_token
 
     torch.set_num_threads(1)
     torch.manual_seed(index)
     backbone = create_backbone(spec.name, spec.kwargs)
-    module = Backbone(backbone, has_dist_token(backbone)).eval()
+    module = DeviceTokens(backbone, has_dist_token(backbone)).eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     times = []
     with torch.inference_mode():

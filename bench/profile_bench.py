@@ -1,18 +1,18 @@
-"""Where the demo's training time goes, and the before/after of what was fixed.
+"""Where the demo's training time goes, and what the fused optimizer (engine.optimizer_impl) changes.
 
     python bench/profile_bench.py [--quick] [--json FILE]
 
-1. Stage costs. One training step of each stage's task (engine.SupervisedTask for stages 0-1, DecomposeTask for 2
-   and 4, EnsembleTask for 3) with demo.sh's models and batch size, run through engine.train_one_epoch on
-   Fashion-MNIST, and the per-image cost of evaluating each model; the tasks are measured in turn, several rounds,
-   medians. Multiplied by the steps and test images each stage of the full demo runs (epochs, batch and shapes are
-   read from demo.sh), this ranks the stages.
+1. Stage costs. One training step of each stage's task (engine.SupervisedTask for the teacher and stage 1,
+   DecomposeTask for stage 2 and the baseline, EnsembleTask for stage 3) with demo.sh's models and batch size, run
+   through engine.train_one_epoch on Fashion-MNIST, and the per-image cost of evaluating each model; the tasks are
+   measured in turn, several rounds, medians. Multiplied by the steps and test images each stage of the full demo
+   runs (epochs, batch and shapes are read from demo.sh), this ranks the stages.
 2. torch.profiler over a few steps of the slowest stage: self CPU time by op family (matmuls, attention, copies,
    element-wise and norms, the optimizer step, the rest).
-3. The fix: AdamW's fused kernel (engine.optimizer_impl, what engine.fit now uses) against torch's CPU default, a
-   per-tensor loop of ~10 small ops per parameter tensor. Measured on the slowest stage's model: the optimizer step
-   alone and a whole train_one_epoch, old and new alternating, at one thread (what each of demo.sh's two processes
-   per stage now uses) and at all cores (one process per stage, the demo's earlier default).
+3. AdamW's fused kernel (engine.optimizer_impl, what engine.fit uses) against torch's CPU default, a per-tensor
+   loop of ~10 small ops per parameter tensor. Measured on the slowest stage's model: the optimizer step alone and a
+   whole train_one_epoch, the two alternating, at one thread (what each of demo.sh's two processes per stage uses)
+   and at all cores (one process per stage).
 """
 import argparse
 import copy
@@ -33,6 +33,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import grouping  # noqa: E402
 import models  # noqa: E402,F401  (registers dedeit)
 import utils  # noqa: E402
 from losses import DistillationLoss, build_base_criterion  # noqa: E402
@@ -72,17 +73,17 @@ def demo_config(path=os.path.join(ROOT, 'demo.sh')):
 def stage_workload(cfg):
     """{stage: (task kind, optimizer steps, test images evaluated, model evaluated)} of the full demo."""
     k, n, b = FASHION['classes'], cfg['divisions'], cfg['batch']
-    sizes = [k // n + (i < k % n) for i in range(n)]  # classes per division, as splite_dataset's even split
+    sizes = grouping.authors_sizes(k, n)  # classes per division, as splite_dataset.py cuts them
     full_steps = k * FASHION['train_per_class'] // b
     div_steps = sum(c * FASHION['train_per_class'] // b for c in sizes)
     test = k * FASHION['test_per_class']
     e = cfg['epochs']
     return {
-        '0 teacher from scratch': ('supervised', e['E0'] * full_steps, e['E0'] * test, 'teacher'),
-        '1 sub-teachers': ('supervised', e['E1'] * div_steps, e['E1'] * test, 'teacher'),
-        '2 decompose': ('decompose', e['E2'] * div_steps, e['E2'] * test, 'student'),
-        '3 ensemble': ('ensemble', e['E3'] * full_steps, e['E3'] * test, 'ensemble'),
-        '4 baseline': ('decompose', (e['E2'] + e['E3']) * full_steps, (e['E2'] + e['E3']) * test, 'student'),
+        'teacher from scratch': ('supervised', e['E0'] * full_steps, e['E0'] * test, 'teacher'),
+        'stage 1 sub-teachers': ('supervised', e['E1'] * div_steps, e['E1'] * test, 'teacher'),
+        'stage 2 students': ('decompose', e['E2'] * div_steps, e['E2'] * test, 'student'),
+        'stage 3 ensemble': ('ensemble', e['E3'] * full_steps, e['E3'] * test, 'ensemble'),
+        'baseline': ('decompose', (e['E2'] + e['E3']) * full_steps, (e['E2'] + e['E3']) * test, 'student'),
     }
 
 
@@ -225,7 +226,7 @@ def profile_stage(task, data, steps, fused):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. the fix, before/after
+# 3. torch's default AdamW against the fused one
 
 def optimizer_fix(task, data, rounds, threads_list):
     """Old (torch's CPU AdamW default) vs new (fused) on `task`'s model: the optimizer step alone, and whole epochs.
@@ -285,8 +286,8 @@ def bench(quick):
             'fix': fix},
         'demo_profile_stage': {
             'ratio': one['epoch_ratio_implied'], 'target': None, 'direction': None,
-            'what': f'train_one_epoch of the slowest demo stage ({slowest}, {cfg["batch"]}-image steps), before / '
-                    'after the fix, as its measured parts imply at 1 thread (the optimizer was '
+            'what': f'train_one_epoch of the slowest demo stage ({slowest}, {cfg["batch"]}-image steps), torch\'s '
+                    'default AdamW / the fused one, as its measured parts imply at 1 thread (the optimizer was '
                     f'{100 * one["optimizer_share_of_step_before"]:.1f}% of a step); measured directly: '
                     f'{one["epoch_ratio"]:.3f} at 1 thread, {default["epoch_ratio"]:.3f} at {cores}, within noise',
             'demo': cfg, 'costs': costs, 'profile_before': prof_old, 'profile_after': prof_new},

@@ -9,7 +9,7 @@ Suites, each in its own process and one after another, so that none disturbs ano
 - collab:   bench/collab_bench.py   -- collab_vs_slowest (+ _n2, _demo), collab_speedup_vs_teacher (+ _demo),
                                  bytes_vs_layer_split (+ _demo), fp16_tokens, collab_scaling;
 - profile:  bench/profile_bench.py -- demo_profile_optimizer, demo_profile_stage (where the demo's time goes and
-                                 the before/after of the fix);
+                                 what the fused optimizer changes);
 - onnx:     bench/onnx_bench.py    -- onnx_vs_torch_student (+ _demo): onnxruntime / PyTorch eager, one student;
                                  collab_onnx_vs_torch (+ _demo): the collaborative runtime's p50 with onnxruntime
                                  workers and head / with PyTorch ones, on an export_onnx.py export.

@@ -20,10 +20,11 @@ or two, where a PyTorch one spends seconds importing torch): the checkpoint is e
 `--backend torch` serves the checkpoint itself.
 
 The model: `--model-path` (a stage-3 checkpoint trained with `ensemble.py --device-dropout 0.2`, so that answers
-without a device stay accurate), else a demo-shaped ensemble (demo.sh's students) trained here for a few hundred
-steps with device dropout 0.2 on the Fashion-MNIST training set, from scratch (its accuracy is below the demo's:
-the drill measures what losing a device costs, not the model). This machine is shared: absolute latencies say little,
-the phases compare with each other.
+without a device stay accurate); by default the demo's students with the head bench/dropout_bench.py trained with
+device dropout 0.2 (output/demo/dropout/p0.2/checkpoint.pth), where it exists; else a demo-shaped ensemble
+(demo.sh's students) trained here for a few hundred steps with device dropout 0.2 on the Fashion-MNIST training set,
+from scratch (its accuracy is below the demo's: the drill measures what losing a device costs, not the model). This
+machine is shared: absolute latencies say little, the phases compare with each other.
 """
 import argparse
 import json
@@ -45,6 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DATA = '/usr/share/datasets/fashion-mnist'
+# The demo's students with a head trained with --device-dropout 0.2 (bench/dropout_bench.py), when it exists.
+DEMO_DROPOUT_HEAD = os.path.join(ROOT, 'output', 'demo', 'dropout', 'p0.2', 'checkpoint.pth')
 N = 4
 KILLED = 2
 
@@ -314,6 +317,8 @@ def throughput(folder, model_path, data, clients=(1, 4), seconds=8.0, deadline_m
 def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True):
     workdir = tempfile.mkdtemp(prefix='devit-serve-')
     try:
+        if model_path is None and os.path.isfile(DEMO_DROPOUT_HEAD):
+            model_path = DEMO_DROPOUT_HEAD
         trained = model_path
         if not trained:
             steps = 200 if quick else 1200

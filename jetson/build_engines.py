@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from collab import manifest as export_manifest
+from jetson import split_command
 from jetson.power import jetson_model
 
 TRTEXEC_PATHS = ('/usr/src/tensorrt/bin/trtexec',)  # where JetPack installs it (not on PATH by default)
@@ -167,11 +168,7 @@ def _tail(path, lines=15):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = []
-    if '--' in argv:
-        i = argv.index('--')
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_command(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(argv)
     try:
         return build(args, extra)

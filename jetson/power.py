@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from jetson import split_command
+
 # Rails that are the whole board's input power, most specific first.
 BOARD_TOTAL_RAILS = ('POM_5V_IN', 'VDD_IN')
 SOURCES = ('auto', 'jtop', 'sysfs', 'tegrastats', 'rapl', 'none')
@@ -639,11 +641,7 @@ def _run_command(args, cmd):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cmd = []
-    if '--' in argv:
-        i = argv.index('--')
-        argv, cmd = argv[:i], argv[i + 1:]
+    argv, cmd = split_command(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(argv)
     try:
         if args.parse_file:

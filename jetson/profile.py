@@ -79,6 +79,7 @@ import time
 import warnings
 
 from collab import quota
+from fileio import read_json, write_json_atomic
 
 FORMAT = 'devit-profile'
 VERSION = 1
@@ -196,33 +197,11 @@ def validate_profile(obj):
 
 def read_profile(path):
     """The profile at ``path``, checked; ProfileError ('profile PATH: ...') if unreadable or invalid."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except OSError as err:
-        raise ProfileError(f'profile {path}: cannot read it: {err.strerror or err}') from None
-    except ValueError as err:
-        raise ProfileError(f'profile {path}: not valid JSON: {err}') from None
+    obj = read_json(path, 'profile', ProfileError)
     try:
         return validate_profile(obj)
     except ProfileError as err:
         raise ProfileError(f'profile {path}: {err}') from None
-
-
-def write_json_atomic(path, obj):
-    """JSON written to a temp file beside ``path`` and renamed (stdlib only: utils' twin needs torch)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=2)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -430,12 +409,11 @@ def candidate_kwargs(base, width, depth, heads):
 
 def _torch_backbone(model, kwargs):
     """(module returning what a device sends, backbone) as the runtime builds a device's share."""
-    from collab.torch_models import Backbone
     from models.ensemble_model import create_backbone
-    from models.features import has_dist_token
+    from models.features import DeviceTokens, has_dist_token
 
     backbone = create_backbone(model, kwargs)
-    return Backbone(backbone, has_dist_token(backbone)).eval(), backbone
+    return DeviceTokens(backbone, has_dist_token(backbone)).eval(), backbone
 
 
 def family_info(family, base):

@@ -25,7 +25,6 @@ Attention is exported from PyTorch's scaled_dot_product_attention as MatMul/Soft
 `com.microsoft` attention ops that TensorRT has no importer for); `check_ops` refuses any graph with an operator
 outside `TENSORRT_OPS` or the default domain, so a model that would fail the engine build on a board fails here.
 """
-import argparse
 import contextlib
 import ctypes
 import inspect
@@ -48,8 +47,8 @@ from collab import manifest as export_manifest
 from collab.manifest import FORMAT, VERSION
 from collab.sessions import session
 
-from .checkpoint import read_checkpoint
-from .ensemble_model import DeViTEnsemble, load_ensemble, load_students, student_checkpoint_paths
+from .checkpoint import args_dict, read_checkpoint
+from .ensemble_model import CONFIG_KEY, DeViTEnsemble, load_ensemble, load_students, student_checkpoint_paths
 from .features import DeviceTokens
 
 OPSETS = (17, 13)
@@ -112,8 +111,7 @@ class Source(NamedTuple):
 
 
 def _args_dict(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    a = ckpt.get('args')
-    return dict(vars(a)) if isinstance(a, argparse.Namespace) else dict(a or {})
+    return args_dict(ckpt.get('args')) or {}
 
 
 def _split_manifest(*folders: str | None) -> dict[str, Any] | None:
@@ -157,7 +155,7 @@ def _describe(ckpt: Mapping[str, Any]) -> str:
         return 'a stage-1 checkpoint (a sub-teacher)'
     if stage is not None:
         return f'a stage-{stage} checkpoint'
-    return 'not a DeViT stage checkpoint (no "stage", no "ensemble_config", no args["model"])'
+    return f'not a DeViT stage checkpoint (no "stage", no "{CONFIG_KEY}", no args["model"])'
 
 
 def load_source(path: str | os.PathLike, use_ema: bool = False) -> Source:
@@ -175,7 +173,7 @@ def load_source(path: str | os.PathLike, use_ema: bool = False) -> Source:
     elif not os.path.exists(path):
         raise ExportError(f'--model-path {path} does not exist')
     ckpt = read_checkpoint(path)
-    if 'ensemble_config' not in ckpt:
+    if CONFIG_KEY not in ckpt:
         if ckpt.get('stage') == 2 or (ckpt.get('stage') is None and _args_dict(ckpt).get('model')):
             return _students(path, [path], use_ema)
         raise ExportError(f'{path} is {_describe(ckpt)}; give a stage-3 ensemble checkpoint (ensemble.py), a '

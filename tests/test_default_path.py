@@ -6,6 +6,7 @@ from the seed's commands (and ``--all-divisions``, so that one launch trains eve
 would one by one). Once on an RGB ImageFolder of PNG files and once on CIFAR-100 pickles in the real format."""
 import json
 
+import pytest
 import timm
 import torch
 from helpers import launch_cmd, read_log, run, write_rgb_folder
@@ -17,6 +18,8 @@ from models.ensemble_model import load_ensemble
 TEACHER = 'deit_tiny_distilled_patch16_224'
 TEACHER_KW = {'img_size': 32, 'patch_size': 8, 'embed_dim': 32, 'depth': 1, 'num_heads': 2}
 STUDENT_KW = {'img_size': 32, 'patch_size': 8, 'embed_dim': 16, 'depth': 1, 'num_heads': 2}
+pytestmark = pytest.mark.slow  # about a minute for the two chains: `make test-slow` (CI) runs them
+
 SMALL = ['--input-size', '32', '--epochs', '1', '--batch-size', '16', '--eval-batch-size', '32']
 
 

@@ -19,12 +19,13 @@ import utils
 from collab import backends, dispatch, manifest, quota, sessions, wire
 from datasets import default_mean_std
 
-# What a board runs: the worker and everything it imports, the client, and jetson/ (kept 3.6-compatible by its
-# owners; listed by glob so that new files are checked too). Every module of collab/ is in one of the two lists.
+# What a board runs: the worker and everything it imports (fileio.py too), the client, and jetson/ (kept
+# 3.6-compatible by its owners; listed by glob so that new files are checked too). Every module of collab/ is in
+# one of the two lists.
 DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/manifest.py',
                'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py']
 AGGREGATOR_SIDE = ['collab/modes.py', 'collab/report.py', 'collab/service.py', 'collab/torch_models.py']
-JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py')))
+JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py'))) + ['fileio.py']
 HIDDEN = ('torch', 'timm', 'torchvision')
 HIDE = f"""
 import sys

@@ -213,6 +213,7 @@ def test_existing_run_is_not_overwritten_without_flag(pipeline):
     assert digest(folder / 'checkpoint.pth') == before
 
 
+@pytest.mark.slow
 def test_demo_quick_mode_runs_end_to_end(tmp_path, fmnist_root):
     out = tmp_path / 'demo'
     proc = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh'), '--quick'], cwd=ROOT, capture_output=True, text=True,
