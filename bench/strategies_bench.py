@@ -280,7 +280,7 @@ def markdown(report):
     rows = report['strategies']
     lines = [f'# Class assignment strategies on {report["dataset"]} ({report["num_division"]} divisions'
              f'{", quick mode" if report["quick"] else ""})', '',
-             f'Teacher `{report["teacher"]}`: top-1 {report["teacher_acc1"]:.2f}% on the {report["confusion_images"]} '
+             f'Teacher `{os.path.relpath(report["teacher"], ROOT)}`: top-1 {report["teacher_acc1"]:.2f}% on the {report["confusion_images"]} '
              f'{report["confusion_split"]} images its confusion matrix was counted on. Stages 1-3: demo.sh'
              f'{" --quick" if report["quick"] else ""}\'s commands. Accuracies in percent; "inside" is the share of '
              f'the teacher\'s off-diagonal confusion (C + Cᵀ) between classes of the same division.', '',
