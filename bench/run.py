@@ -442,6 +442,7 @@ def main(argv=None):
 # The docs: generated blocks of docs/benchmarks.md (utils.replace_block) and the links figure
 
 DOCS = os.path.join(ROOT, 'docs', 'benchmarks.md')
+README = os.path.join(ROOT, 'README.md')  # its `drill` block: the service's fault drill
 LINKS_JSON = os.path.join(BENCH, 'links.json')  # sudo python bench/links_bench.py --json bench/links.json
 
 
@@ -480,9 +481,15 @@ def links_figure(result):
     return buffer.getvalue()
 
 
-def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON):
-    """Rewrite the `benchmarks` block of docs/benchmarks.md from the results in ``json_path`` and, where
-    bench/links.json exists, its `links` block and docs/links.png. ``meta``: the run's (else read off the files)."""
+def drill_text(r):
+    """The fault drill's table (README's `drill` block), from results.json's serve_fault_drill."""
+    return (f'`python bench/run.py --only serve`: {r["what"]}.\n\n{r["table"]}')
+
+
+def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON, readme=README):
+    """Rewrite the `benchmarks` block of docs/benchmarks.md from the results in ``json_path``, the `drill` block of
+    README.md where the results have the fault drill, and, where bench/links.json exists, the `links` block and
+    docs/links.png. ``meta``: the run's (else read off the files)."""
     sys.path[:0] = [ROOT, BENCH]
     from utils import UsageError, replace_blocks, write_bytes_atomic
 
@@ -503,8 +510,11 @@ def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON):
         with open(links_json) as f:
             links = json.load(f)
         blocks['links'] = links_table(links)
+    edits = {docs: blocks}
+    if 'serve_fault_drill' in results and readme:
+        edits[readme] = {'drill': drill_text(results['serve_fault_drill'])}
     try:
-        replace_blocks({docs: blocks})
+        replace_blocks(edits)
     except UsageError as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
