@@ -91,6 +91,8 @@ def get_parser():
                             f'else {launcher.DEFAULT_PORT})')
     group.add_argument('--report', default=None, metavar='FILE.json', help='write the report here')
     group.add_argument('--csv', default=None, metavar='FILE.csv', help='write one row per image here')
+    group.add_argument('--logits', default=None, metavar='FILE.npy',
+                       help='write the logits the aggregator computed, one row per image (numpy .npy, float32)')
     group = parser.add_argument_group('service')
     group.add_argument('--serve', action='store_true', help='serve HTTP requests until SIGINT/SIGTERM')
     group.add_argument('--port', type=utils.positive_int, default=8080, help='HTTP port of --serve')
@@ -117,8 +119,9 @@ def parse_args(argv=None):
         parser.error('--deadline-ms needs --mode collab (a pipeline cannot skip a stage)')
     if args.serve and args.mode != 'collab':
         parser.error('--serve needs --mode collab')
-    if args.serve and (args.images or args.report or args.csv or args.limit):
-        parser.error('--serve answers HTTP requests: --images, --limit, --report and --csv are for batch runs')
+    if args.serve and (args.images or args.report or args.csv or args.logits or args.limit):
+        parser.error('--serve answers HTTP requests: --images, --limit, --report, --csv and --logits are for batch '
+                     'runs')
     if args.mode == 'collab' and not args.model_path:
         parser.error('--mode collab needs --model-path (the stage-3 checkpoint, or an export folder with '
                      '--backend onnxruntime)')

@@ -165,21 +165,26 @@ stage "0. split: $N class-disjoint divisions (${SPLIT_FLAGS[*]})"
 "$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --num_division $N --output_path "$OUT/split$N" \
   "${SPLIT_FLAGS[@]}"
 
-stage "1. sub-teachers: fine-tune the teacher on each division, $E1 epoch(s)"
-launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 5e-4 \
-  --model-path "$TEACHER_CKPT" --epochs "$E1" --data-path "$OUT/split$N" --num_division $N --all-divisions \
-  --output_dir "$OUT/stage1"
-
-stage "2. students: distil a $STUDENT student per division (hard KD, gama 0.2 0.1 0.3), $E2 epochs"
-launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_KW[@]}" --lr 2e-3 \
-  --epochs "$E2" --data-path "$OUT/split$N" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
-  --teacher-path "$OUT/stage1" --distillation-type hard --gama 0.2 0.1 0.3 --num_division $N --all-divisions \
-  --output_dir "$OUT/stage2"
-
-stage "3. ensemble: $N students + head against the full teacher, $E3 epochs"
-launch ensemble.py "${COMMON[@]}" --model $STUDENT --model-path "$OUT/stage2" --lr 3e-3 --epochs "$E3" \
-  --data-path "$DATA" --num_division $N --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
-  --teacher-path "$TEACHER_CKPT" --output_dir "$OUT/stage3" --eval-missing
+# Stages 1-3 on the split $2 into $3 ($1: a label for the stage lines; $4: its number of divisions; the rest: how
+# stage 2 shapes the students, --model-kwargs or --plan).
+decompose() {
+  local label=$1 split=$2 dest=$3 ndiv=$4
+  shift 4
+  stage "${label}1. sub-teachers: fine-tune the teacher on each division, $E1 epoch(s)"
+  launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 5e-4 \
+    --model-path "$TEACHER_CKPT" --epochs "$E1" --data-path "$split" --num_division "$ndiv" --all-divisions \
+    --output_dir "$dest/stage1"
+  stage "${label}2. students: distil a $STUDENT student per division ($*; hard KD, gama 0.2 0.1 0.3), $E2 epochs"
+  launch distill_sub.py "${COMMON[@]}" --model $STUDENT "$@" --lr 2e-3 \
+    --epochs "$E2" --data-path "$split" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+    --teacher-path "$dest/stage1" --distillation-type hard --gama 0.2 0.1 0.3 --num_division "$ndiv" --all-divisions \
+    --output_dir "$dest/stage2"
+  stage "${label}3. ensemble: $ndiv students + head against the full teacher, $E3 epochs"
+  launch ensemble.py "${COMMON[@]}" --model $STUDENT --model-path "$dest/stage2" --lr 3e-3 --epochs "$E3" \
+    --data-path "$DATA" --num_division "$ndiv" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
+    --teacher-path "$TEACHER_CKPT" --output_dir "$dest/stage3" --eval-missing
+}
+decompose "" "$OUT/split$N" "$OUT" $N --model-kwargs "${STUDENT_KW[@]}"
 
 stage "baseline: one $STUDENT student, KD from the teacher on all classes, $((E2 + E3)) epochs"
 launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_KW[@]}" --lr 2e-3 \
@@ -189,29 +194,13 @@ launch distill_sub.py "${COMMON[@]}" --model $STUDENT --model-kwargs "${STUDENT_
 
 if [ -n "$PLAN_TMP" ]; then
   # The planned decomposition: each device's classes and student from OUT/planned/plan.json, then stages 1-3 with
-  # the same recipe, the same teacher and the same split flags.
+  # the same recipe, the same teacher and the same split flags. No --model-kwargs in stage 2: the plan carries each
+  # student's whole shape (explicit ones would win over it key by key).
   P="$OUT/planned"
   stage "planned 0. split: the plan's class counts (${SPLIT_FLAGS[*]})"
   "$PYTHON" splite_dataset.py --dataset fashion_mnist --data_path "$DATA" --plan "$P/plan.json" \
     --output_path "$P/split" "${SPLIT_FLAGS[@]}"
-  NP=${#DEVICES[@]}
-
-  stage "planned 1. sub-teachers on the planned divisions, $E1 epoch(s)"
-  launch train_subdata.py "${COMMON[@]}" --model $TEACHER --model-kwargs "${TEACHER_KW[@]}" --lr 5e-4 \
-    --model-path "$TEACHER_CKPT" --epochs "$E1" --data-path "$P/split" --num_division $NP --all-divisions \
-    --output_dir "$P/stage1"
-
-  stage "planned 2. each division's planned student (plan.json), $E2 epochs"
-  # No --model-kwargs: the plan carries each student's whole shape (explicit ones would win over it key by key).
-  launch distill_sub.py "${COMMON[@]}" --model $STUDENT --plan "$P/plan.json" --lr 2e-3 \
-    --epochs "$E2" --data-path "$P/split" --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
-    --teacher-path "$P/stage1" --distillation-type hard --gama 0.2 0.1 0.3 --num_division $NP --all-divisions \
-    --output_dir "$P/stage2"
-
-  stage "planned 3. ensemble of the $NP planned students + head against the full teacher, $E3 epochs"
-  launch ensemble.py "${COMMON[@]}" --model $STUDENT --model-path "$P/stage2" --lr 3e-3 --epochs "$E3" \
-    --data-path "$DATA" --num_division $NP --teacher-model $TEACHER --teacher-kwargs "${TEACHER_KW[@]}" \
-    --teacher-path "$TEACHER_CKPT" --output_dir "$P/stage3" --eval-missing
+  decompose "planned " "$P/split" "$P" ${#DEVICES[@]} --plan "$P/plan.json"
 fi
 
 stage "results: table, results.json and results.png"

@@ -321,19 +321,49 @@ def docs_table(report, out):
                     f"{p['sub_teacher']:,} / {p['student']:,} | {f['sub_teacher']:,} / {f['student']:,} |")
     for i, acc in enumerate(report.get('ensemble_missing_acc') or []):
         rows.append(f'| ensemble with device {i} missing (`--eval-missing`) | {100 * acc:.2f} | | |')
+    if 'planned_ensemble_acc' in report:
+        pp, pf = report['planned_params'], report['planned_flops']
+        rows.append(f"| planned ensemble ({report['planned_minus_uniform_points']:+.2f} points against the uniform "
+                    f"one) | {100 * report['planned_ensemble_acc']:.2f} | {pp['ensemble']:,} | {pf['ensemble']:,} |")
+        for d, names, s, acc in zip(report['planned_students'], report['planned_split']['group_names'],
+                                    report['planned_sub_teacher_acc'], report['planned_student_acc']):
+            rows.append(f"| planned sub-teacher / student, {d['device']} ({', '.join(names)}; dedeit "
+                        f"{d['width']}x{d['depth']}) | {100 * s:.2f} / {100 * acc:.2f} | {d['params']:,} | "
+                        f"{d['flops']:,} |")
+        for i, acc in enumerate(report.get('planned_ensemble_missing_acc') or []):
+            rows.append(f'| planned ensemble with device {i} missing | {100 * acc:.2f} | | |')
     name = os.path.basename(os.path.normpath(out))
-    return (f"![{name}: top-1 of every model, and of the ensemble with one device missing]({name}.png)\n\n"
+    text = (f"![{name}: top-1 of every model, and of the ensemble with one device missing]({name}.png)\n\n"
             + docs_setup(out, report) + '\n\n' + '\n'.join(rows))
+    if 'planned_ensemble_acc' in report:
+        text += '\n\n' + _wrap(
+            f"Predicted collaborative latency of the plan ({os.path.relpath(report['plan'], DOCS_ROOT)}): "
+            f"{report['plan_predicted_ms']:.2f} ms, of the uniform plan {report['plan_uniform_predicted_ms']:.2f} ms "
+            "(the profiles' estimates; the measured ratio on throttled CPUs is `hetero_plan_vs_uniform` in "
+            '[benchmarks.md](benchmarks.md)).')
+    return text
+
+
+def docs_planned(report):
+    """README's line on the planned decomposition of ``demo.sh --devices``."""
+    shapes = ' / '.join(f"{d['width']}x{d['depth']}" for d in report['planned_students'])
+    return (f"`bash demo.sh --devices` (two devices 4x slower than the other two): the planned ensemble (students "
+            f"{shapes}) reaches {100 * report['planned_ensemble_acc']:.2f}% top-1, "
+            f"{report['planned_minus_uniform_points']:+.2f} points against the uniform one "
+            f"({100 * report['ensemble_acc']:.2f}%), for a predicted latency of {report['plan_predicted_ms']:.1f} ms "
+            f"against {report['plan_uniform_predicted_ms']:.1f} ms.")
 
 
 def write_docs(report, out, root=DOCS_ROOT):
-    """The blocks NAME of docs/results.md (and, for NAME demo, of README.md) and docs/NAME.png, NAME = --out's
-    folder name (demo, demo-decct)."""
+    """The blocks NAME of docs/results.md (and, for NAME demo and a demo.sh --devices run, of README.md) and
+    docs/NAME.png, NAME = --out's folder name (demo, demo-decct, demo-fleet)."""
     name = os.path.basename(os.path.normpath(out))
     edits = {os.path.join(root, 'docs', 'results.md'): {name: docs_table(report, out)}}
     if name == 'demo':
         edits[os.path.join(root, 'README.md')] = {name: docs_setup(out, report, short=True) + '\n\n'
                                                   + docs_summary(report)}
+    elif 'planned_ensemble_acc' in report:
+        edits[os.path.join(root, 'README.md')] = {name: _wrap(docs_planned(report))}
     utils.replace_blocks(edits)  # both pages or neither
     with open(os.path.join(out, 'results.png'), 'rb') as f:
         utils.write_bytes_atomic(os.path.join(root, 'docs', f'{name}.png'), f.read())

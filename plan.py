@@ -58,7 +58,7 @@ import math
 
 import utils
 from fileio import read_json
-from jetson.profile import BACKENDS, ProfileError, check_field, read_profile
+from jetson.profile import BACKENDS, ProfileError, check_field, check_list, read_profile
 
 FORMAT = 'devit-plan'
 VERSION = 1
@@ -241,14 +241,8 @@ def validate_plan(obj):
         if check_field(obj, 'version', '', 'int') != VERSION:
             raise PlanError(f'field version must be {VERSION}, got {obj["version"]!r}')
         total = check_field(obj, 'num_classes', '', 'int', positive=True)
-        devices = check_field(obj, 'devices', '', 'list')
-        if not devices:
-            raise PlanError('field devices is empty')
         seen = set()
-        for i, d in enumerate(devices):
-            where = f'devices[{i}]'
-            if not isinstance(d, dict):
-                raise PlanError(f'field {where} must be an object')
+        for i, (where, d) in enumerate(check_list(obj, 'devices')):
             if check_field(d, 'index', where, 'int') != i:
                 raise PlanError(f'field {where}.index must be {i} (devices are listed in order)')
             count = check_field(d, 'num_classes', where, 'int', positive=True)
@@ -265,7 +259,7 @@ def validate_plan(obj):
                     raise PlanError(f'field {where}.classes repeats classes of an earlier device: '
                                     f'{sorted(seen & set(classes))[:5]}')
                 seen |= set(classes)
-        counts = [d['num_classes'] for d in devices]
+        counts = [d['num_classes'] for d in obj['devices']]
         if sum(counts) != total:
             raise PlanError(f'the devices\' num_classes ({" ".join(map(str, counts))}) sum to {sum(counts)}, '
                             f'not num_classes {total}')

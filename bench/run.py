@@ -32,7 +32,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,12 +106,9 @@ def suite_split(quick):
     # 10,000 files of 110 KB (1.1 GB) in the full run: the ratio is per file, and writing, syncing and deleting the
     # trees (not timed) is most of the suite's time.
     files, counts = (2000, (1000, 5000)) if quick else (10000, (1000, 10000, 100000))
-    workdir = tempfile.mkdtemp(prefix='devit-bench-split-')
-    try:
+    with tempfile.TemporaryDirectory(prefix='devit-bench-split-') as workdir:
         r = split.compare(workdir, files, 110.0, 100, 4, 3)
         scaling = [split.compare(workdir, n, 2.0, 100, 4, 2) for n in counts]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     rows = [{k: s[k] for k in ('files', 'link_seconds', 'copy_seconds', 'link_us_per_file', 'copy_us_per_file',
                                'ratio')} for s in scaling]
     growth = {mode: rows[-1][f'{mode}_us_per_file'] / rows[0][f'{mode}_us_per_file'] for mode in ('link', 'copy')}
@@ -132,11 +128,8 @@ def suite_split(quick):
 def suite_collab(quick):
     import collab_bench as collab
 
-    workdir = tempfile.mkdtemp(prefix='devit-bench-collab-')
-    try:
+    with tempfile.TemporaryDirectory(prefix='devit-bench-collab-') as workdir:
         return collab.bench(quick, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def suite_serve(quick):
@@ -174,11 +167,8 @@ def suite_onnx(quick):
 def suite_hetero(quick):
     import hetero_bench
 
-    workdir = tempfile.mkdtemp(prefix='devit-bench-hetero-')
-    try:
+    with tempfile.TemporaryDirectory(prefix='devit-bench-hetero-') as workdir:
         return hetero_bench.bench(quick, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_suite(name, quick, out):
@@ -412,8 +402,7 @@ def main(argv=None):
         with open(args.json) as f:
             for key, value in json.load(f).items():
                 by_suite.setdefault(value.get('suite', {}).get('suite'), {})[key] = value
-    tmp = tempfile.mkdtemp(prefix='devit-bench-')
-    try:
+    with tempfile.TemporaryDirectory(prefix='devit-bench-') as tmp:
         for name in args.only or SUITES:
             print(f'=== {name} ({datetime.datetime.now():%H:%M:%S}, load {os.getloadavg()[0]:.1f})', flush=True)
             out = os.path.join(tmp, f'{name}.json')
@@ -425,8 +414,6 @@ def main(argv=None):
                 continue
             with open(out) as f:
                 by_suite[name] = json.load(f)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     results = {k: v for name in (*SUITES, None) for k, v in by_suite.get(name, {}).items()}
 
     loads = sorted({round(v['suite'][k], 1) for v in results.values() if 'suite' in v
@@ -455,6 +442,7 @@ def main(argv=None):
 # The docs: generated blocks of docs/benchmarks.md (utils.replace_block) and the links figure
 
 DOCS = os.path.join(ROOT, 'docs', 'benchmarks.md')
+README = os.path.join(ROOT, 'README.md')  # its `drill` block: the service's fault drill
 LINKS_JSON = os.path.join(BENCH, 'links.json')  # sudo python bench/links_bench.py --json bench/links.json
 
 
@@ -493,9 +481,15 @@ def links_figure(result):
     return buffer.getvalue()
 
 
-def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON):
-    """Rewrite the `benchmarks` block of docs/benchmarks.md from the results in ``json_path`` and, where
-    bench/links.json exists, its `links` block and docs/links.png. ``meta``: the run's (else read off the files)."""
+def drill_text(r):
+    """The fault drill's table (README's `drill` block), from results.json's serve_fault_drill."""
+    return (f'`python bench/run.py --only serve`: {r["what"]}.\n\n{r["table"]}')
+
+
+def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON, readme=README):
+    """Rewrite the `benchmarks` block of docs/benchmarks.md from the results in ``json_path``, the `drill` block of
+    README.md where the results have the fault drill, and, where bench/links.json exists, the `links` block and
+    docs/links.png. ``meta``: the run's (else read off the files)."""
     sys.path[:0] = [ROOT, BENCH]
     from utils import UsageError, replace_blocks, write_bytes_atomic
 
@@ -516,8 +510,11 @@ def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON):
         with open(links_json) as f:
             links = json.load(f)
         blocks['links'] = links_table(links)
+    edits = {docs: blocks}
+    if 'serve_fault_drill' in results and readme:
+        edits[readme] = {'drill': drill_text(results['serve_fault_drill'])}
     try:
-        replace_blocks({docs: blocks})
+        replace_blocks(edits)
     except UsageError as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)

@@ -443,8 +443,9 @@ def run_worker(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
-def measure(client, source: ImageSource, warmup: int):
-    """Feed every batch through `client`: (per-request records, per-image rows, seconds of the measured part)."""
+def measure(client, source: ImageSource, warmup: int, keep_logits: bool = False):
+    """Feed every batch through `client`: (per-request records, per-image rows, seconds of the measured part);
+    `keep_logits`: each row also holds its image's logits (`logits`)."""
     batches = iter(source)
     first = next(batches, None)
     if first is None:
@@ -465,7 +466,8 @@ def measure(client, source: ImageSource, warmup: int):
             label = None if labels is None else int(labels[j])
             images.append({**record, 'image': image, 'label': label, 'pred': pred,
                            'correct': None if label is None else int(pred == label),
-                           'bytes': results / len(ids), 'input_bytes': reply.nbytes.get('input', 0) / len(ids)})
+                           'bytes': results / len(ids), 'input_bytes': reply.nbytes.get('input', 0) / len(ids),
+                           **({'logits': reply.logits[j]} if keep_logits else {})})
     return requests, images, time.perf_counter() - t0
 
 
@@ -475,7 +477,7 @@ def run(args):
         torch.set_num_threads(args.threads)
     client, source, extra = setup(args)
     try:
-        requests, images, seconds = measure(client, source, args.warmup)
+        requests, images, seconds = measure(client, source, args.warmup, keep_logits=bool(args.logits))
     finally:
         client.close()
     meta = {'mode': args.mode, 'batch_size': args.batch_size, 'warmup': args.warmup, 'backend': args.backend,
@@ -500,4 +502,6 @@ def run(args):
         report.write_json(args.report, summary)
     if args.csv:
         report.write_csv(args.csv, images)
+    if args.logits:
+        report.write_logits(args.logits, images)
     return summary

@@ -10,6 +10,7 @@ distribution, `control_bytes_per_image` the messages' JSON headers (ids, timings
 whose tokens answered each request.
 """
 import csv
+import io
 import math
 from collections.abc import Mapping
 
@@ -71,11 +72,20 @@ def write_json(path: str, report: Mapping) -> None:
     utils.write_json_atomic(path, report)
 
 
+def write_logits(path: str, images: list[Mapping]) -> None:
+    """The logits of every image, in image order: an N×K float32 .npy file, written atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack([np.asarray(i['logits'], dtype=np.float32) for i in images]))
+    utils.write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_csv(path: str, images: list[Mapping]) -> None:
-    with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction='ignore')
-        w.writeheader()
-        w.writerows(images)
+    """One row per image (CSV_FIELDS), written atomically."""
+    text = io.StringIO(newline='')
+    w = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction='ignore')
+    w.writeheader()
+    w.writerows(images)
+    utils.write_text_atomic(path, text.getvalue())
 
 
 def _f(v: float | None, digits: int = 2) -> str:

@@ -109,39 +109,34 @@ def sizes(frames):
 # ---------------------------------------------------------------------------------------------------------------
 # Sockets
 
-def _common(sock):
-    sock.setsockopt(zmq.LINGER, LINGER_MS)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+def _socket(ctx, kind, options, attach, endpoint, error):
+    """A socket of `kind` with the common options (linger, ZMQ heartbeats) and `options`, bound or connected
+    (`attach`) to `endpoint`; a ZMQError there becomes `error(err)`, the socket closed."""
+    sock = ctx.socket(kind)
+    for option, value in [(zmq.LINGER, LINGER_MS), (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS),
+                          (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS), (zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS),
+                          *options]:
+        sock.setsockopt(option, value)
+    try:
+        getattr(sock, attach)(endpoint)
+    except zmq.ZMQError as err:
+        sock.close(0)
+        raise error(err) from None
     return sock
 
 
 def router(ctx, endpoint):
     """The aggregator's socket, bound at `endpoint` (``tcp://*:PORT``). Sending to a peer that is gone raises
     (ROUTER_MANDATORY) instead of dropping the message silently."""
-    sock = _common(ctx.socket(zmq.ROUTER))
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as err:
-        sock.close(0)
-        raise OSError(f'cannot listen for workers at {endpoint}: {err}') from None
-    return sock
+    return _socket(ctx, zmq.ROUTER, [(zmq.ROUTER_MANDATORY, 1)], 'bind', endpoint,
+                   lambda err: OSError(f'cannot listen for workers at {endpoint}: {err}'))
 
 
 def dealer(ctx, endpoint):
-    """A worker's socket to the aggregator at `endpoint`; connects (and reconnects) in the background."""
-    sock = _common(ctx.socket(zmq.DEALER))
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing is queued while not connected: a hello is sent again instead
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    try:
-        sock.connect(endpoint)
-    except zmq.ZMQError as err:
-        sock.close(0)
-        raise ValueError(f'bad aggregator address {endpoint!r}: {err}') from None
-    return sock
+    """A worker's socket to the aggregator at `endpoint`; connects (and reconnects) in the background. Nothing is
+    queued while it is not connected (IMMEDIATE): a hello is sent again instead."""
+    return _socket(ctx, zmq.DEALER, [(zmq.IMMEDIATE, 1), (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)],
+                   'connect', endpoint, lambda err: ValueError(f'bad aggregator address {endpoint!r}: {err}'))
 
 
 def monitor(sock):

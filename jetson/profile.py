@@ -128,6 +128,19 @@ def check_field(obj, key, where, kind, positive=False, nullable=False, optional=
     return value
 
 
+def check_list(obj, key, where=''):
+    """(location, item) of every object in the non-empty list ``obj[key]``; ProfileError naming the field when the
+    list is missing or empty or an item is not an object."""
+    items = check_field(obj, key, where, 'list')
+    if not items:
+        raise ProfileError(f'field {key} is empty')
+    for i, item in enumerate(items):
+        location = f'{key}[{i}]'
+        if not isinstance(item, dict):
+            raise ProfileError(f'field {location} must be an object')
+        yield location, item
+
+
 def validate_profile(obj):
     """Check a profile dict against the schema (module docstring); ProfileError naming the first bad field."""
     if not isinstance(obj, dict):
@@ -159,14 +172,8 @@ def validate_profile(obj):
             raise ProfileError(f'field link.rtt_ms must be >= 0, got {rtt}')
     check_field(obj, 'cpu_quota', '', 'number', positive=True, nullable=True, optional=True)
     check_field(obj, 'threads', '', 'int', positive=True, nullable=True, optional=True)
-    candidates = check_field(obj, 'candidates', '', 'list')
-    if not candidates:
-        raise ProfileError('field candidates is empty: a profile needs at least one measured candidate')
     seen = set()
-    for i, c in enumerate(candidates):
-        where = f'candidates[{i}]'
-        if not isinstance(c, dict):
-            raise ProfileError(f'field {where} must be an object')
+    for where, c in check_list(obj, 'candidates'):
         width = check_field(c, 'width', where, 'int', positive=True)
         depth = check_field(c, 'depth', where, 'int', positive=True)
         heads = check_field(c, 'num_heads', where, 'int', positive=True)

@@ -375,7 +375,16 @@ def test_links_figure_and_block(tmp_path):
                     '<!-- end generated benchmarks -->\n')
     links = tmp_path / 'links.json'
     links.write_text(json.dumps(LINKS))
-    bench_run.write_docs(os.path.join(ROOT, 'bench', 'results.json'), docs=str(docs), links_json=str(links))
+    readme = tmp_path / 'README.md'
+    readme.write_text('<!-- generated drill: python bench/run.py --only serve -->\n<!-- end generated drill -->\n')
+    results = tmp_path / 'results.json'
+    with open(os.path.join(ROOT, 'bench', 'results.json')) as f:
+        recorded = json.load(f)
+    drill = {'ratio': 1.0, 'target': 1.0, 'direction': 'min', 'what': 'a drill',
+             'table': '| phase | requests |\n|---|---:|\n| before kill | 100 |'}
+    results.write_text(json.dumps({**recorded, 'serve_fault_drill': drill}))
+    bench_run.write_docs(str(results), docs=str(docs), links_json=str(links), readme=str(readme))
+    assert '| before kill | 100 |' in readme.read_text()
     text = docs.read_text()
     assert '| 20 Mbit/s | 298.0 | 1250.0 | 4.19 |' in text and '](links.png)' in text and '\nold\n' not in text
     assert '| `engine_overhead` |' in text

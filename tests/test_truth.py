@@ -4,10 +4,10 @@ project's evaluation path (not engine.evaluate, not datasets.build_dataset, not 
 - Independent evaluation: the test top-1 a stage logs (log.txt, the checkpoint's ``test_acc1``) equals this file's
   own evaluation of the saved checkpoint; ``ensemble.py --eval-missing`` figures equal an evaluation with that
   device's tokens zeroed here.
-- Runtime truth: the collaborative runtime's per-image predictions (``collab_infer.py --csv``, N+1 processes under
-  the launcher) on the trained ensemble equal this file's evaluation of the checkpoint; a device that drops out
-  changes predictions, to exactly what the ensemble gives with that device zeroed; layer-split predictions equal the
-  trained teacher's own.
+- Runtime truth: the collaborative runtime's per-image predictions and logits (``collab_infer.py --csv --logits``,
+  N+1 processes under the launcher) on the trained ensemble equal this file's evaluation of the checkpoint; a device
+  that drops out changes predictions, to exactly what the ensemble gives with that device zeroed; layer-split
+  predictions and logits equal the trained teacher's own.
 
 Here the images come from the idx files read with gzip/numpy, normalised as the project documents it (ImageNet's
 mean and std averaged over RGB for one grey channel), the models are built with ``timm.create_model`` from each
@@ -33,6 +33,7 @@ import models  # noqa: F401  (registers dedeit in timm)
 
 MEAN = (0.485 + 0.456 + 0.406) / 3  # ImageNet's RGB mean and std, averaged for one grey channel
 STD = (0.229 + 0.224 + 0.225) / 3
+LOGITS_TOL = 1e-4  # the runtime's logits against the test's own (float rounding of batch 1 vs batched matmuls)
 TIE = 1e-4  # logits closer than this to the runner-up: float rounding (batching, fused ops) may swap the argmax
 COLLAB_IMAGES = 200
 DROP_AFTER = 20  # the device that drops out leaves at image 20
@@ -238,8 +239,9 @@ def runtime_runs(trained_chain, tmp_path_factory):
     def launch(name, nproc, args):
         out = tmp_path_factory.mktemp(name)
         run(launch_cmd('collab_infer.py', *args, '--report', str(out / 'r.json'), '--csv', str(out / 'r.csv'),
-                       nproc=nproc), timeout=300)
-        return json.loads((out / 'r.json').read_text()), read_csv(out / 'r.csv')
+                       '--logits', str(out / 'logits.npy'), nproc=nproc), timeout=300)
+        return (json.loads((out / 'r.json').read_text()), read_csv(out / 'r.csv'),
+                torch.from_numpy(np.load(out / 'logits.npy')))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(launch, name, nproc, args) for name, (nproc, args) in specs.items()}
@@ -255,8 +257,16 @@ def collab_reference(trained_chain, ensemble):
     return {'labels': y, 'all': ens.logits(tokens), 'missing1': ens.logits(tokens, missing=1)}
 
 
+def assert_logits_close(logits, reference, what):
+    """The aggregator's logits (collab_infer.py --logits) equal the test's own, up to float rounding."""
+    assert logits.shape == reference.shape, what
+    diff = float((logits - reference).abs().max())
+    assert diff <= LOGITS_TOL, f'{what}: logits differ by up to {diff:.2e}'
+
+
 def test_collab_predictions_equal_independent_ensemble_evaluation(runtime_runs, collab_reference):
-    report, rows = runtime_runs['collab'].result()
+    report, rows, logits = runtime_runs['collab'].result()
+    assert_logits_close(logits, collab_reference['all'], 'collab')
     assert report['world_size'] == 5 and report['num_images'] == COLLAB_IMAGES
     assert [int(r['image']) for r in rows] == list(range(COLLAB_IMAGES))
     assert [int(r['label']) for r in rows] == collab_reference['labels'].tolist()
@@ -267,8 +277,10 @@ def test_collab_predictions_equal_independent_ensemble_evaluation(runtime_runs, 
 
 
 def test_device_dropping_out_changes_predictions_to_the_zeroed_evaluation(runtime_runs, collab_reference):
-    (_, full_rows), (report, rows) = runtime_runs['collab'].result(), runtime_runs['dropout'].result()
+    (_, full_rows, _), (report, rows, logits) = runtime_runs['collab'].result(), runtime_runs['dropout'].result()
     assert report['num_images'] == COLLAB_IMAGES
+    assert_logits_close(logits[:DROP_AFTER], collab_reference['all'][:DROP_AFTER], 'before the drop')
+    assert_logits_close(logits[DROP_AFTER:], collab_reference['missing1'][DROP_AFTER:], 'after the drop')
     preds = [int(r['pred']) for r in rows]
     # before the drop every device answers; from the drop on, device 1's tokens are zero-filled
     assert_same_predictions(preds[:DROP_AFTER], collab_reference['all'][:DROP_AFTER], 'before the drop')
@@ -279,9 +291,11 @@ def test_device_dropping_out_changes_predictions_to_the_zeroed_evaluation(runtim
 
 
 def test_layer_split_predictions_equal_the_teachers(runtime_runs, trained_chain):
-    report, rows = runtime_runs['layer_split'].result()
+    report, rows, logits = runtime_runs['layer_split'].result()
     assert report['world_size'] == 3 and report['num_images'] == COLLAB_IMAGES
     teacher = build_vit(load_checkpoint(trained_chain.teacher_ckpt))
     x, y = select_rows(trained_chain.fmnist, None, COLLAB_IMAGES)
     assert [int(r['label']) for r in rows] == y.tolist()
-    assert_same_predictions([int(r['pred']) for r in rows], vit_logits(teacher, x), 'layer-split')
+    reference = vit_logits(teacher, x)
+    assert_logits_close(logits, reference, 'layer-split')
+    assert_same_predictions([int(r['pred']) for r in rows], reference, 'layer-split')
