@@ -34,6 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+COMMAND="${OUT:+OUT=$OUT }bash demo.sh${*:+ $*}"  # as the docs name the figures it makes
 QUICK=0
 FAMILY=dedeits
 STRATEGY=random
@@ -204,4 +205,4 @@ if [ -n "$PLAN_TMP" ]; then
 fi
 
 stage "results: table, results.json and results.png"
-"$PYTHON" demo_report.py --out "$OUT" --seconds $(( $(date +%s) - START ))
+"$PYTHON" demo_report.py --out "$OUT" --seconds $(( $(date +%s) - START )) --command "$COMMAND"

@@ -92,7 +92,7 @@ def _missing(stage3):
         return [a / 100.0 for a in json.load(f)['missing']]
 
 
-def build_report(out, seconds):
+def build_report(out, seconds, command=None):
     teacher = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'teacher'), 0), BEST))
     baseline = checkpoint_summary(os.path.join(utils.division_dir(os.path.join(out, 'baseline'), 0), BEST))
     manifest = datasets.read_manifest(os.path.join(out, 'stage2'), required=True)
@@ -112,6 +112,7 @@ def build_report(out, seconds):
         'sub_teacher_acc': [s['acc'] for s in sub_teachers],
         'student_acc': [s['acc'] for s in students],
         'seconds': seconds,
+        'command': command,
         'ensemble_checkpoint': os.path.abspath(ensemble_path),
         'params': {'teacher': teacher['params'], 'sub_teacher': sub_teachers[0]['params'],
                    'student': students[0]['params'], 'ensemble': count_params(ensemble),
@@ -207,13 +208,17 @@ def main(argv=None):
     parser.add_argument('--out', default='output/demo')
     parser.add_argument('--seconds', type=float, default=None,
                         help='wall time of the whole demo (default: the one OUT/results.json records, else 0)')
+    parser.add_argument('--command', default=None,
+                        help="the demo's command line, as the docs name it (default: the one OUT/results.json "
+                             'records, else bash demo.sh)')
     parser.add_argument('--docs', action='store_true',
                         help='also write the tables into docs/results.md (and, for output/demo, README.md) and the '
                              'figure to docs/NAME.png, NAME the --out folder\'s name')
     args = parser.parse_args(argv)
-    if args.seconds is None:  # a report made again (e.g. with --docs) keeps the wall time the demo recorded
-        args.seconds = recorded_seconds(args.out)
-    report = build_report(args.out, args.seconds)
+    # A report made again (e.g. with --docs) keeps the wall time and the command line the demo recorded.
+    seconds = recorded(args.out, 'seconds', 0.0) if args.seconds is None else args.seconds
+    command = recorded(args.out, 'command', None) if args.command is None else args.command
+    report = build_report(args.out, float(seconds or 0.0), command)
     table = format_table(report)
     utils.write_json_atomic(os.path.join(args.out, 'results.json'), report)
     utils.write_text_atomic(os.path.join(args.out, 'results.txt'), table + '\n')
@@ -231,12 +236,13 @@ def main(argv=None):
 DOCS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def recorded_seconds(out):
+def recorded(out, key, default):
+    """`key` of the OUT/results.json an earlier report wrote, else `default`."""
     try:
         with open(os.path.join(out, 'results.json')) as f:
-            return float(json.load(f).get('seconds') or 0.0)
+            return json.load(f).get(key, default)
     except (OSError, ValueError, AttributeError):
-        return 0.0
+        return default
 
 
 def _stage_args(out, stage):
@@ -272,7 +278,8 @@ def docs_setup(out, report, short=False):
     teacher, stage2 = _stage_args(out, 'teacher'), _stage_args(out, 'stage2')
     manifest = datasets.read_manifest(os.path.join(out, 'stage2'), required=True)
     test = teacher.get('limit_val') or sum(d['val_count'] for d in manifest['divisions'])
-    command = '`bash demo.sh --quick`' if teacher.get('limit_train') else '`bash demo.sh`'
+    command = report.get('command') or ('bash demo.sh --quick' if teacher.get('limit_train') else 'bash demo.sh')
+    command = f'`{command}`'
     data = (f", the first {teacher['limit_train']:,} training images per stage" if teacher.get('limit_train')
             else '')
     text = (f"{command} ({report['seconds']:.0f} s{data}): top-1 on {test:,} {manifest['dataset']} test images "

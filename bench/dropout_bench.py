@@ -1,6 +1,6 @@
 """Measurement: ensemble heads trained with device dropout, and the top-1 with each device missing.
 
-    PORT=29612 python bench/dropout_bench.py [--demo output/demo] [--rates 0.1 0.2] [--quick] [--docs]
+    PORT=29612 python bench/dropout_bench.py [--demo output/demo] [--rates 0.1 0.2] [--quick] [--docs | --docs-only]
 
 A head trained only with every device present has never seen a device's tokens zero-filled, which is what the
 runtime feeds it when a device is missing (`collab_infer.py --dropout-tolerant` or `--deadline-ms`).
@@ -64,7 +64,19 @@ def markdown(report):
     groups = '; '.join(f'device {i}: {", ".join(g)}' for i, g in enumerate(report['groups']))
     return (f'`PORT=29612 python bench/dropout_bench.py --docs` on the students of `{report["demo"]}` ({groups}); '
             f'stage 3 with demo.sh\'s recipe{" (--quick)" if report["quick"] else ""}, top-1 % on '
-            f'{report["test_images"]} test images.\n\n' + '\n'.join(lines))
+            f'{report["test_images"]} test images.\n\n' + '\n'.join(lines) + '\n\n' + summary(report))
+
+
+def summary(report):
+    """One line per dropout head: its cost with every device up, and its worst device missing against all up."""
+    plain, heads = report['rows'][0], report['rows'][1:]
+    worst = plain['missing'].index(plain['missing_worst'])
+    text = (f'Without dropout the ensemble loses {plain["all"] - plain["missing_worst"]:.2f} points when device '
+            f'{worst} ({", ".join(report["groups"][worst])}) is missing.')
+    for r in heads:
+        text += (f' {r["head"]}: {r["all"] - plain["all"]:+.2f} points with every device up, at most '
+                 f'{r["all"] - r["missing_worst"]:.2f} points lost with one device missing.')
+    return text
 
 
 def main(argv=None):
@@ -74,8 +86,15 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='record demo.sh --quick (for a demo made with --quick)')
     p.add_argument('--port', type=int, default=int(os.environ.get('PORT', '29612')))
     p.add_argument('--docs', action='store_true', help='also rewrite the dropout table of docs/results.md')
+    p.add_argument('--docs-only', action='store_true',
+                   help="rewrite the table of docs/results.md from DEMO/dropout/dropout.json, training nothing")
     args = p.parse_args(argv)
     demo_out = os.path.abspath(args.demo)
+    if args.docs_only:
+        done = os.path.join(demo_out, 'dropout', 'dropout.json')
+        if not os.path.isfile(done):
+            sys.exit(f'error: {done} not found: run this script without --docs-only first')
+        return utils.replace_block(DOCS, 'dropout', markdown(read_json(done)))
     plain = os.path.join(demo_out, 'stage3', 'missing_devices.json')
     if not os.path.isfile(plain):
         sys.exit(f'error: {plain} not found: run demo.sh (its stage 3 runs --eval-missing) first')

@@ -432,8 +432,8 @@ def main(argv=None):
     if args.markdown:
         write_text_atomic(args.markdown, markdown(results, meta))
     print(f'\nwrote {os.path.relpath(args.json, ROOT)} ({meta["seconds"] / 60:.1f} min)')
-    if not args.quick:
-        write_docs(args.json, meta)
+    if not args.quick:  # a file merged from several runs (--only) is described by its suites, not by this run
+        write_docs(args.json, None if args.only else meta)
     if failed:
         sys.exit(f'failed suites: {", ".join(failed)}')
 

@@ -35,6 +35,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, 'docs', 'results.md')  # its `strategies` block
 sys.path.insert(0, ROOT)
 import grouping  # noqa: E402
 import utils  # noqa: E402
@@ -280,7 +281,8 @@ def markdown(report):
     rows = report['strategies']
     lines = [f'# Class assignment strategies on {report["dataset"]} ({report["num_division"]} divisions'
              f'{", quick mode" if report["quick"] else ""})', '',
-             f'Teacher `{os.path.relpath(report["teacher"], ROOT)}`: top-1 {report["teacher_acc1"]:.2f}% on the {report["confusion_images"]} '
+             f'Teacher `{os.path.relpath(report["teacher"], ROOT)}`: top-1 {report["teacher_acc1"]:.2f}% on the '
+             f'{report["confusion_images"]} '
              f'{report["confusion_split"]} images its confusion matrix was counted on. Stages 1-3: demo.sh'
              f'{" --quick" if report["quick"] else ""}\'s commands. Accuracies in percent; "inside" is the share of '
              f'the teacher\'s off-diagonal confusion (C + Cᵀ) between classes of the same division.', '',
@@ -298,8 +300,25 @@ def markdown(report):
         for name, delta in report['vs_random'].items():
             lines.append(f'- {name}: {delta:+.2f} points against random-42 '
                          f'({"more" if abs(delta) > report["spread"] else "not more"} than the spread).')
+        lines += ['', verdict(report)]
     lines += ['', f'Measured in {report["seconds"]:.0f} s on {os.cpu_count()} cores shared with other jobs.']
     return '\n'.join(lines) + '\n'
+
+
+def verdict(report):
+    """Which split the demo should use: a confusion strategy only if it beats random-42 by more than the spread;
+    and the worst top-1 with one device missing, against random-42 and the two random seeds' difference."""
+    winners = [n for n, d in report['vs_random'].items() if d > report['spread']]
+    text = (f'The demo should use `--strategy {winners[0]}`: it beats the authors\' split by more than the spread.'
+            if winners else 'No strategy beats the authors\' split by more than the spread: the demo keeps `random` '
+                            '(seed 42), the paper\'s grouping.')
+    by_name = {r['name']: r['missing_worst_acc1'] for r in report['strategies']}
+    base, second = by_name.get('random-42'), by_name.get(f'random-{report["second_seed"]}')
+    if base is not None and second is not None:
+        others = ', '.join(f'{n} {w - base:+.2f}' for n, w in by_name.items() if n.startswith('confusion'))
+        text += (f' Worst top-1 with one device missing, against random-42: {others} points (random seeds 42 and '
+                 f'{report["second_seed"]} differ by {abs(second - base):.2f}).')
+    return text
 
 
 def main(argv=None):
@@ -313,9 +332,20 @@ def main(argv=None):
     p.add_argument('--reuse', action='store_true', help='keep finished runs with the same teacher and mode')
     p.add_argument('--port', type=int, default=int(os.environ.get('PORT', 29561)),
                    help='master port of the launcher (default $PORT or 29561)')
+    p.add_argument('--docs-only', action='store_true',
+                   help="rewrite the table of docs/results.md from OUT/strategies.json, training nothing")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out or os.path.join(ROOT, 'output', 'strategies-quick' if args.quick
                                                         else 'strategies'))
+    if args.docs_only:
+        done = os.path.join(args.out, 'strategies.json')
+        if not os.path.isfile(done):
+            sys.exit(f'error: {done} not found: run this script without --docs-only first')
+        with open(done) as f:
+            report = json.load(f)
+        utils.write_text_atomic(os.path.join(args.out, 'strategies.md'), markdown(report))
+        utils.replace_block(DOCS, 'strategies', markdown(report).split('\n', 2)[2])
+        return 0
     started = time.time()
     demo = Demo(args.quick, args.port)
     os.makedirs(args.out, exist_ok=True)
@@ -352,7 +382,7 @@ def main(argv=None):
     utils.write_text_atomic(os.path.join(args.out, 'strategies.md'), markdown(report))
     print(markdown(report))
     if not args.quick:  # the same table in docs/results.md (its generated block), below that page's own heading
-        utils.replace_block(os.path.join(ROOT, 'docs', 'results.md'), 'strategies', markdown(report).split('\n', 2)[2])
+        utils.replace_block(DOCS, 'strategies', markdown(report).split('\n', 2)[2])
     return 0
 
 

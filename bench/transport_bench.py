@@ -116,23 +116,33 @@ def zmq_round(rank, world, sock, peers, image, width, k):
     return times
 
 
+def _port(sock):
+    import zmq
+
+    return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(':', 1)[1])
+
+
 def role(out, rounds, per_round):
     """One rank of the launched benchmark; rank 0 writes the results to `out`."""
+    import torch.distributed as dist
     import zmq
 
     from collab import dispatch, launcher, wire, worker
 
     rank, world, _ = launcher.env_rank()
     groups = _gloo_groups(rank, world)
-    port = launcher.aggregator_port()
     ctx = zmq.Context()
+    # Rank 0 binds on ports the kernel picks and tells the others over gloo: a fixed MASTER_PORT + k may already
+    # be taken by one of gloo's own pair connections.
+    sock = wire.router(ctx, 'tcp://*:*') if rank == 0 else None
+    ports = [_port(sock) if rank == 0 else None]
+    dist.broadcast_object_list(ports)
     if rank == 0:
-        sock = wire.router(ctx, f'tcp://*:{port}')
         peers = []
         while len(peers) < world - 1:  # each worker says hello once
             peers.append(sock.recv_multipart()[0])
     else:
-        sock = wire.dealer(ctx, launcher.aggregator_endpoint())
+        sock = wire.dealer(ctx, launcher.aggregator_endpoint(ports[0]))
         while True:
             try:
                 sock.send_multipart(wire.pack({'type': 'hello'}), zmq.NOBLOCK)
@@ -153,11 +163,12 @@ def role(out, rounds, per_round):
     sock.close(linger=0)
     # The dispatcher path: the runtime's own aggregator and workers, a model that computes nothing.
     for name, (shape, width) in PAYLOADS.items():
-        dport = port + 1 + list(PAYLOADS).index(name)
+        d = dispatch.Dispatcher(world - 1, lambda i: {}, {'input_dtype': 'uint8', 'wire_dtype': 'fp32',
+                                                       'mean': [0.5], 'std': [0.5], 'num_classes': 10},
+                                'tcp://*:*', log=lambda line: None) if rank == 0 else None
+        dport = [_port(d.sock) if rank == 0 else None]
+        dist.broadcast_object_list(dport)
         if rank == 0:
-            d = dispatch.Dispatcher(world - 1, lambda i: {}, {'input_dtype': 'uint8', 'wire_dtype': 'fp32',
-                                                           'mean': [0.5], 'std': [0.5], 'num_classes': 10},
-                                    f'tcp://*:{dport}', log=lambda line: None)
             d.wait_ready(60)
             image = np.zeros(shape, dtype=np.uint8)
             times = []
@@ -169,12 +180,10 @@ def role(out, rounds, per_round):
             d.stop_workers()
             d.close()
         else:
-            w = worker.Worker(NullModel(width, shape), launcher.aggregator_endpoint(dport), rank - 1,
+            w = worker.Worker(NullModel(width, shape), launcher.aggregator_endpoint(dport[0]), rank - 1,
                               exit_on_loss=True, name=f'[rank {rank}]')
             w.say = lambda text: None
             w.run()
-    import torch.distributed as dist
-
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
@@ -209,7 +218,9 @@ def bench(quick, workers=4, verbose=True):
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(test_env(), OMP_NUM_THREADS='1'), capture_output=True,
                               text=True, timeout=1200)
         if proc.returncode != 0 or not os.path.isfile(out):
-            raise RuntimeError(f'transport benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}')
+            first = proc.stderr.find('Traceback')
+            raise RuntimeError(f'transport benchmark failed (exit {proc.returncode}):\n'
+                               f'{proc.stderr[max(first, 0):][:3000]}')
         with open(out) as f:
             result = summarise(json.load(f), workers)
     finally:

@@ -173,6 +173,7 @@ class Dispatcher:
         self.late_discarded = 0
         self.ctx = zmq.Context()
         self.sock = wire.router(self.ctx, endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the port bound, also for tcp://*:*
         self.mon = wire.monitor(self.sock)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)

@@ -443,3 +443,17 @@ def test_demo_report_writes_its_blocks_and_figure(tmp_path):
     with pytest.raises(utils.UsageError, match="no generated block 'demo-decct'"):
         demo_report.write_docs(report, str(out2), root=str(root))
     assert (root / 'README.md').read_text() == readme and not (root / 'docs' / 'demo-decct.png').exists()
+
+
+def test_dropout_table_names_the_worst_device_and_each_heads_cost():
+    """bench/dropout_bench.py's block: the summary line is computed from the rows (not fixed text)."""
+    from bench import dropout_bench
+
+    rows = [dropout_bench.row('plain', {'all': 86.0, 'missing': [85.0, 80.5, 85.5, 84.0]}),
+            dropout_bench.row('`--device-dropout 0.2`', {'all': 85.75, 'missing': [85.0, 84.0, 85.5, 84.5]})]
+    report = {'demo': 'output/demo', 'quick': False, 'rows': rows, 'groups': [['a'], ['b', 'c'], ['d'], ['e']],
+              'test_images': 10000}
+    text = dropout_bench.markdown(report)
+    assert 'loses 5.50 points when device 1 (b, c) is missing' in text
+    assert '`--device-dropout 0.2`: -0.25 points with every device up, at most 1.75 points lost' in text
+    assert '| plain | 86.00 | 85.00 | 80.50 | 85.50 | 84.00 | 83.75 | 80.50 |' in text
