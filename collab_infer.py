@@ -98,6 +98,8 @@ def get_parser():
     group.add_argument('--port', type=utils.positive_int, default=8080, help='HTTP port of --serve')
     group.add_argument('--host', default='0.0.0.0', help='HTTP address of --serve (default: every interface)')
     group.add_argument('--topk', type=utils.positive_int, default=5, help='classes in each answer')
+    group.add_argument('--max-batch', type=utils.positive_int, default=8,
+                       help='images waiting for the devices sent together, at most this many (1: one at a time)')
     # Fault injection for the tests: worker R exits, is killed or stalls at the request holding image K.
     group.add_argument('--fault', default=None, choices=['exit', 'kill', 'stall'], help=argparse.SUPPRESS)
     group.add_argument('--fault-rank', type=int, default=None, help=argparse.SUPPRESS)

@@ -258,21 +258,6 @@ def _shape(args):
     return f"`{args['model']}` {' '.join(f'{k}={v}' for k, v in kwargs.items())}"
 
 
-def _wrap(text, width=120):
-    """Lines of at most ``width`` characters, never breaking inside a `code span`."""
-    import textwrap
-
-    words = text.replace('\n', ' ').split(' ')
-    glued, span = [], None  # words of one code span joined by NUL, so textwrap keeps them on one line
-    for word in words:
-        span = word if span is None else span + '\0' + word
-        if span.count('`') % 2 == 0:
-            glued.append(span)
-            span = None
-    glued += [span] if span is not None else []
-    return textwrap.fill(' '.join(glued), width, break_long_words=False, break_on_hyphens=False).replace('\0', ' ')
-
-
 def docs_setup(out, report, short=False):
     """Where the figures come from: the command, data, models and epochs (read from each stage's args.json)."""
     teacher, stage2 = _stage_args(out, 'teacher'), _stage_args(out, 'stage2')
@@ -291,7 +276,7 @@ def docs_setup(out, report, short=False):
                  f"{epochs(_stage_args(out, 'stage1'))}; students {_shape(stage2)}, {epochs(stage2)}; ensemble "
                  f"{epochs(_stage_args(out, 'stage3'))}; baseline {epochs(_stage_args(out, 'baseline'))}. MACs per "
                  'image (what the paper calls FLOPs)')
-    return _wrap(text + '.')
+    return utils.wrap_markdown(text + '.')
 
 
 def docs_summary(report):
@@ -343,7 +328,7 @@ def docs_table(report, out):
     text = (f"![{name}: top-1 of every model, and of the ensemble with one device missing]({name}.png)\n\n"
             + docs_setup(out, report) + '\n\n' + '\n'.join(rows))
     if 'planned_ensemble_acc' in report:
-        text += '\n\n' + _wrap(
+        text += '\n\n' + utils.wrap_markdown(
             f"Predicted collaborative latency of the plan ({os.path.relpath(report['plan'], DOCS_ROOT)}): "
             f"{report['plan_predicted_ms']:.2f} ms, of the uniform plan {report['plan_uniform_predicted_ms']:.2f} ms "
             "(the profiles' estimates; the measured ratio on throttled CPUs is `hetero_plan_vs_uniform` in "
@@ -370,7 +355,7 @@ def write_docs(report, out, root=DOCS_ROOT):
         edits[os.path.join(root, 'README.md')] = {name: docs_setup(out, report, short=True) + '\n\n'
                                                   + docs_summary(report)}
     elif 'planned_ensemble_acc' in report:
-        edits[os.path.join(root, 'README.md')] = {name: _wrap(docs_planned(report))}
+        edits[os.path.join(root, 'README.md')] = {name: utils.wrap_markdown(docs_planned(report))}
     utils.replace_blocks(edits)  # both pages or neither
     with open(os.path.join(out, 'results.png'), 'rb') as f:
         utils.write_bytes_atomic(os.path.join(root, 'docs', f'{name}.png'), f.read())

@@ -559,6 +559,21 @@ BLOCK_BEGIN = re.compile(r'^<!-- generated (?P<name>[A-Za-z0-9_.-]+): (?P<comman
 BLOCK_END = re.compile(r'^<!-- end generated (?P<name>[A-Za-z0-9_.-]+) -->$')
 
 
+def wrap_markdown(text, width=120):
+    """Lines of at most ``width`` characters, never breaking inside a `code span`."""
+    import textwrap
+
+    words = text.replace('\n', ' ').split(' ')
+    glued, span = [], None  # words of one code span joined by NUL, so textwrap keeps them on one line
+    for word in words:
+        span = word if span is None else span + '\0' + word
+        if span.count('`') % 2 == 0:
+            glued.append(span)
+            span = None
+    glued += [span] if span is not None else []
+    return textwrap.fill(' '.join(glued), width, break_long_words=False, break_on_hyphens=False).replace('\0', ' ')
+
+
 def generated_blocks(text, where='the text'):
     """{name: (command, body lines, begin line index, end line index)} of the generated blocks of markdown ``text``;
     a marker without its partner, a block inside another or a name used twice is a ``UsageError``."""

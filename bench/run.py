@@ -483,7 +483,9 @@ def links_figure(result):
 
 def drill_text(r):
     """The fault drill's table (README's `drill` block), from results.json's serve_fault_drill."""
-    return (f'`python bench/run.py --only serve`: {r["what"]}.\n\n{r["table"]}')
+    from utils import wrap_markdown
+
+    return wrap_markdown(f'`python bench/run.py --only serve`: {r["what"]}.') + f'\n\n{r["table"]}'
 
 
 def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON, readme=README):

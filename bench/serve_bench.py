@@ -92,7 +92,7 @@ def train_dropout_ensemble(path, data, steps, seed=0):
 class Service:
     """The aggregator and N standalone workers, each in a session of its own, output to files in `folder`."""
 
-    def __init__(self, folder, model_path, deadline_ms, threads=1, backend='torch'):
+    def __init__(self, folder, model_path, deadline_ms, threads=1, backend='torch', max_batch=8):
         from tests.helpers import env, free_port
 
         self.folder, self.model_path, self.env = folder, model_path, dict(env(), OMP_NUM_THREADS=str(threads))
@@ -104,7 +104,7 @@ class Service:
                                   str(self.http), '--host', '127.0.0.1', '--collab-port', str(self.port),
                                   '--model-path', model_path, '--backend', backend, '--deadline-ms',
                                   str(deadline_ms), '--threads', str(threads), '--dataset', 'fashion_mnist',
-                                  '--tiny-transforms'])
+                                  '--tiny-transforms', '--max-batch', str(max_batch)])
         for i in range(N):
             self.start_worker(i)
 
@@ -279,39 +279,56 @@ def drill_table(r):
 
 def throughput(folder, model_path, data, clients=(1, 4), seconds=8.0, deadline_ms=1000, rounds=2,
                backend='onnxruntime', verbose=True):
-    """Requests per second with each number of closed-loop clients, alternated over `rounds`."""
+    """Requests per second with each number of closed-loop clients, on the service as it starts by default
+    (--max-batch 8) and, with the most clients, on one that sends every image alone (--max-batch 1); all runs
+    alternated over `rounds`, both services up throughout."""
     bodies, _ = test_images(data, 64)
-    svc = Service(folder, model_path, deadline_ms, backend=backend)
+    services = {}
     try:
-        svc.wait(lambda: svc.states() == ['up'] * N, 'the four workers up')
-        for k in range(10):
-            predict(svc.url, bodies[k])
-        rates = {c: [] for c in clients}
+        for name, max_batch in (('batched', 8), ('unbatched', 1)):
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+            services[name] = Service(os.path.join(folder, name), model_path, deadline_ms, backend=backend,
+                                     max_batch=max_batch)
+        for svc in services.values():
+            svc.wait(lambda svc=svc: svc.states() == ['up'] * N, 'the four workers up')
+            for k in range(10):
+                predict(svc.url, bodies[k])
+        runs = [('batched', c) for c in clients] + [('unbatched', max(clients))]
+        rates = {run: [] for run in runs}
         for _ in range(rounds):
-            for c in clients:
-                counts, stop = [0] * c, threading.Event()
-
-                def loop(j, c=c, counts=counts, stop=stop):
-                    k = j
-                    while not stop.is_set():
-                        status, _ = predict(svc.url, bodies[k % len(bodies)])
-                        counts[j] += status == 200
-                        k += c
-                threads = [threading.Thread(target=loop, args=(j,), daemon=True) for j in range(c)]
-                start = time.monotonic()
-                for t in threads:
-                    t.start()
-                time.sleep(seconds)
-                stop.set()
-                for t in threads:
-                    t.join(60)
-                rates[c].append(sum(counts) / (time.monotonic() - start))
+            for name, c in runs:
+                rates[(name, c)].append(closed_loop(services[name].url, bodies, c, seconds))
     finally:
-        svc.stop()
-    med = {c: statistics.median(v) for c, v in rates.items()}
+        for svc in services.values():
+            svc.stop()
+    med = {c: statistics.median(rates[('batched', c)]) for c in clients}
+    unbatched = statistics.median(rates[('unbatched', max(clients))])
     if verbose:
-        print('  throughput: ' + ', '.join(f'{c} client(s) {r:.1f} req/s' for c, r in med.items()), flush=True)
-    return {'requests_per_s': med, 'runs': rates, 'seconds_each': seconds}
+        print('  throughput: ' + ', '.join(f'{c} client(s) {r:.1f} req/s' for c, r in med.items())
+              + f'; {max(clients)} without batching {unbatched:.1f} req/s', flush=True)
+    return {'requests_per_s': med, 'unbatched_requests_per_s': unbatched, 'seconds_each': seconds,
+            'runs': {f'{name} {c}': v for (name, c), v in rates.items()}}
+
+
+def closed_loop(url, bodies, clients, seconds):
+    """Requests per second answered with 200 to `clients` threads that each send the next image when answered."""
+    counts, stop = [0] * clients, threading.Event()
+
+    def loop(j):
+        k = j
+        while not stop.is_set():
+            status, _ = predict(url, bodies[k % len(bodies)])
+            counts[j] += status == 200
+            k += clients
+    threads = [threading.Thread(target=loop, args=(j,), daemon=True) for j in range(clients)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return sum(counts) / (time.monotonic() - start)
 
 
 def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True):
@@ -354,8 +371,9 @@ def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True
         'serve_throughput': {
             'ratio': ratio, 'target': 1.5, 'direction': 'min',
             'what': f'demo scale, requests/s with 4 concurrent HTTP clients / with 1 ({t["requests_per_s"][4]:.1f} / '
-                    f'{t["requests_per_s"][1]:.1f}), closed loop, the 4 workers and the aggregator on this machine\'s '
-                    f'{os.cpu_count()} cores', **t},
+                    f'{t["requests_per_s"][1]:.1f}), closed loop, images waiting sent together (--max-batch 8; each '
+                    f'alone: {t["unbatched_requests_per_s"]:.1f} with 4 clients); clients, the 4 workers and the '
+                    f'aggregator on this machine\'s {os.cpu_count()} cores', **t},
     }
 
 

@@ -19,10 +19,13 @@ launcher's ranks 1..N), leave, and join again; the service answers with the devi
     curl -s --data-binary @shirt.png http://HOST:8080/predict
     curl -s http://HOST:8080/health
 
-Requests are served by a thread each (http.server.ThreadingHTTPServer), so several are in flight across the
-devices at once; each is one request of the same dispatcher the batch evaluation uses.
+Requests are served by a thread each (http.server.ThreadingHTTPServer). Those that arrive while the devices are
+busy go out together (`--max-batch`, default 8 images in one message per device; a request that finds none waiting goes
+out at once), and two such batches are in flight across the devices at a time; each is one request of the same
+dispatcher the batch evaluation uses. The answer says how many images shared its batch.
 """
 import json
+import queue
 import signal
 import sys
 import threading
@@ -47,6 +50,47 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+class Batcher:
+    """Images waiting for the devices go out together: a lane takes the oldest waiting image and every other one
+    already waiting (up to `max_batch`), sends them as one batch and hands each caller its row of the answer. A
+    lone image never waits for company. `lanes` batches are in flight at a time."""
+
+    LANES = 2
+
+    def __init__(self, client, max_batch: int):
+        self.client, self.max_batch = client, max_batch
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(self.LANES):
+            threading.Thread(target=self._lane, name=f'collab-batch-{i}', daemon=True).start()
+
+    def __call__(self, x: np.ndarray, index: int):
+        """(the batch's Reply, this image's row in it, the batch size) for one 1xCxHxW image."""
+        job = {'x': x, 'index': index, 'done': threading.Event()}
+        self.waiting.put(job)
+        job['done'].wait()
+        if 'error' in job:
+            raise job['error']
+        return job['reply'], job['row'], job['size']
+
+    def _lane(self) -> None:
+        while True:
+            jobs = [self.waiting.get()]
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                reply = self.client(np.concatenate([j['x'] for j in jobs]), jobs[0]['index'])
+                for row, j in enumerate(jobs):
+                    j.update(reply=reply, row=row, size=len(jobs))
+            except Exception as err:  # CollabError, or a bug: every caller of the batch gets it, the lane lives on
+                for j in jobs:
+                    j['error'] = err
+            for j in jobs:
+                j['done'].set()
+
+
 class Service:
     """The HTTP service around a CollabClient."""
 
@@ -57,6 +101,7 @@ class Service:
         self.preprocess = Preprocess(args, size, chans, spec.input['mean'], spec.input['std'])
         self.class_names = class_names_for(args, spec.class_names, size, chans)
         self.topk = args.topk
+        self.batcher = Batcher(self.client, args.max_batch)
         self.started = time.time()
         self.count = 0
         self.stats = {'answered': 0, 'bad_request': 0, 'unavailable': 0}
@@ -77,11 +122,11 @@ class Service:
             return 400, {'error': str(err), 'request': index}
         t1 = time.perf_counter()
         try:
-            reply = self.client(x.numpy(), index)
+            reply, row, batch = self.batcher(x.numpy(), index)
         except CollabError as err:
             self._count('unavailable')
             return 503, {'error': str(err), 'request': index}
-        probs = softmax(reply.logits[0].astype(np.float64))
+        probs = softmax(reply.logits[row].astype(np.float64))
         k = max(1, min(topk or self.topk, len(probs)))
         top = np.argsort(-probs)[:k]
         names = self.class_names
@@ -92,6 +137,7 @@ class Service:
                      'probability': float(probs[c])} for c in top],
             'devices': reply.used,
             'missing': {str(i): why for i, why in sorted(reply.missing.items())},
+            'batch': batch,
             'latency_ms': {'total': (time.perf_counter() - t0) * 1e3, 'preprocess': (t1 - t0) * 1e3,
                            **{k: v for k, v in reply.times.items() if k != 'latency'}},
         }

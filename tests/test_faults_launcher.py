@@ -29,6 +29,7 @@ def test_a_rank_that_dies_takes_all_ranks_down(split, tmp_path):
     assert not (tmp_path / 'out' / 'sub-dataset0' / 'checkpoint_last.pth').exists()
 
 
+@pytest.mark.slow
 def test_a_rank_that_stalls_is_bounded_by_dist_timeout(split, tmp_path):
     output = tmp_path / 'run.out'
     timeout = 5

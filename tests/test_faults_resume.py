@@ -97,6 +97,7 @@ def stage1_full(split, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_stage1_killed_mid_epoch_resumes_with_resume_flag(split, stage1_full, tmp_path):
     out = tmp_path / 'stage1'
     folder = kill_mid_epoch(stage1_args(split, out, EPOCHS), out, tmp_path)
@@ -105,6 +106,7 @@ def test_stage1_killed_mid_epoch_resumes_with_resume_flag(split, stage1_full, tm
     assert_same_run(folder, stage1_full / 'sub-dataset0')
 
 
+@pytest.mark.slow
 def test_stage2_killed_mid_epoch_resumes_with_auto_resume(split, stage1_full, tmp_path):
     """As stage 1, less the uninterrupted twin run (launcher start-ups dominate this suite's time): the counts an
     uninterrupted run reaches are EPOCHS x STEPS, and stage 1 shows that resumed weights equal a twin's."""

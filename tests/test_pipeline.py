@@ -133,6 +133,7 @@ def _stage1(pipeline, out, epochs, *extra):
                       '--start-division', '0', '--output_dir', str(out), *extra, launcher='python')
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(pipeline, tmp_path):
     run(_stage1(pipeline, tmp_path / 'full', 2))
     killed = tmp_path / 'killed'

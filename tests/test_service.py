@@ -241,6 +241,34 @@ def test_deadline_answers_without_a_stalled_worker_and_keeps_it(procs, model):
     assert d['state'] == 'up' and d['joins'] == 1 and d['missed'] >= 1
 
 
+def test_requests_waiting_for_busy_devices_go_out_as_one_batch(procs, model):
+    """Worker 0 stalls 2 s at the first request: the requests sent meanwhile wait, then go out together (at most
+    --max-batch), and each client gets its own image's answer out of the batch."""
+    url, _ = start_service(procs, model, '--max-batch', '4',
+                           workers={0: ['--fault', 'stall', '--fault-after', '0', '--fault-seconds', '2']})
+    answers, errors = {}, []
+
+    def send(k):
+        try:
+            answers[k] = client.predict(url, model['pngs'][k % 8])
+        except Exception as err:  # noqa: BLE001 (collected, asserted below)
+            errors.append(err)
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    time.sleep(0.5)  # request 0 is at the stalled worker
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(1, 11)]
+    for t in threads:
+        t.start()
+    for t in [first, *threads]:
+        t.join(120)
+    assert not errors and sorted(answers) == list(range(11)), errors
+    assert all(a['top'][0]['class'] == model['expected'][k % 8] and a['devices'] == [0, 1, 2]
+               for k, a in answers.items())
+    sizes = [a['batch'] for a in answers.values()]
+    assert max(sizes) > 1 and max(sizes) <= 4, sizes
+    assert answers[0]['batch'] == 1
+
+
 @pytest.mark.skipif(quota.unavailable_reason() is not None, reason=f'CPU quotas: {quota.unavailable_reason()}')
 def test_deadline_with_a_throttled_worker(procs, model):
     """Worker 1 runs under its own CPU quota (--cpu-quota); throttled to 0.002 of a core it misses most deadlines and
