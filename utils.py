@@ -356,14 +356,21 @@ def run_main(main, argv=None):
     """Run a script's ``main``; expected errors (bad paths, checkpoints, shapes) become one line and exit code 2.
 
     ``ValueError`` is what our modules raise for bad input, each with a message naming the culprit.
-    Set ``DEVIT_DEBUG=1`` to get the full traceback instead.
+    Set ``DEVIT_DEBUG=1`` to get the full traceback instead. A run that ends well destroys its process group before
+    the interpreter exits: gloo's threads left running into interpreter shutdown can abort the process
+    ("terminate called without an active exception", exit -6) after all its work is done.
     """
     if os.environ.get('DEVIT_DEBUG'):
-        return main(argv)
-    try:
-        return main(argv)
-    except (ValueError, FloatingPointError, OSError) as err:  # OSError: missing files, read-only or full disk
-        _report_error(err)
+        result = main(argv)
+    else:
+        try:
+            result = main(argv)
+        except (ValueError, FloatingPointError, OSError) as err:  # OSError: missing files, read-only or full disk
+            _report_error(err)
+    if dist.is_available() and dist.is_initialized():
+        barrier()  # every rank done with its collectives before any tears the group down
+        dist.destroy_process_group()
+    return result
 
 
 def _report_error(err):
