@@ -2,11 +2,12 @@
 within a bounded time, never a hang; a busy ``--master_port`` is reported by the launcher, saying the address is in
 use, within seconds."""
 import socket
+import textwrap
 import time
 
 import pytest
 from faults import launch, make_split, read_text, stage1_args, start, wait_exit, wait_for_text, wait_gone
-from helpers import free_port
+from helpers import free_port, launch_cmd, run
 
 
 @pytest.fixture(scope='module')
@@ -61,3 +62,32 @@ def test_busy_master_port_is_reported(split, tmp_path):
     # torch 2.14's launcher (static TCP rendezvous) fails to open its store and says why
     assert f'port: {port}' in text and 'EADDRINUSE' in text and 'address already in use' in text, text
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_finished_run_tears_its_process_group_down(tmp_path):
+    """utils.run_main destroys the process group of a run that ended well, on every rank, so that no gloo thread is
+    left running into interpreter shutdown, where it can abort a rank whose work is done (exit -6)."""
+    script = tmp_path / 'job.py'
+    script.write_text(textwrap.dedent('''
+        import argparse
+
+        import torch
+        import torch.distributed as dist
+
+        import utils
+
+
+        def main(argv):
+            args = argparse.Namespace(local_rank=None, device=None, dist_url='env://', dist_timeout=60)
+            utils.init_distributed(args)
+            total = torch.ones(1)
+            dist.all_reduce(total)
+            return args.rank, int(total.item())
+
+
+        rank, total = utils.run_main(main)
+        print(f'rank {rank} of {total}: process group left after run_main: {dist.is_initialized()}', flush=True)
+    '''))
+    proc = run(launch_cmd(str(script)), timeout=120)
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith('rank '))
+    assert lines == [f'rank {r} of 2: process group left after run_main: False' for r in (0, 1)], proc.stdout
