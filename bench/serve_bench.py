@@ -12,8 +12,8 @@ collab.worker`, the command a board runs), on real Fashion-MNIST test images sen
   time (restart -> the worker is up, and -> the first answer with 4 devices). ratio = requests answered exactly
   once / requests sent (target 1).
 - serve_rejoin_s: seconds from starting the killed worker's command again to its joining (target <= 10).
-- serve_throughput: requests per second with 4 concurrent clients / with 1 client, at the demo's scale (target
-  >= 1.5: compute is small, so overlapping requests across the devices pays).
+- serve_throughput: requests per second with 4 concurrent clients / with 1 client, at the demo's scale, each client
+  on a kept-alive connection (target >= 1.5: compute is small, so images sent together pay).
 
 Workers and head run the onnxruntime backend by default, as a board would (a board's worker also starts in a second
 or two, where a PyTorch one spends seconds importing torch): the checkpoint is exported with export_onnx.py.
@@ -27,7 +27,6 @@ from scratch (its accuracy is below the demo's: the drill measures what losing a
 machine is shared: absolute latencies say little, the phases compare with each other.
 """
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -37,13 +36,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from collab import client  # noqa: E402
 
 DATA = '/usr/share/datasets/fashion-mnist'
 # The demo's students with a head trained with --device-dropout 0.2 (bench/dropout_bench.py), when it exists.
@@ -120,14 +118,10 @@ class Service:
     def start_worker(self, i):
         self.start(f'worker{i}', self.worker_cmd(i))
 
-    def health(self):
-        with urllib.request.urlopen(self.url + '/health', timeout=10) as r:
-            return json.loads(r.read())
-
     def states(self):
         try:
-            return [d['state'] for d in self.health()['devices']]
-        except (OSError, ValueError):
+            return [d['state'] for d in client.health(self.url)['devices']]
+        except client.ServiceError:
             return None
 
     def wait(self, check, what, timeout=300):
@@ -151,15 +145,6 @@ class Service:
         for p in self.procs.values():
             if p.poll() is None:
                 kill_group(p)
-
-
-def predict(url, body, timeout=60):
-    req = urllib.request.Request(url + '/predict', data=body, method='POST')
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b'{}')
 
 
 def test_images(data, k):
@@ -195,7 +180,7 @@ def drill(folder, model_path, data, requests=400, rate=20.0, kill_after=100, res
     try:
         svc.wait(lambda: svc.states() == ['up'] * N, 'the four workers up')
         for k in range(10):  # warm-up, unmeasured
-            predict(svc.url, bodies[k])
+            client.predict(svc.url, bodies[k])
         rows, lost, threads = [None] * requests, [], []
         events = {}
         t0 = time.monotonic()
@@ -203,12 +188,9 @@ def drill(folder, model_path, data, requests=400, rate=20.0, kill_after=100, res
         def one(i):
             sent = time.monotonic()
             try:
-                status, answer = predict(svc.url, bodies[i])
-            except OSError as err:
+                answer = client.predict(svc.url, bodies[i])  # a connection of its own, as an open-loop sender
+            except client.ServiceError as err:
                 lost.append((i, str(err)))
-                return
-            if status != 200:
-                lost.append((i, f'HTTP {status}: {answer.get("error")}'))
                 return
             rows[i] = {'i': i, 'sent': sent - t0, 'ms': (time.monotonic() - sent) * 1e3, 'id': answer['request'],
                        'devices': answer['devices'], 'pred': answer['top'][0]['class']}
@@ -292,7 +274,7 @@ def throughput(folder, model_path, data, clients=(1, 4), seconds=8.0, deadline_m
         for svc in services.values():
             svc.wait(lambda svc=svc: svc.states() == ['up'] * N, 'the four workers up')
             for k in range(10):
-                predict(svc.url, bodies[k])
+                client.predict(svc.url, bodies[k])
         runs = [('batched', c) for c in clients] + [('unbatched', max(clients))]
         rates = {run: [] for run in runs}
         for _ in range(rounds):
@@ -311,15 +293,20 @@ def throughput(folder, model_path, data, clients=(1, 4), seconds=8.0, deadline_m
 
 
 def closed_loop(url, bodies, clients, seconds):
-    """Requests per second answered with 200 to `clients` threads that each send the next image when answered."""
+    """Requests per second answered to `clients` threads that each send the next image when answered, each over a
+    kept-alive connection of its own (collab.client.Client)."""
     counts, stop = [0] * clients, threading.Event()
 
     def loop(j):
         k = j
-        while not stop.is_set():
-            status, _ = predict(url, bodies[k % len(bodies)])
-            counts[j] += status == 200
-            k += clients
+        with client.Client(url) as c:
+            while not stop.is_set():
+                try:
+                    c.predict(bodies[k % len(bodies)])
+                    counts[j] += 1
+                except client.ServiceError:
+                    pass
+                k += clients
     threads = [threading.Thread(target=loop, args=(j,), daemon=True) for j in range(clients)]
     start = time.monotonic()
     for t in threads:
@@ -371,8 +358,9 @@ def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True
         'serve_throughput': {
             'ratio': ratio, 'target': 1.5, 'direction': 'min',
             'what': f'demo scale, requests/s with 4 concurrent HTTP clients / with 1 ({t["requests_per_s"][4]:.1f} / '
-                    f'{t["requests_per_s"][1]:.1f}), closed loop, images waiting sent together (--max-batch 8; each '
-                    f'alone: {t["unbatched_requests_per_s"]:.1f} with 4 clients); clients, the 4 workers and the '
+                    f'{t["requests_per_s"][1]:.1f}), closed loop, kept-alive connections, images waiting sent '
+                    f'together (--max-batch 8; each alone: {t["unbatched_requests_per_s"]:.1f} with 4 clients); '
+                    'clients, the 4 workers and the '
                     f'aggregator on this machine\'s {os.cpu_count()} cores', **t},
     }
 

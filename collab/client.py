@@ -1,18 +1,20 @@
 """A small client of the collaborative service (standard library only, Python 3.6+).
 
-    python -m collab.client http://HOST:8080 shirt.png boot.jpg     # one JSON answer a line
+    python -m collab.client http://HOST:8080 shirt.png boot.jpg     # one JSON answer a line, one connection
     python -m collab.client http://HOST:8080 --health
 
-    from collab.client import predict, health
+    from collab.client import Client, predict, health
     answer = predict('http://HOST:8080', 'shirt.png')   # {'top': [{'class', 'name', 'probability'}], 'devices': ...}
+    with Client('http://HOST:8080') as c:               # many requests over one kept-alive connection
+        answers = [c.predict(path) for path in paths]
 
 The same with curl: ``curl -s --data-binary @shirt.png http://HOST:8080/predict``.
 """
 import argparse
+import http.client
 import json
 import sys
-import urllib.error
-import urllib.request
+import urllib.parse
 
 
 class ServiceError(RuntimeError):
@@ -23,36 +25,82 @@ class ServiceError(RuntimeError):
         self.status = status
 
 
-def _call(request, timeout):
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return json.loads(r.read().decode('utf-8'))
-    except urllib.error.HTTPError as err:
-        try:
-            message = json.loads(err.read().decode('utf-8')).get('error', err.reason)
-        except ValueError:
-            message = err.reason
-        raise ServiceError(err.code, message) from None
-    except (urllib.error.URLError, OSError) as err:
-        raise ServiceError(None, f'cannot reach {request.full_url}: {getattr(err, "reason", err)}') from None
+class Client:
+    """Requests to the service at `url` over one HTTP/1.1 connection, kept alive between them (no connection set-up
+    per request). A connection the service closed while idle is opened again once, transparently."""
+
+    def __init__(self, url, timeout=60.0):
+        parts = urllib.parse.urlsplit(url if '//' in url else 'http://' + url)
+        if parts.scheme != 'http' or not parts.hostname:
+            raise ValueError(f'the service URL must be http://HOST:PORT, got {url!r}')
+        self.url, self.timeout = url.rstrip('/'), timeout
+        self.host, self.port, self.prefix = parts.hostname, parts.port or 80, parts.path.rstrip('/')
+        self.conn = None
+
+    def predict(self, image, topk=None):
+        """Classify `image` (a file path or the bytes of a PNG/JPEG); the answer as a dict."""
+        if isinstance(image, (bytes, bytearray)):
+            data = bytes(image)
+        else:
+            with open(image, 'rb') as f:
+                data = f.read()
+        query = f'?topk={int(topk)}' if topk else ''
+        return self._call('POST', '/predict' + query, data)
+
+    def health(self):
+        """The service's /health: each device's state, last latency and model."""
+        return self._call('GET', '/health')
+
+    def _call(self, method, path, body=None):
+        headers = {'Content-Type': 'application/octet-stream'} if body is not None else {}
+        for attempt in (0, 1):
+            reused = self.conn is not None
+            if not reused:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request(method, self.prefix + path, body=body, headers=headers)
+                response = self.conn.getresponse()
+                payload = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+                self.close()
+                if reused and attempt == 0:  # the kept connection had been closed by the service: open a new one
+                    continue
+                raise ServiceError(None, f'cannot reach {self.url}: {err}') from None
+            except (OSError, http.client.HTTPException) as err:
+                self.close()
+                raise ServiceError(None, f'cannot reach {self.url}: {err}') from None
+            if response.will_close:
+                self.close()
+            try:
+                answer = json.loads(payload.decode('utf-8'))
+            except ValueError:
+                answer = {'error': response.reason}
+            if response.status >= 400:
+                raise ServiceError(response.status, answer.get('error', response.reason))
+            return answer
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def predict(url, image, topk=None, timeout=60.0):
     """Classify `image` (a file path or the bytes of a PNG/JPEG) with the service at `url`; the answer as a dict."""
-    if isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-    else:
-        with open(image, 'rb') as f:
-            data = f.read()
-    query = f'?topk={int(topk)}' if topk else ''
-    request = urllib.request.Request(url.rstrip('/') + '/predict' + query, data=data, method='POST',
-                                     headers={'Content-Type': 'application/octet-stream'})
-    return _call(request, timeout)
+    with Client(url, timeout) as c:
+        return c.predict(image, topk)
 
 
 def health(url, timeout=10.0):
     """The service's /health: each device's state, last latency and model."""
-    return _call(urllib.request.Request(url.rstrip('/') + '/health'), timeout)
+    with Client(url, timeout) as c:
+        return c.health()
 
 
 def main(argv=None):
@@ -67,11 +115,15 @@ def main(argv=None):
         p.error('give image files, or --health')
     code = 0
     try:
+        client = Client(args.url, args.timeout)
+    except ValueError as err:
+        p.error(str(err))
+    try:
         if args.health:
-            print(json.dumps(health(args.url, args.timeout), indent=1))
+            print(json.dumps(client.health(), indent=1))
         for path in args.images:
             try:
-                print(json.dumps(dict(predict(args.url, path, args.topk, args.timeout), file=path)))
+                print(json.dumps(dict(client.predict(path, args.topk), file=path)))
             except ServiceError as err:
                 if err.status is None:
                     raise
@@ -83,6 +135,8 @@ def main(argv=None):
     except ServiceError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
+    finally:
+        client.close()
     return code
 
 

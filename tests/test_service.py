@@ -131,6 +131,14 @@ def test_service_answers_refuses_bad_input_and_survives_kill_and_rejoin(procs, m
     assert bad.value.status == 400 and 'not an image file' in str(bad.value) and '\n' not in str(bad.value)
     assert client.predict(url, model['pngs'][1])['top'][0]['class'] == model['expected'][1]
 
+    # One kept-alive connection for many requests.
+    with client.Client(url) as c:
+        first = c.predict(model['pngs'][2])
+        sock = c.conn.sock
+        again = [c.predict(model['pngs'][k]) for k in (3, 4, 5)]
+        assert c.conn is not None and c.conn.sock is sock, 'the connection was not kept alive'
+    assert [a['top'][0]['class'] for a in [first, *again]] == [model['expected'][k] for k in (2, 3, 4, 5)]
+
     # Several clients at once.
     results, errors = {}, []
 
@@ -334,3 +342,40 @@ def test_runtime_follows_a_killed_launcher(procs, model, fmnist_root):
         time.sleep(0.1)
     assert not [p for p in tree if os.path.exists(f'/proc/{p}')], procs.log('launcher')
     assert procs.log('launcher').count('the launcher (pid') >= 1
+
+
+def test_client_opens_a_new_connection_when_the_kept_one_was_closed():
+    """A server that closes every connection after its answer (as one closing idle connections does): the kept
+    connection is found closed at the next request, and the client opens a new one, once, unseen by the caller."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Closing(BaseHTTPRequestHandler):
+        protocol_version = 'HTTP/1.1'
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            seen.append(self.rfile.read(int(self.headers['Content-Length'])))
+            body = json.dumps({'request': len(seen)}).encode()
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()  # no "Connection: close": the client learns of the close at its next request
+            self.wfile.write(body)
+            self.close_connection = True
+
+    server = ThreadingHTTPServer(('127.0.0.1', 0), Closing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with client.Client(f'http://127.0.0.1:{server.server_address[1]}') as c:
+            assert [c.predict(b'a')['request'], c.predict(b'b')['request'], c.predict(b'c')['request']] == [1, 2, 3]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [b'a', b'b', b'c']
+    with pytest.raises(client.ServiceError) as err:
+        client.predict(f'http://127.0.0.1:{free_port()}', b'a')
+    assert err.value.status is None and 'cannot reach' in str(err.value)
