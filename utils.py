@@ -83,12 +83,17 @@ class ParseKwargs(TimmParseKwargs):
 #     argparse.ArgumentParser('...', parents=[utils.data_args(), utils.model_args(), ...])
 # so its --help lists only its own flags. Every flag keeps the seed's spelling, with a hyphenated alias.
 
+def _flag_group(title):
+    """A parent parser (``add_help=False``) holding one argument group: (parser, group)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    return parser, parser.add_argument_group(title)
+
+
 def data_args(training=True):
     """What is read and how it is fed: dataset, path, transforms; for training also input size, normalisation and
     the loader (``training=False``: the dataset alone, for the deployment runtime, which takes the rest from the
     checkpoint)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('data')
+    parser, group = _flag_group('data')
     group.add_argument('--dataset', '--data-set', dest='dataset', default='fashion_mnist',
                        choices=['cifar100', 'IMNET', 'imagenet', 'flowers', 'cars', 'fashion_mnist', 'folder'])
     group.add_argument('--data-path', '--data_path', dest='data_path', default=None,
@@ -116,8 +121,7 @@ def data_args(training=True):
 
 def augment_args():
     """Training-time augmentation (DeiT's recipe, as timm names it), mixup/cutmix and label smoothing."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('augmentation')
+    parser, group = _flag_group('augmentation')
     group.add_argument('--hflip', type=probability, default=0.5,
                        help='horizontal flip probability (0: no flips, e.g. for text or road signs)')
     group.add_argument('--color-jitter', type=non_negative_float, default=0.3)
@@ -139,8 +143,7 @@ def augment_args():
 
 def division_args(select=True):
     """The split's divisions. ``select``: also the flags that choose which divisions a run trains (stages 1, 2)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('divisions')
+    parser, group = _flag_group('divisions')
     group.add_argument('--num_division', '--num-division', dest='num_division', type=positive_int, default=4)
     group.add_argument('--sub_classes', '--sub-classes', dest='sub_classes', type=positive_int, nargs='+',
                        default=None, help='classes per division; checked against the split manifest')
@@ -154,8 +157,7 @@ def division_args(select=True):
 
 def model_args():
     """The model being trained: timm name, size overrides, initial weights, drop-path, EMA."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('model')
+    parser, group = _flag_group('model')
     group.add_argument('--model', default='dedeit', help='timm model name of the trained model')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='overrides passed to timm.create_model, e.g. img_size=28 patch_size=7 in_chans=1')
@@ -169,8 +171,7 @@ def model_args():
 
 def optim_args():
     """Optimiser, learning-rate schedule, batch sizes and epochs."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('optimisation')
+    parser, group = _flag_group('optimisation')
     group.add_argument('--batch-size', type=positive_int, default=64)
     group.add_argument('--eval-batch-size', type=positive_int, default=None)
     group.add_argument('--epochs', type=positive_int, default=300)
@@ -198,8 +199,7 @@ def add_teacher_flags(group, default='deit_base_distilled_patch16_224'):
 
 def distill_args(relations=True):
     """The teacher and the KD loss; ``relations``: also stage 2's q/k/v relation terms."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('distillation')
+    parser, group = _flag_group('distillation')
     add_teacher_flags(group)
     group.add_argument('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
     group.add_argument('--distillation-alpha', type=probability, default=0.5)
@@ -223,8 +223,7 @@ def add_common_flags(group):
 
 def run_args():
     """Recipe file, output, resume, seed, device and the distributed set-up."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group('run')
+    parser, group = _flag_group('run')
     add_common_flags(group)
     group.add_argument('--output_dir', '--output-dir', dest='output_dir', default='./output')
     group.add_argument('--resume', default='', help='checkpoint to resume from (checkpoint_last.pth)')
