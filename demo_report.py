@@ -216,8 +216,9 @@ def main(argv=None):
                              'figure to docs/NAME.png, NAME the --out folder\'s name')
     args = parser.parse_args(argv)
     # A report made again (e.g. with --docs) keeps the wall time and the command line the demo recorded.
-    seconds = recorded(args.out, 'seconds', 0.0) if args.seconds is None else args.seconds
-    command = recorded(args.out, 'command', None) if args.command is None else args.command
+    earlier = recorded(args.out)
+    seconds = earlier.get('seconds', 0.0) if args.seconds is None else args.seconds
+    command = earlier.get('command') if args.command is None else args.command
     report = build_report(args.out, float(seconds or 0.0), command)
     table = format_table(report)
     utils.write_json_atomic(os.path.join(args.out, 'results.json'), report)
@@ -236,13 +237,14 @@ def main(argv=None):
 DOCS_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def recorded(out, key, default):
-    """`key` of the OUT/results.json an earlier report wrote, else `default`."""
+def recorded(out):
+    """The OUT/results.json an earlier report wrote, else {}."""
     try:
         with open(os.path.join(out, 'results.json')) as f:
-            return json.load(f).get(key, default)
-    except (OSError, ValueError, AttributeError):
-        return default
+            report = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _stage_args(out, stage):

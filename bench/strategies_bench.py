@@ -342,9 +342,7 @@ def main(argv=None):
         if not os.path.isfile(done):
             sys.exit(f'error: {done} not found: run this script without --docs-only first')
         with open(done) as f:
-            report = json.load(f)
-        utils.write_text_atomic(os.path.join(args.out, 'strategies.md'), markdown(report))
-        utils.replace_block(DOCS, 'strategies', markdown(report).split('\n', 2)[2])
+            publish(json.load(f), args.out, docs=True)
         return 0
     started = time.time()
     demo = Demo(args.quick, args.port)
@@ -379,11 +377,18 @@ def main(argv=None):
                             for r in rows if base and r['name'].startswith('confusion')},
               'seconds': time.time() - started}
     utils.write_json_atomic(os.path.join(args.out, 'strategies.json'), report)
-    utils.write_text_atomic(os.path.join(args.out, 'strategies.md'), markdown(report))
-    print(markdown(report))
-    if not args.quick:  # the same table in docs/results.md (its generated block), below that page's own heading
-        utils.replace_block(DOCS, 'strategies', markdown(report).split('\n', 2)[2])
+    print(publish(report, args.out, docs=not args.quick))
     return 0
+
+
+def publish(report, out, docs):
+    """OUT/strategies.md and, with `docs`, the same table in docs/results.md (its generated block, below that page's
+    own heading); the markdown."""
+    text = markdown(report)
+    utils.write_text_atomic(os.path.join(out, 'strategies.md'), text)
+    if docs:
+        utils.replace_block(DOCS, 'strategies', text.split('\n', 2)[2])
+    return text
 
 
 if __name__ == '__main__':

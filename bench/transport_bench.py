@@ -116,10 +116,9 @@ def zmq_round(rank, world, sock, peers, image, width, k):
     return times
 
 
-def _port(sock):
-    import zmq
-
-    return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(':', 1)[1])
+def _port(endpoint):
+    """The port of a bound endpoint, tcp://HOST:PORT."""
+    return int(endpoint.rsplit(':', 1)[1])
 
 
 def role(out, rounds, per_round):
@@ -135,7 +134,7 @@ def role(out, rounds, per_round):
     # Rank 0 binds on ports the kernel picks and tells the others over gloo: a fixed MASTER_PORT + k may already
     # be taken by one of gloo's own pair connections.
     sock = wire.router(ctx, 'tcp://*:*') if rank == 0 else None
-    ports = [_port(sock) if rank == 0 else None]
+    ports = [_port(sock.getsockopt_string(zmq.LAST_ENDPOINT)) if rank == 0 else None]
     dist.broadcast_object_list(ports)
     if rank == 0:
         peers = []
@@ -166,7 +165,7 @@ def role(out, rounds, per_round):
         d = dispatch.Dispatcher(world - 1, lambda i: {}, {'input_dtype': 'uint8', 'wire_dtype': 'fp32',
                                                        'mean': [0.5], 'std': [0.5], 'num_classes': 10},
                                 'tcp://*:*', log=lambda line: None) if rank == 0 else None
-        dport = [_port(d.sock) if rank == 0 else None]
+        dport = [_port(d.endpoint) if rank == 0 else None]  # its socket belongs to its I/O thread now
         dist.broadcast_object_list(dport)
         if rank == 0:
             d.wait_ready(60)

@@ -61,13 +61,11 @@ class Client:
                 self.conn.request(method, self.prefix + path, body=body, headers=headers)
                 response = self.conn.getresponse()
                 payload = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
-                self.close()
-                if reused and attempt == 0:  # the kept connection had been closed by the service: open a new one
-                    continue
-                raise ServiceError(None, f'cannot reach {self.url}: {err}') from None
             except (OSError, http.client.HTTPException) as err:
                 self.close()
+                # RemoteDisconnected is a ConnectionResetError: the kept connection had been closed by the service
+                if reused and attempt == 0 and isinstance(err, (ConnectionResetError, BrokenPipeError)):
+                    continue
                 raise ServiceError(None, f'cannot reach {self.url}: {err}') from None
             if response.will_close:
                 self.close()
