@@ -70,6 +70,7 @@ def test_a_finished_run_tears_its_process_group_down(tmp_path):
     script = tmp_path / 'job.py'
     script.write_text(textwrap.dedent('''
         import argparse
+        import sys
 
         import torch
         import torch.distributed as dist
@@ -86,7 +87,9 @@ def test_a_finished_run_tears_its_process_group_down(tmp_path):
 
 
         rank, total = utils.run_main(main)
-        print(f'rank {rank} of {total}: process group left after run_main: {dist.is_initialized()}', flush=True)
+        # one write per line: both ranks share the launcher's stdout, and print() writes the newline apart
+        sys.stdout.write(f'rank {rank} of {total}: process group left after run_main: {dist.is_initialized()}\\n')
+        sys.stdout.flush()
     '''))
     proc = run(launch_cmd(str(script)), timeout=120)
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith('rank '))
