@@ -31,7 +31,7 @@ import utils
 from collab import launcher
 from collab.backends import BACKENDS
 from collab.dispatch import CollabError
-from collab.modes import MODES, run, run_worker
+from collab.host.modes import MODES, run, run_worker
 from collab.worker import FP16_MODEL_NEEDS
 
 DEFAULT_TEACHER = 'deit_base_distilled_patch16_224'
@@ -144,7 +144,7 @@ def main(argv=None):
         launcher.exit_with_launcher(name='[rank 0]')
     try:
         if args.serve:
-            from collab.service import serve
+            from collab.host.service import serve
 
             return serve(args)
         return run(args)

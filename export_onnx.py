@@ -20,7 +20,7 @@ import torch
 
 import datasets
 import utils
-from models.onnx_export import OPSETS, export, input_spec, load_source
+from collab.host.export import OPSETS, export, input_spec, load_source
 
 DEFAULT_PARITY_IMAGES = 32
 

@@ -4,7 +4,7 @@
 
 `onnx_vs_torch_student`: p50 latency of one `dedeit` student's device graph (image -> cls|dist tokens, what a
 device computes; random weights) at 224x224, batch 1, one intra-op thread, in onnxruntime (the graph
-export_onnx.py writes: models.onnx_export.export_graph, opset 17) / in PyTorch eager (`torch.inference_mode`,
+export_onnx.py writes: collab.host.export.export_graph, opset 17) / in PyTorch eager (`torch.inference_mode`,
 `torch.set_num_threads(1)`). The two alternate in rounds of a few calls each, so a busy neighbour slows both alike;
 the ratio is of the medians over all calls. Target <= 0.85: the export must pay for itself.
 `onnx_vs_torch_student_demo`: the same at the demo's scale (28x28 grey images, patch 7, width 64, depth 2, 2 heads).
@@ -40,10 +40,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 import onnxruntime as ort  # noqa: E402
 
+from collab.host.export import export_graph  # noqa: E402
 from collab.sessions import session  # noqa: E402
 from models.ensemble_model import create_backbone  # noqa: E402
 from models.features import DeviceTokens  # noqa: E402
-from models.onnx_export import export_graph  # noqa: E402
 
 TARGET = 0.85
 BACKENDS = ('torch', 'onnxruntime')

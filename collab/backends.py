@@ -145,7 +145,7 @@ class TorchDevice:
     def __init__(self, checkpoint, index, ema=False, device=None, local_rank=0, threads=None):
         import torch
 
-        from . import torch_models
+        from .host import torch_models
 
         if default_threads(threads):
             torch.set_num_threads(default_threads(threads))
@@ -194,7 +194,7 @@ class TorchStage:
     def __init__(self, name, kwargs, path, seed, index, num_stages, device=None, local_rank=0, threads=None):
         import torch
 
-        from . import torch_models
+        from .host import torch_models
 
         if default_threads(threads):
             torch.set_num_threads(default_threads(threads))

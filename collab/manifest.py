@@ -1,6 +1,6 @@
 """The export folder's manifest (`EXPORT/manifest.json`): its schema, the one reader, and the one check of it.
 
-export_onnx.py writes it (models/onnx_export.py validates what it is about to write with `validate`); the runtime's
+export_onnx.py writes it (collab/host/export.py validates what it is about to write with `validate`); the runtime's
 onnxruntime backend (collab/backends.py) and jetson/build_engines.py read it with `read`. Version 1:
 
     {"format": "devit-onnx", "version": 1, "opset": 17 | 13, "source": CHECKPOINT,

@@ -1,5 +1,5 @@
 """onnxruntime sessions, opened one way everywhere: the runtime's workers and head (collab/backends.py), the
-exporter's parity check (models/onnx_export.py), jetson/latency.py and bench/onnx_bench.py.
+exporter's parity check (collab/host/export.py), jetson/latency.py and bench/onnx_bench.py.
 
     session(path, threads=1, device='cpu')                      # a worker on a CPU board
     session(path, device='tensorrt', fp16=True)                 # TensorRT fp16 kernels, engine cached beside the graph

@@ -22,7 +22,8 @@ from helpers import ROOT, env, free_port, launch_cmd
 
 import collab_infer
 import utils
-from collab import dispatch, modes, torch_models, wire
+from collab import dispatch, wire
+from collab.host import modes, torch_models
 from datasets import default_mean_std
 from models.checkpoint import CheckpointError
 from models.ensemble_model import load_ensemble, read_ensemble_checkpoint

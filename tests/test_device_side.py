@@ -24,7 +24,7 @@ from datasets import default_mean_std
 # one of the two lists.
 DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/manifest.py',
                'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py']
-AGGREGATOR_SIDE = ['collab/modes.py', 'collab/report.py', 'collab/service.py', 'collab/torch_models.py']
+AGGREGATOR_SIDE = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', 'host', '*.py')))
 JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py'))) + ['fileio.py']
 HIDDEN = ('torch', 'timm', 'torchvision')
 HIDE = f"""
@@ -62,8 +62,10 @@ def exported(tmp_path_factory):
 
 
 def test_every_collab_module_is_placed():
-    found = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', '*.py')))
+    found = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', '**', '*.py'),
+                                                                 recursive=True))
     assert found == sorted(DEVICE_SIDE + AGGREGATOR_SIDE)
+    assert {'collab/host/modes.py', 'collab/host/service.py', 'collab/host/export.py'} <= set(AGGREGATOR_SIDE)
 
 
 def test_device_side_is_python_3_6_compatible():

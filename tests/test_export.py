@@ -21,10 +21,11 @@ from helpers import free_port, launch_cmd, run
 import collab_infer
 import export_onnx
 import utils
-from collab import backends, dispatch, manifest, modes
+from collab import backends, dispatch, manifest
+from collab.host import export as onnx_export
+from collab.host import modes
 from collab.sessions import session
 from datasets import build_dataset
-from models import onnx_export
 from models.ensemble_model import DeViTEnsemble, create_backbone, read_ensemble_checkpoint
 from models.features import prefix_tokens
 
@@ -396,7 +397,7 @@ def test_recorded_normalisation_reaches_the_export_and_the_runtime(tmp_path):
     worker's input both take the checkpoint's recorded values, not ImageNet's."""
     from collab_fixtures import export
 
-    from collab import torch_models
+    from collab.host import torch_models
     torch.manual_seed(0)
     ens = DeViTEnsemble([create_backbone('dedeit', STUDENT) for _ in range(2)], num_classes=10, embed_dim=48)
     path = save_stage3(tmp_path / 'ckpt.pth', ens, mean=[0.5], std=[0.25])

@@ -46,10 +46,9 @@ from torch import nn
 from collab import manifest as export_manifest
 from collab.manifest import FORMAT, VERSION
 from collab.sessions import session
-
-from .checkpoint import args_dict, read_checkpoint
-from .ensemble_model import CONFIG_KEY, DeViTEnsemble, load_ensemble, load_students, student_checkpoint_paths
-from .features import DeviceTokens
+from models.checkpoint import args_dict, read_checkpoint
+from models.ensemble_model import CONFIG_KEY, DeViTEnsemble, load_ensemble, load_students, student_checkpoint_paths
+from models.features import DeviceTokens
 
 OPSETS = (17, 13)
 # The oldest IR version of each opset (onnx 1.12 / 1.8): onnxruntime refuses a model with a newer IR version than

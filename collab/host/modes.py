@@ -9,7 +9,7 @@
   where r+1 is), and the last stage returns the logits.
 - monolithic: the teacher or the whole ensemble in this one process.
 
-`setup` builds what the batch evaluation (`run`) and the service (collab/service.py) share: the head, the
+`setup` builds what the batch evaluation (`run`) and the service (collab/host/service.py) share: the head, the
 dispatcher with its workers, the preprocessing. A client's `__call__(x, index)` is one request.
 """
 import itertools
@@ -28,8 +28,9 @@ from datasets import DatasetError, build_dataset, build_transform, load_image, r
 from models.checkpoint import args_dict, read_checkpoint
 from models.ensemble_model import DeViTEnsemble, load_ensemble, read_ensemble_checkpoint
 
-from . import backends, launcher, report, torch_models, wire, worker
-from .dispatch import CollabError, Dispatcher
+from .. import backends, launcher, wire, worker
+from ..dispatch import CollabError, Dispatcher
+from . import report, torch_models
 
 MODES = ('collab', 'layer-split', 'monolithic')
 WARMUP = worker.WARMUP

@@ -38,7 +38,7 @@ import torch
 
 from datasets import DatasetError
 
-from .dispatch import CollabError
+from ..dispatch import CollabError
 from .modes import Preprocess, class_names_for, setup_collab
 
 MAX_BODY = 32 * 1024 * 1024
