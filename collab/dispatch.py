@@ -171,6 +171,9 @@ class Dispatcher:
         self.stopping = False  # told the workers to stop: their leaving is expected, not news
         self.broken = None
         self.late_discarded = 0
+        # Events counted over the dispatcher's life (the service's metrics read them): joins, rejoins, refused
+        # (hellos), malformed (messages dropped), deadline_misses, timeouts.
+        self.stats = collections.Counter()
         self.ctx = zmq.Context()
         self.sock = wire.router(self.ctx, endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the port bound, also for tcp://*:*
@@ -307,6 +310,7 @@ class Dispatcher:
                 header, arrays = wire.unpack(body)
             except wire.ProtocolError as err:
                 self.log(f'warning: dropped a malformed message from a worker: {err}')
+                self.stats['malformed'] += 1
                 continue
             kind = header['type']
             if kind == 'hello':
@@ -341,6 +345,7 @@ class Dispatcher:
         who = self.slots[index].name if index is not None else f'a worker ({where})'
         self.log(f'refused {who} ({where}): {reason}')
         self.refusals.append((index, hello, reason))
+        self.stats['refused'] += 1
         self._notify()
 
     def _on_hello(self, peer, fd, hello):
@@ -371,6 +376,7 @@ class Dispatcher:
         rejoin = s.joins > 0
         s.peer, s.fd, s.session, s.info = peer, fd, hello.get('session'), hello
         s.joins += 1
+        self.stats['rejoins' if rejoin else 'joins'] += 1
         self.by_peer[peer] = index
         s.set('up', None)
         self.log(f'{s.name} {"rejoined" if rejoin else "joined"}: pid {hello.get("pid")} on {hello.get("host")}, '
@@ -504,6 +510,7 @@ class Dispatcher:
                 else:
                     req.missing[i] = f'did not answer within {self.timeout:g} s (stalled?)'
                 s.missed += 1
+                self.stats['deadline_misses' if self.deadline_ms is not None else 'timeouts'] += 1
                 if s.state == 'up':
                     s.set('late', req.missing[i])
             self._finish(req)
