@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-quick test test-slow test-all bench setup data clean
+.PHONY: demo demo-quick test test-slow test-all lint bench setup data clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -37,6 +37,11 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q tests
+
+# Style (ruff) and the layers of docs/architecture.md (import-linter's contracts in .importlinter).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) bench/run.py

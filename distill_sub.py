@@ -17,19 +17,22 @@ import argparse
 import functools
 import os
 
+import cli
 import datasets
 import engine
-import plan
 import utils
+from collab.host import plan
+from fileio import UsageError
 from losses import DistillationLoss, build_base_criterion
+from models import factory
 from models.adapter import check_token_counts, layer_pairs
-from models.checkpoint import load_weights
+from models.checkpoint import checkpoint_info, load_weights
 from models.pruning import load_shrunk
 
 
 def get_parser():
     parser = argparse.ArgumentParser('DeViT stage 2: distil students from sub-teachers',
-                                     parents=utils.training_parents(distillation='relations'))
+                                     parents=cli.training_parents(distillation='relations'))
     parser.add_argument('--load-shrink', default=None, metavar='POLICY',
                         help='distil a shrunk student again: shrink.py\'s output folder (division i: '
                              'sub-dataset{i}/pruned.pth), a pruned checkpoint, or a shrink.json policy applied to '
@@ -42,27 +45,27 @@ def get_parser():
 def teacher_file(teacher_path, division):
     """``--teacher-path`` may be stage 1's output folder or a single checkpoint file."""
     if teacher_path is None:
-        raise utils.UsageError('--teacher-path is required: the stage-1 output folder or a checkpoint file')
+        raise UsageError('--teacher-path is required: the stage-1 output folder or a checkpoint file')
     if os.path.isdir(teacher_path):
         path = os.path.join(utils.division_dir(teacher_path, division), engine.CHECKPOINT_BEST)
         if not os.path.isfile(path):
-            raise utils.UsageError(f'--teacher-path {teacher_path} has no sub-teacher for division {division} '
+            raise UsageError(f'--teacher-path {teacher_path} has no sub-teacher for division {division} '
                                    f'(missing {path})')
         return path
     if not os.path.isfile(teacher_path):
-        raise utils.UsageError(f'--teacher-path {teacher_path} does not exist')
+        raise UsageError(f'--teacher-path {teacher_path} does not exist')
     return teacher_path
 
 
 def check_teacher(path, division, classes):
     """A sub-teacher is a stage-1 checkpoint of this division's classes (or an outside checkpoint without either)."""
-    info = utils.checkpoint_info(path)
+    info = checkpoint_info(path)
     stage = info.get('stage')
     if stage is not None and stage != 1:
-        raise utils.UsageError(f'teacher {path} is a stage-{stage} checkpoint; stage 2 distils from a stage-1 '
+        raise UsageError(f'teacher {path} is a stage-{stage} checkpoint; stage 2 distils from a stage-1 '
                                f'sub-teacher (the output of train_subdata.py)')
     if info.get('classes') is not None and list(info['classes']) != list(classes):
-        raise utils.UsageError(f'teacher {path} has a head for classes {list(info["classes"])[:8]} '
+        raise UsageError(f'teacher {path} has a head for classes {list(info["classes"])[:8]} '
                                f'({len(info["classes"])}), but division {division} has classes {list(classes)[:8]}')
 
 
@@ -71,7 +74,7 @@ def make_task(args, division, num_classes, planned=None):
     planned: {division: (model, model_kwargs)} from --plan."""
     if planned:  # kept in the checkpoint's args, from which ensemble.py builds each (unlike) backbone
         args.model, args.model_kwargs = planned[division]
-    student = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
+    student = factory.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
                                  drop_path_rate=args.drop_path)
     if args.model_path:
         load_weights(student, args.model_path, reset_head=True)
@@ -79,7 +82,7 @@ def make_task(args, division, num_classes, planned=None):
         load_shrunk(student, args.load_shrink, division)
     if hasattr(student, 'set_distilled_training'):
         student.set_distilled_training(True)  # both heads in training, their mean at eval (as DeiT)
-    teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
+    teacher = factory.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
     load_weights(teacher, teacher_file(args.teacher_path, division), reset_head=False)
     if any(g > 0 for g in args.gama):  # relations compare N×N token maps; KD alone does not care
         check_token_counts(student, teacher)
@@ -103,10 +106,10 @@ def distill(args):
 
 
 def main(argv=None):
-    args = utils.parse_args(get_parser(), argv)
+    args = cli.parse_args(get_parser(), argv)
     utils.init_distributed(args)
     return distill(args)
 
 
 if __name__ == '__main__':
-    utils.run_main(main)
+    cli.run_main(main)

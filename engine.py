@@ -31,8 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
+import fileio
 import utils
+from fileio import UsageError
 from losses import relation_terms, token_loss
+from models import factory
 from models.checkpoint import args_dict, restore_training_state, training_state
 from models.features import forward_features
 
@@ -151,7 +154,7 @@ def build_loaders(args, train_set, val_set):
                               **loader_options(args))
     val_loader = build_eval_loader(args, val_set)
     if len(train_loader) == 0:
-        raise utils.UsageError(f'--batch-size {args.batch_size} is larger than the {len(train_set)} training images '
+        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(train_set)} training images '
                                f'of one rank')
     return train_loader, val_loader
 
@@ -337,12 +340,12 @@ def resume_path(args, output_dir):
 
 def check_output_dir(args, output_dir):
     """Refuse to start over a finished or running run by accident: nothing existing is overwritten silently."""
-    utils.check_writable_dir(output_dir)
+    fileio.check_writable_dir(output_dir)
     if resume_path(args, output_dir) or args.overwrite or args.eval:
         return
     existing = [n for n in (CHECKPOINT_BEST, CHECKPOINT_LAST) if os.path.exists(os.path.join(output_dir, n))]
     if existing:
-        raise utils.UsageError(f'{output_dir} already holds {", ".join(existing)}; pass --auto-resume to continue '
+        raise UsageError(f'{output_dir} already holds {", ".join(existing)}; pass --auto-resume to continue '
                                f'it or --overwrite to start over')
 
 
@@ -412,7 +415,7 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
         os.makedirs(output_dir, exist_ok=True)
         for stale in utils.remove_stale_temp_files(output_dir, (CHECKPOINT_BEST, CHECKPOINT_LAST)):
             print(f'removed {stale}, an unfinished checkpoint write of a killed run', flush=True)
-        utils.write_json_atomic(os.path.join(output_dir, 'args.json'), args_dict(args))
+        fileio.write_json_atomic(os.path.join(output_dir, 'args.json'), args_dict(args))
     warn_recipe(args)
     test_stats = ema_stats = {}
     for epoch in range(start_epoch, args.epochs):
@@ -448,7 +451,7 @@ def fit(args, task, train_set, val_set, output_dir, *, extra_checkpoint=None, nu
             if is_best:
                 utils.save_checkpoint(state, os.path.join(output_dir, CHECKPOINT_BEST))
             utils.save_checkpoint(state, os.path.join(output_dir, CHECKPOINT_LAST))
-            utils.append_log(os.path.join(output_dir, 'log.txt'), record)
+            fileio.append_log(os.path.join(output_dir, 'log.txt'), record)
             if writer is not None:
                 for key, value in record.items():
                     writer.add_scalar(key, value, epoch)
@@ -476,7 +479,7 @@ def check_labels(train_set, val_set, num_classes):
         targets = np.asarray(targets)
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= num_classes:
-            raise utils.UsageError(f'{what} labels range over {low}..{high} but the model has {num_classes} classes '
+            raise UsageError(f'{what} labels range over {low}..{high} but the model has {num_classes} classes '
                                    f'(0..{num_classes - 1}): the data does not match the split manifest')
 
 
@@ -501,7 +504,7 @@ def tensorboard_writer(args, output_dir):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise utils.UsageError('--tensorboard needs the tensorboard package: pip install tensorboard') from None
+        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard') from None
     return SummaryWriter(os.path.join(output_dir, 'tensorboard'))
 
 
@@ -509,9 +512,9 @@ def set_normalization(args, in_chans):
     """Fix ``args.mean``/``args.std`` to the values the data is normalised with (``--mean``/``--std``, those the
     input checkpoints recorded (utils.inherit_normalization), else ImageNet's), so that args.json and every
     checkpoint record them for the next stages and for deployment."""
-    import datasets
+    import data_transforms
 
-    args.mean, args.std = (list(v) for v in datasets.resolve_mean_std(args.mean, args.std, in_chans))
+    args.mean, args.std = (list(v) for v in data_transforms.resolve_mean_std(args.mean, args.std, in_chans))
 
 
 def run_divisions(args, make_task, stage):
@@ -534,7 +537,7 @@ def run_divisions(args, make_task, stage):
         num_classes = len(info['classes'])
         utils.seed_everything(args.seed)  # same initial weights on every rank and in every rerun
         task = make_task(division, num_classes)
-        size, chans = utils.input_spec(task.model)
+        size, chans = factory.input_spec(task.model)
         set_normalization(args, chans)
         data = {split: datasets.build_dataset(args.dataset, args.data_path, split, division=division, input_size=size,
                                               in_chans=chans, tiny=args.tiny_transforms, args=args)

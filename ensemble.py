@@ -19,20 +19,24 @@ import os
 import torch
 import torch.nn as nn
 
+import cli
 import datasets
 import engine
+import fileio
 import utils
+from fileio import UsageError
 from losses import DistillationLoss, build_base_criterion
-from models.checkpoint import load_weights, read_checkpoint
+from models import factory
+from models.checkpoint import checkpoint_info, load_weights, read_checkpoint
 from models.ensemble_model import CONFIG_KEY, load_students
 
 
 def get_parser():
-    parents = [utils.data_args(), utils.augment_args(), utils.division_args(select=False), utils.model_args(),
-               utils.optim_args(), utils.distill_args(relations=False), utils.run_args()]
+    parents = [cli.data_args(), cli.augment_args(), cli.division_args(select=False), cli.model_args(),
+               cli.optim_args(), cli.distill_args(relations=False), cli.run_args()]
     parser = argparse.ArgumentParser('DeViT stage 3: ensemble of the students', parents=parents)
     group = parser.add_argument_group('ensemble')
-    group.add_argument('--device-dropout', type=utils.probability, default=0.0,
+    group.add_argument('--device-dropout', type=cli.probability, default=0.0,
                        help='training probability of zeroing one device\'s tokens (robust to a missing device)')
     group.add_argument('--eval-missing', action='store_true',
                        help='also report test accuracy with each device missing in turn (tokens zero-filled, as the '
@@ -44,15 +48,15 @@ def get_parser():
 def teacher_checkpoint(teacher_path):
     """The full teacher: a checkpoint file, or a stage-1 style folder of one division (as the demo's teacher)."""
     if teacher_path is None:
-        raise utils.UsageError('--teacher-path is required: the full teacher checkpoint')
+        raise UsageError('--teacher-path is required: the full teacher checkpoint')
     if os.path.isdir(teacher_path):
         for candidate in (os.path.join(teacher_path, engine.CHECKPOINT_BEST),
                           os.path.join(utils.division_dir(teacher_path, 0), engine.CHECKPOINT_BEST)):
             if os.path.isfile(candidate):
                 return candidate
-        raise utils.UsageError(f'--teacher-path {teacher_path} holds no {engine.CHECKPOINT_BEST}')
+        raise UsageError(f'--teacher-path {teacher_path} holds no {engine.CHECKPOINT_BEST}')
     if not os.path.isfile(teacher_path):
-        raise utils.UsageError(f'--teacher-path {teacher_path} does not exist')
+        raise UsageError(f'--teacher-path {teacher_path} does not exist')
     return teacher_path
 
 
@@ -60,9 +64,9 @@ def check_students(model_path, num_division):
     """The students must be stage-2 checkpoints (distill_sub.py's), not e.g. stage 1's sub-teachers."""
     for division in range(num_division):
         path = os.path.join(utils.division_dir(model_path, division), engine.CHECKPOINT_BEST)
-        stage = utils.checkpoint_info(path).get('stage') if os.path.isfile(path) else None
+        stage = checkpoint_info(path).get('stage') if os.path.isfile(path) else None
         if stage is not None and stage != 2:
-            raise utils.UsageError(f'student {path} is a stage-{stage} checkpoint; --model-path must be the output '
+            raise UsageError(f'student {path} is a stage-{stage} checkpoint; --model-path must be the output '
                                    f'folder of distill_sub.py (stage 2)')
 
 
@@ -70,10 +74,10 @@ def check_teacher_classes(path, num_classes):
     """A teacher trained through the split must have kept the global class order (one division, classes 0..K-1)."""
     checkpoint = read_checkpoint(path)
     if checkpoint.get('stage') in (2, 3):
-        raise utils.UsageError(f'teacher {path} is a stage-{checkpoint["stage"]} checkpoint, not a full teacher')
+        raise UsageError(f'teacher {path} is a stage-{checkpoint["stage"]} checkpoint, not a full teacher')
     classes = checkpoint.get('classes')
     if classes is not None and list(classes) != list(range(num_classes)):
-        raise utils.UsageError(f'teacher {path} was trained on classes {classes[:8]}..., not on all {num_classes} '
+        raise UsageError(f'teacher {path} was trained on classes {classes[:8]}..., not on all {num_classes} '
                                f'classes in their global order')
 
 
@@ -103,17 +107,17 @@ def evaluate_missing(args, ensemble, val_set):
                           for i in range(ensemble.num_devices)]}
     if utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
-        utils.write_json_atomic(os.path.join(args.output_dir, 'missing_devices.json'), result)
+        fileio.write_json_atomic(os.path.join(args.output_dir, 'missing_devices.json'), result)
         print(f'test acc1 with all {ensemble.num_devices} devices {result["all"]:.2f}%; with device i missing: '
               + ', '.join(f'{i}: {a:.2f}%' for i, a in enumerate(result['missing'])), flush=True)
     return result
 
 
 def main(argv=None):
-    args = utils.parse_args(get_parser(), argv)
+    args = cli.parse_args(get_parser(), argv)
     utils.init_distributed(args)
     if not args.model_path or not os.path.isdir(args.model_path):
-        raise utils.UsageError(f'--model-path {args.model_path} must be the output folder of distill_sub.py')
+        raise UsageError(f'--model-path {args.model_path} must be the output folder of distill_sub.py')
     manifest = datasets.read_manifest(args.model_path, required=True)
     utils.check_divisions(args, manifest)
     check_students(args.model_path, args.num_division)
@@ -125,20 +129,20 @@ def main(argv=None):
     utils.inherit_normalization(args, [p for p in (student0, teacher_path) if os.path.isfile(p)])
 
     utils.seed_everything(args.seed)  # same initial head on every rank and in every rerun
-    teacher = utils.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
+    teacher = factory.create_model(args.teacher_model, num_classes, args.teacher_kwargs, args.input_size)
     load_weights(teacher, teacher_path, reset_head=False)
     ensemble = load_students(args.model_path, args.num_division, num_classes=num_classes,
                              embed_dim=teacher.num_features, model=args.model, model_kwargs=args.model_kwargs,
                              device_dropout=args.device_dropout)
-    size, chans = utils.input_spec(ensemble.backbones[0])
-    if utils.input_spec(teacher) != (size, chans):
-        raise utils.UsageError(f'teacher input {utils.input_spec(teacher)} differs from the students\' {(size, chans)}'
-                               f' (size, channels): pass --teacher-kwargs img_size=... in_chans=...')
+    size, chans = factory.input_spec(ensemble.backbones[0])
+    if factory.input_spec(teacher) != (size, chans):
+        raise UsageError(f'teacher input {factory.input_spec(teacher)} differs from the students\' {(size, chans)}'
+                         f' (size, channels): pass --teacher-kwargs img_size=... in_chans=...')
     engine.set_normalization(args, chans)
     data = {split: datasets.build_dataset(args.dataset, args.data_path, split, input_size=size, in_chans=chans,
                                           tiny=args.tiny_transforms, args=args) for split in ('train', 'val')}
     if data['train'].num_classes != num_classes:
-        raise utils.UsageError(f'{args.data_path} has {data["train"].num_classes} classes but the students\' split '
+        raise UsageError(f'{args.data_path} has {data["train"].num_classes} classes but the students\' split '
                                f'manifest has {num_classes}')
     if utils.is_main_process():
         print(f'ensemble of {ensemble.num_devices} students (widths {ensemble.widths}) -> {num_classes} classes; '
@@ -159,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    utils.run_main(main)
+    cli.run_main(main)

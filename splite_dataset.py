@@ -50,17 +50,10 @@ import tempfile
 
 import numpy as np
 
+import fileio
 import grouping
-from datasets import (
-    DATASET_NAMES,
-    MANIFEST,
-    SPLITS,
-    DatasetError,
-    Samples,
-    canonical_name,
-    check_image_file,
-    read_samples,
-)
+from datasets import DATASET_NAMES, MANIFEST, SPLITS, Samples, canonical_name, check_image_file, read_samples
+from fileio import DatasetError, UsageError
 from grouping import AUTHORS_SEED, STRATEGIES, GroupingError
 
 LINK_MODES = ('hardlink', 'copy')
@@ -356,8 +349,9 @@ def compute_confusion(dataset: str, data_path: str, teacher_path: str, teacher_m
     import torch
     from torch.utils.data import DataLoader
 
-    import utils
-    from datasets import ArrayDataset, FileDataset, build_transform
+    from data_transforms import build_transform
+    from datasets import ArrayDataset, FileDataset
+    from models import factory
     from models.checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
 
     name = canonical_name(dataset)
@@ -376,11 +370,11 @@ def compute_confusion(dataset: str, data_path: str, teacher_path: str, teacher_m
             teacher_kwargs = (trained.get('model_kwargs') or {}) if model_name == trained.get('model') else {}
         input_size = input_size or trained.get('input_size')
         tiny = bool(trained.get('tiny_transforms')) if tiny is None else tiny
-        model = utils.create_model(model_name, num_classes, teacher_kwargs, input_size)
+        model = factory.create_model(model_name, num_classes, teacher_kwargs, input_size)
         load_state_dict_checked(model, extract_state_dict(state, source=teacher_path), reset_head=False,
                                 what='teacher', source=teacher_path)
-        size, chans = utils.input_spec(model)
-    except (utils.UsageError, CheckpointError) as e:
+        size, chans = factory.input_spec(model)
+    except (UsageError, CheckpointError) as e:
         raise SplitError(str(e)) from None
     del state
     samples = read_samples(name, data_path, split)
@@ -405,11 +399,9 @@ def compute_confusion(dataset: str, data_path: str, teacher_path: str, teacher_m
 
 def write_confusion(path: str, confusion: dict) -> None:
     """Write a confusion.json object atomically, one matrix row a line."""
-    import utils
-
     head = json.dumps({k: v for k, v in confusion.items() if k != 'matrix'}, indent=1, default=str)
     rows = ',\n'.join('  ' + json.dumps(r) for r in confusion['matrix'])
-    utils.write_text_atomic(path, head[:-2] + ',\n "matrix": [\n' + rows + '\n ]\n}\n')
+    fileio.write_text_atomic(path, head[:-2] + ',\n "matrix": [\n' + rows + '\n ]\n}\n')
 
 
 def summary(manifest: dict, output_path: str) -> str:
@@ -435,10 +427,10 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 class _Kwargs(argparse.Action):
-    """utils.ParseKwargs (`k=v ...`), imported only when the flag is used: the split itself stays light."""
+    """cli.ParseKwargs (`k=v ...`), imported only when the flag is used: the split itself stays light."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from utils import ParseKwargs
+        from cli import ParseKwargs
 
         ParseKwargs.__call__(self, parser, namespace, values, option_string)
 

@@ -13,24 +13,26 @@ Writes OUTPUT/sub-dataset{i}/{checkpoint.pth, checkpoint_last.pth, log.txt}, the
 import argparse
 import os
 
+import cli
 import engine
 import utils
 from losses import build_base_criterion
+from models import factory
 from models.checkpoint import load_weights
 
 
 def get_parser():
-    return argparse.ArgumentParser('DeViT stage 1: fine-tune sub-teachers', parents=utils.training_parents())
+    return argparse.ArgumentParser('DeViT stage 1: fine-tune sub-teachers', parents=cli.training_parents())
 
 
 def main(argv=None):
-    args = utils.parse_args(get_parser(), argv)
+    args = cli.parse_args(get_parser(), argv)
     utils.init_distributed(args)
     if args.model_path and os.path.isfile(args.model_path):
         utils.inherit_normalization(args, [args.model_path])
 
     def make_task(division, num_classes):
-        model = utils.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
+        model = factory.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
                                    drop_path_rate=args.drop_path)
         if args.model_path:
             load_weights(model, args.model_path, reset_head=True)
@@ -41,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    utils.run_main(main)
+    cli.run_main(main)

@@ -486,7 +486,7 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    from bench.run import finish
+    from bench.common import finish
 
     return finish(results, args.json)
 

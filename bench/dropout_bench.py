@@ -20,8 +20,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import cli  # noqa: E402
+import fileio  # noqa: E402
 from bench.strategies_bench import Demo, sh  # noqa: E402
+from models.checkpoint import checkpoint_info  # noqa: E402
 
 DOCS = os.path.join(ROOT, 'docs', 'results.md')
 DEMO = os.path.join(ROOT, 'output', 'demo')
@@ -82,7 +84,7 @@ def summary(report):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--demo', default=DEMO, help='a finished demo.sh output folder (its stage2 students and teacher)')
-    p.add_argument('--rates', type=utils.probability, nargs='+', default=[0.1, 0.2])
+    p.add_argument('--rates', type=cli.probability, nargs='+', default=[0.1, 0.2])
     p.add_argument('--quick', action='store_true', help='record demo.sh --quick (for a demo made with --quick)')
     p.add_argument('--port', type=int, default=int(os.environ.get('PORT', '29612')))
     p.add_argument('--docs', action='store_true', help='also rewrite the dropout table of docs/results.md')
@@ -94,7 +96,7 @@ def main(argv=None):
         done = os.path.join(demo_out, 'dropout', 'dropout.json')
         if not os.path.isfile(done):
             sys.exit(f'error: {done} not found: run this script without --docs-only first')
-        return utils.replace_block(DOCS, 'dropout', markdown(read_json(done)))
+        return fileio.replace_block(DOCS, 'dropout', markdown(read_json(done)))
     plain = os.path.join(demo_out, 'stage3', 'missing_devices.json')
     if not os.path.isfile(plain):
         sys.exit(f'error: {plain} not found: run demo.sh (its stage 3 runs --eval-missing) first')
@@ -102,16 +104,16 @@ def main(argv=None):
     rows = [row('trained without dropout (the demo\'s stage 3)', read_json(plain))]
     rows += [row(f'`--device-dropout {r:g}`', train_head(demo, demo_out, r)) for r in args.rates]
     manifest = read_json(os.path.join(demo_out, 'stage2', 'split.json'))
-    ckpt = utils.checkpoint_info(os.path.join(demo_out, 'stage3', 'checkpoint.pth'))
+    ckpt = checkpoint_info(os.path.join(demo_out, 'stage3', 'checkpoint.pth'))
     stage3_args = ckpt.get('args') or {}
     report = {'demo': os.path.relpath(demo_out, ROOT), 'quick': args.quick, 'rows': rows,
               'groups': [d['class_names'] for d in manifest['divisions']],
               'test_images': stage3_args.get('limit_val') or 10000}
-    utils.write_json_atomic(os.path.join(demo_out, 'dropout', 'dropout.json'), report)
+    fileio.write_json_atomic(os.path.join(demo_out, 'dropout', 'dropout.json'), report)
     text = markdown(report)
     print(text)
     if args.docs:
-        utils.replace_block(DOCS, 'dropout', text)
+        fileio.replace_block(DOCS, 'dropout', text)
 
 
 if __name__ == '__main__':

@@ -49,14 +49,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import collab_bench  # noqa: E402
 import torch  # noqa: E402
 
-import plan as planner  # noqa: E402
+from bench import collab_bench  # noqa: E402
 from collab import quota  # noqa: E402
-from jetson.profile import LinkServer, _LinkHandler, read_profile  # noqa: E402
+from collab.host import plan as planner  # noqa: E402
+from collab.profiles import read_profile  # noqa: E402
+from jetson.links import LinkHandler, LinkServer  # noqa: E402
 
 QUOTAS = (0.6, 0.6, 0.15, 0.15)
 KINDS = {'fast': 0.6, 'slow': 0.15}
@@ -72,7 +72,7 @@ def grid(quick):
 def profile_devices(workdir, quick, verbose=True):
     """{kind: profile path}: the kinds profiled at the same time (so both see this machine in the same state, as
     the fleet's workers do), each under its quota, the grid alternated over 3 rounds, the loopback link measured."""
-    server = LinkServer(('127.0.0.1', 0), _LinkHandler)
+    server = LinkServer(('127.0.0.1', 0), LinkHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     widths, depths = grid(quick)
     paths, procs = {}, {}

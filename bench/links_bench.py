@@ -23,7 +23,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402
+import fileio  # noqa: E402
 from bench.collab_bench import N, Runner, collab_argv, scales, teacher_argv, write_ensemble  # noqa: E402
 
 # (name, rate for tc): no shaping, the paper's 1 Gbit/s switch, Wi-Fi-like links.
@@ -138,7 +138,7 @@ def main(argv=None):
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(result))
     if args.json:
-        utils.write_json_atomic(args.json, result)
+        fileio.write_json_atomic(args.json, result)
     return result
 
 

@@ -4,7 +4,7 @@
 
 `onnx_vs_torch_student`: p50 latency of one `dedeit` student's device graph (image -> cls|dist tokens, what a
 device computes; random weights) at 224x224, batch 1, one intra-op thread, in onnxruntime (the graph
-export_onnx.py writes: collab.host.export.export_graph, opset 17) / in PyTorch eager (`torch.inference_mode`,
+export_onnx.py writes: collab.host.onnx_graphs.export_graph, opset 17) / in PyTorch eager (`torch.inference_mode`,
 `torch.set_num_threads(1)`). The two alternate in rounds of a few calls each, so a busy neighbour slows both alike;
 the ratio is of the medians over all calls. Target <= 0.85: the export must pay for itself.
 `onnx_vs_torch_student_demo`: the same at the demo's scale (28x28 grey images, patch 7, width 64, depth 2, 2 heads).
@@ -37,10 +37,9 @@ import torch
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, BENCH)
 import onnxruntime as ort  # noqa: E402
 
-from collab.host.export import export_graph  # noqa: E402
+from collab.host.onnx_graphs import export_graph  # noqa: E402
 from collab.sessions import session  # noqa: E402
 from models.ensemble_model import create_backbone  # noqa: E402
 from models.features import DeviceTokens  # noqa: E402
@@ -126,7 +125,7 @@ def export(checkpoint, folder, *flags):
 
 def collab_compare(scale, rounds, limit, workdir, verbose=True):
     """Collaborative runs of one random-weight ensemble of `scale` on both backends, alternated: the reports."""
-    import collab_bench as collab
+    from bench import collab_bench as collab
 
     ckpt = collab.write_ensemble(os.path.join(workdir, f'{scale.name}.pth'), [scale.student] * collab.N,
                                  scale.teacher, scale.num_classes)
@@ -142,7 +141,7 @@ def collab_compare(scale, rounds, limit, workdir, verbose=True):
 
 
 def collab_result(scale, reports, what):
-    import collab_bench as collab
+    from bench import collab_bench as collab
 
     p50 = {b: statistics.median(collab.p50([rep]) for rep in reps) for b, reps in reports.items()}
     compute = {b: statistics.median(float(r['compute_ms']) for rep in reps for r in rep['rows'])
@@ -162,7 +161,7 @@ def collab_result(scale, reports, what):
 
 
 def bench_collab(quick=False, verbose=True):
-    import collab_bench as collab
+    from bench import collab_bench as collab
 
     sc = collab.scales()
     rounds = 2 if quick else 4
@@ -191,7 +190,7 @@ def main(argv=None):
     p.add_argument('--json', default=None, help='write the results here')
     args = p.parse_args(argv)
     results = {None: bench, 'student': bench_student, 'collab': bench_collab}[args.only](args.quick)
-    from bench.run import finish
+    from bench.common import finish
 
     return finish(results, args.json)
 

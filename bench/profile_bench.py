@@ -33,9 +33,9 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import fileio  # noqa: E402
 import grouping  # noqa: E402
 import models  # noqa: E402,F401  (registers dedeit)
-import utils  # noqa: E402
 from losses import DistillationLoss, build_base_criterion  # noqa: E402
 from models.adapter import layer_pairs  # noqa: E402
 from models.ensemble_model import DeViTEnsemble, create_backbone  # noqa: E402
@@ -315,7 +315,7 @@ def main(argv=None):
               f'{r["epoch_s"]["old"]:.2f} -> {r["epoch_s"]["new"]:.2f} s (x{r["epoch_ratio"]:.3f} measured, '
               f'x{r["epoch_ratio_implied"]:.3f} implied)')
     if args.json:
-        utils.write_json_atomic(args.json, results)
+        fileio.write_json_atomic(args.json, results)
     return results
 
 

@@ -39,6 +39,10 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, ROOT)  # the repository's modules and the bench package, from any working folder
+
+from bench.common import print_table, target_text, verdict  # noqa: E402
+
 SUITES = ('training', 'split', 'collab', 'profile', 'onnx', 'serve', 'hetero')
 
 
@@ -47,7 +51,8 @@ SUITES = ('training', 'split', 'collab', 'profile', 'onnx', 'serve', 'hetero')
 
 def suite_training(quick):
     import torch
-    import training_bench as training
+
+    from bench import training_bench as training
 
     torch.set_num_threads(1)  # least sensitive to other load; the ratios compare like with like
     torch.manual_seed(0)
@@ -101,7 +106,7 @@ def noise_floor(training, data, repeats):
 
 
 def suite_split(quick):
-    import split_bench as split
+    from bench import split_bench as split
 
     # 10,000 files of 110 KB (1.1 GB) in the full run: the ratio is per file, and writing, syncing and deleting the
     # trees (not timed) is most of the suite's time.
@@ -126,15 +131,14 @@ def suite_split(quick):
 
 
 def suite_collab(quick):
-    import collab_bench as collab
+    from bench import collab_bench as collab
 
     with tempfile.TemporaryDirectory(prefix='devit-bench-collab-') as workdir:
         return collab.bench(quick, workdir)
 
 
 def suite_serve(quick):
-    import serve_bench
-    import transport_bench
+    from bench import serve_bench, transport_bench
 
     results = serve_bench.bench(quick)
     t = transport_bench.bench(quick)
@@ -153,27 +157,25 @@ def suite_serve(quick):
 
 
 def suite_profile(quick):
-    import profile_bench as profile_demo
+    from bench import profile_bench as profile_demo
 
     return profile_demo.bench(quick)
 
 
 def suite_onnx(quick):
-    import onnx_bench
+    from bench import onnx_bench
 
     return onnx_bench.bench(quick)
 
 
 def suite_hetero(quick):
-    import hetero_bench
+    from bench import hetero_bench
 
     with tempfile.TemporaryDirectory(prefix='devit-bench-hetero-') as workdir:
         return hetero_bench.bench(quick, workdir)
 
 
 def run_suite(name, quick, out):
-    sys.path.insert(0, BENCH)
-    sys.path.insert(1, ROOT)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     results = globals()[f'suite_{name}'](quick)
@@ -183,43 +185,6 @@ def run_suite(name, quick, out):
         value['suite'] = meta
     with open(out, 'w') as f:
         json.dump(results, f, indent=1, default=float)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The table
-
-def verdict(r):
-    if r.get('direction') is None or r.get('target') is None:
-        return '-'
-    ok = r['ratio'] <= r['target'] if r['direction'] == 'max' else r['ratio'] >= r['target']
-    return 'pass' if ok else 'FAIL'
-
-
-def target_text(r):
-    if r.get('target') is None:
-        return '-'
-    return f'{"<=" if r.get("direction") == "max" else ">="} {r["target"]:g}'
-
-
-def short(text, width):
-    return text if len(text) <= width else text[:width - 3] + '...'
-
-
-def print_table(results):
-    print(f'\n{"benchmark":<32} {"ratio":>9} {"target":>9}  {"":4}  what')
-    for key, r in results.items():
-        print(f'{key:<32} {r["ratio"]:>9.3f} {target_text(r):>9}  {verdict(r):<4}  {short(r["what"], 100)}')
-
-
-def finish(results, json_path=None):
-    """How a benchmark script run alone ends: its table, and its results written to `json_path` (atomically)."""
-    print_table(results)
-    if json_path:
-        sys.path.insert(0, ROOT)
-        import utils
-
-        utils.write_json_atomic(json_path, results)
-    return results
 
 
 def fmt(v, digits=2):
@@ -425,8 +390,7 @@ def main(argv=None):
             'seconds': time.perf_counter() - started,
             'load': f'{loads[0]}-{loads[-1]}' if loads else '?'}
     print_table(results)
-    sys.path.insert(0, ROOT)
-    from utils import write_json_atomic, write_text_atomic  # an interrupted write leaves the old results whole
+    from fileio import write_json_atomic, write_text_atomic  # an interrupted write leaves the old results whole
 
     write_json_atomic(args.json, results)
     if args.markdown:
@@ -439,7 +403,7 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The docs: generated blocks of docs/benchmarks.md (utils.replace_block) and the links figure
+# The docs: generated blocks of docs/benchmarks.md (fileio.replace_block) and the links figure
 
 DOCS = os.path.join(ROOT, 'docs', 'benchmarks.md')
 README = os.path.join(ROOT, 'README.md')  # its `drill` block: the service's fault drill
@@ -448,7 +412,7 @@ LINKS_JSON = os.path.join(BENCH, 'links.json')  # sudo python bench/links_bench.
 
 def links_table(result):
     """The links results (bench/links_bench.py's JSON) as markdown: its table, and the figure beside the page."""
-    import links_bench
+    from bench import links_bench
 
     return (f'`sudo python bench/links_bench.py --json bench/links.json`: {result["what"]}; p50 of '
             f'{result["images"]["collab"]} (DeViT) and {result["images"]["split"]} (layer-split) images per link.\n\n'
@@ -483,7 +447,7 @@ def links_figure(result):
 
 def drill_text(r):
     """The fault drill's table (README's `drill` block), from results.json's serve_fault_drill."""
-    from utils import wrap_markdown
+    from fileio import wrap_markdown
 
     return wrap_markdown(f'`python bench/run.py --only serve`: {r["what"]}.') + f'\n\n{r["table"]}'
 
@@ -492,8 +456,7 @@ def write_docs(json_path, meta=None, docs=DOCS, links_json=LINKS_JSON, readme=RE
     """Rewrite the `benchmarks` block of docs/benchmarks.md from the results in ``json_path``, the `drill` block of
     README.md where the results have the fault drill, and, where bench/links.json exists, the `links` block and
     docs/links.png. ``meta``: the run's (else read off the files)."""
-    sys.path[:0] = [ROOT, BENCH]
-    from utils import UsageError, replace_blocks, write_bytes_atomic
+    from fileio import UsageError, replace_blocks, write_bytes_atomic
 
     with open(json_path) as f:
         results = json.load(f)

@@ -375,7 +375,7 @@ def main(argv=None):
     p.add_argument('--json', default=None)
     args = p.parse_args(argv)
     results = bench(args.quick, args.model_path, args.data_path, args.backend)
-    from bench.run import finish
+    from bench.common import finish
 
     return finish(results, args.json)
 

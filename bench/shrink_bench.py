@@ -42,13 +42,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import engine  # noqa: E402
-import utils  # noqa: E402
+import fileio  # noqa: E402
+from fileio import UsageError  # noqa: E402
 from models.pruning import model_shape, prune_  # noqa: E402
 from models.stats import count_macs, count_params  # noqa: E402
-from shrink import load_student  # noqa: E402
+from shrinking import load_student  # noqa: E402
 
 DATA = '/usr/share/datasets/fashion-mnist'
-DOCS = os.path.join(ROOT, 'docs', 'shrinking.md')  # generated blocks shrink and shrink-demo (utils.replace_block)
+DOCS = os.path.join(ROOT, 'docs', 'shrinking.md')  # generated blocks shrink and shrink-demo (fileio.replace_block)
 TEACHER = 'deit_tiny_distilled_patch16_224'
 # The demo's student; the teacher is smaller than the demo's (192 wide, 6 deep) to keep the benchmark short on CPU.
 STUDENT_KW = ['img_size=28', 'patch_size=4', 'in_chans=1', 'embed_dim=96', 'depth=3', 'num_heads=3', 'mlp_ratio=2']
@@ -374,13 +375,13 @@ def main(argv=None):
     text = markdown_demo(result) if args.demo else markdown(result)
     print(text)
     if args.json:
-        utils.write_json_atomic(args.json, result)
+        fileio.write_json_atomic(args.json, result)
     if args.markdown:
-        utils.write_text_atomic(args.markdown, text)
+        fileio.write_text_atomic(args.markdown, text)
     elif not args.quick:  # the page's title is the docs page's own: the block starts below it
         try:
-            utils.replace_block(DOCS, 'shrink-demo' if args.demo else 'shrink', text.split('\n', 2)[2])
-        except utils.UsageError as err:
+            fileio.replace_block(DOCS, 'shrink-demo' if args.demo else 'shrink', text.split('\n', 2)[2])
+        except UsageError as err:
             print(f'error: {err}', file=sys.stderr)
             sys.exit(2)
     return result

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils
+import fileio
 from splite_dataset import split_dataset
 
 TARGET = 10.0
@@ -131,7 +131,7 @@ def main(argv=None):
             with open(args.json) as f:
                 doc = json.load(f)
         doc['split_link_vs_copy'] = result
-        utils.write_json_atomic(args.json, doc)
+        fileio.write_json_atomic(args.json, doc)
     return result
 
 

@@ -37,8 +37,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, 'docs', 'results.md')  # its `strategies` block
 sys.path.insert(0, ROOT)
+import fileio  # noqa: E402
 import grouping  # noqa: E402
 import utils  # noqa: E402
+from models.checkpoint import checkpoint_info  # noqa: E402
 
 # splite_dataset.py flags that choose the classes: dropped from demo.sh's split, set per strategy here.
 SPLIT_CHOICE = {'--strategy', '--seed', '--confusion', '--confusion-split', '--teacher-path', '--teacher-model',
@@ -146,7 +148,7 @@ def without(argv, flags):
 
 
 def kwargs_after(argv, flag):
-    """The `k=v` items after `flag`, parsed as utils.ParseKwargs does."""
+    """The `k=v` items after `flag`, parsed as cli.ParseKwargs does."""
     i, kwargs = argv.index(flag) + 1, {}
     while i < len(argv) and not argv[i].startswith('--'):
         key, _, value = argv[i].partition('=')
@@ -178,7 +180,7 @@ def sh(cmd, log, omp):
 def teacher_matches(path, demo):
     if not os.path.isfile(path):
         return False
-    args = utils.checkpoint_info(path).get('args') or {}
+    args = checkpoint_info(path).get('args') or {}
     return args.get('model') == demo.teacher_model and dict(args.get('model_kwargs') or {}) == demo.teacher_kwargs
 
 
@@ -218,7 +220,7 @@ def strategies(args):
 
 
 def accuracy(path):
-    return float(utils.checkpoint_info(path)['test_acc1'])
+    return float(checkpoint_info(path)['test_acc1'])
 
 
 def run_key(teacher, args, flags):
@@ -270,7 +272,7 @@ def run_strategy(name, flags, args, demo, teacher, confusion):
         'missing_mean_acc1': statistics.fmean(missing['missing']), 'missing_worst_acc1': min(missing['missing']),
         'seconds': seconds,
     }
-    utils.write_json_atomic(result_file, result)
+    fileio.write_json_atomic(result_file, result)
     return result
 
 
@@ -376,7 +378,7 @@ def main(argv=None):
               'vs_random': {r['name']: r['ensemble_acc1'] - base['ensemble_acc1']
                             for r in rows if base and r['name'].startswith('confusion')},
               'seconds': time.time() - started}
-    utils.write_json_atomic(os.path.join(args.out, 'strategies.json'), report)
+    fileio.write_json_atomic(os.path.join(args.out, 'strategies.json'), report)
     print(publish(report, args.out, docs=not args.quick))
     return 0
 
@@ -385,9 +387,9 @@ def publish(report, out, docs):
     """OUT/strategies.md and, with `docs`, the same table in docs/results.md (its generated block, below that page's
     own heading); the markdown."""
     text = markdown(report)
-    utils.write_text_atomic(os.path.join(out, 'strategies.md'), text)
+    fileio.write_text_atomic(os.path.join(out, 'strategies.md'), text)
     if docs:
-        utils.replace_block(DOCS, 'strategies', text.split('\n', 2)[2])
+        fileio.replace_block(DOCS, 'strategies', text.split('\n', 2)[2])
     return text
 
 

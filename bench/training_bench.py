@@ -205,7 +205,7 @@ def main(argv=None):
     results = {'engine_overhead': bench_engine(data, repeats)}
     results['distill_overhead'] = bench_distill(loader(images // 2, batch_size=128), repeats)
     results['data_loading'] = bench_loading(data, repeats, results['engine_overhead']['bare_images_per_s'])
-    from bench.run import finish
+    from bench.common import finish
 
     return finish(results, args.json)
 

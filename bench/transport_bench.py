@@ -245,9 +245,9 @@ def main(argv=None):
         return role(args.role, args.rounds, args.per_round)
     result = bench(args.quick, args.workers)
     if args.json:
-        import utils
+        import fileio
 
-        utils.write_json_atomic(args.json, result)
+        fileio.write_json_atomic(args.json, result)
     return result
 
 

@@ -4,8 +4,8 @@ A device model has ``index``, ``token_width``, ``input`` ({size, channels, mean,
 ``backend``, ``source`` (the file it came from) and ``run(x)``: x float32 B×C×S×S already normalised -> float32
 B×W, the tokens it sends (cls | dist). ``describe()`` is what goes into its hello.
 
-- ``--backend torch``: backbone i of a stage-3 checkpoint, built alone (`TorchDevice`); PyTorch is imported only
-  then, so the onnxruntime path runs where there is none.
+- ``--backend torch``: backbone i of a stage-3 checkpoint, built alone (`collab.host.torch_models.TorchDevice`, with
+  the same interface); the worker imports it only then, so the onnxruntime path runs where there is no PyTorch.
 - ``--backend onnxruntime``: ``device{i}.onnx`` of an export folder (`OnnxDevice`), as its ``manifest.json``
   describes it (collab/manifest.py: the schema and its one reader); with ``fp16`` the export's half-precision copy
   (``devices[i].fp16_file``, ``head.fp16_file``: export_onnx.py --fp16), or, on the TensorRT execution provider,
@@ -15,15 +15,14 @@ B×W, the tokens it sends (cls | dist). ``describe()`` is what goes into its hel
 A file that is missing, unreadable or does not match its manifest (token width, input, head inputs) is a
 `ModelError`, one line naming the file.
 
-Device-side module: Python 3.6+, numpy (+ onnxruntime or torch, imported when used).
+Device-side module: Python 3.6+, numpy (+ onnxruntime, imported when a session is opened).
 """
-import os
 
 import numpy as np
 
 from . import manifest as export_manifest
 from .manifest import ModelError
-from .sessions import default_threads, provider_names, session
+from .sessions import provider_names, session
 
 BACKENDS = ('torch', 'onnxruntime')
 
@@ -132,92 +131,3 @@ class OnnxHead:
         feed = {name: (np.zeros((batch, w), dtype=np.float32) if t is None else np.asarray(t, dtype=np.float32))
                 for name, w, t in zip(self.inputs, self.widths, tokens)}
         return np.asarray(self.session.run([self.output], feed)[0], dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# PyTorch
-
-class TorchDevice:
-    """Device `index` of a stage-3 checkpoint: that backbone alone, built and loaded by key name."""
-
-    backend = 'torch'
-
-    def __init__(self, checkpoint, index, ema=False, device=None, local_rank=0, threads=None):
-        import torch
-
-        from .host import torch_models
-
-        if default_threads(threads):
-            torch.set_num_threads(default_threads(threads))
-        self.torch = torch
-        self.device = torch_models.compute_device(device, local_rank)
-        self.module, self.input, self.spec = torch_models.load_device(checkpoint, index, ema)
-        self.module.to(self.device)
-        self.index, self.source, self.token_width = index, os.fspath(checkpoint), self.module.width
-
-    def run(self, x):
-        torch = self.torch
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
-            return out.float().cpu().numpy()
-
-    def describe(self):
-        return describe(self)
-
-
-class TorchHead:
-    """The head of a stage-3 ensemble (its backbones are not used here)."""
-
-    backend = 'torch'
-
-    def __init__(self, ensemble):
-        import torch
-
-        self.torch, self.ensemble = torch, ensemble
-        self.widths = ensemble.token_widths()
-        self.num_classes = ensemble.num_classes
-        self.specs = [dict(s) for s in ensemble.config['backbones']]
-
-    def run(self, tokens):
-        torch = self.torch
-        with torch.inference_mode():
-            t = [None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in tokens]
-            return self.ensemble.head_forward(t).eval_logits().numpy()
-
-
-class TorchStage:
-    """Layer-split baseline: blocks of stage `index` of `num_stages` of a timm teacher (random weights unless a
-    checkpoint is given). The teacher is built at `prepare`, once the aggregator has said how many classes."""
-
-    backend = 'torch'
-
-    def __init__(self, name, kwargs, path, seed, index, num_stages, device=None, local_rank=0, threads=None):
-        import torch
-
-        from .host import torch_models
-
-        if default_threads(threads):
-            torch.set_num_threads(default_threads(threads))
-        self.torch, self.tm = torch, torch_models
-        self.name, self.kwargs, self.path, self.seed = name, dict(kwargs), path, seed
-        self.index, self.num_stages = index, num_stages
-        self.device = torch_models.compute_device(device, local_rank)
-        size, chans, tokens, dim = torch_models.teacher_shape(name, kwargs)
-        self.input = {'size': size, 'channels': chans}
-        self.activation = [tokens, dim]
-        self.spec = {'model': name, 'kwargs': self.kwargs}
-        self.source = path or f'(random weights, seed {seed})'
-        self.stage = None
-
-    def prepare(self, num_classes):
-        teacher = self.tm.build_teacher(self.name, self.kwargs, num_classes, self.path, self.seed)
-        self.stage = self.tm.split_stages(teacher, self.num_stages)[self.index].to(self.device)
-
-    def run(self, x):
-        torch = self.torch
-        with torch.inference_mode():
-            return self.stage(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
-
-    def describe(self):
-        return {'backend': self.backend, 'source': self.source, 'model': self.spec, 'activation': self.activation,
-                'input': self.input}

@@ -270,14 +270,16 @@ class Worker:
 # Building a worker
 
 def load_model(backend, model_path, index, threads=None, device=None, ema=False, local_rank=0, fp16=False):
-    """Device `index`'s model with `backend` (backends.OnnxDevice or backends.TorchDevice); `fp16`: the export's
-    half-precision graph (onnxruntime only)."""
+    """Device `index`'s model with `backend` (backends.OnnxDevice, or collab.host.torch_models.TorchDevice); `fp16`: the
+    export's half-precision graph (onnxruntime only)."""
     if backend == 'onnxruntime':
         return backends.OnnxDevice(model_path, index, threads, device or 'cpu', fp16)
     if backend == 'torch':
         if fp16:
             raise ValueError(FP16_MODEL_NEEDS)
-        return backends.TorchDevice(model_path, index, ema, device, local_rank, threads)
+        from .host.torch_models import TorchDevice  # the one path of a worker that needs PyTorch (and the models)
+
+        return TorchDevice(model_path, index, ema, device, local_rank, threads)
     raise ValueError(f'unknown backend {backend!r} (choose from {", ".join(backends.BACKENDS)})')
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from collab import manifest as export_manifest
 from jetson import split_command
-from jetson.power import jetson_model
+from jetson.power_sources import jetson_model
 
 TRTEXEC_PATHS = ('/usr/src/tensorrt/bin/trtexec',)  # where JetPack installs it (not on PATH by default)
 

@@ -41,7 +41,8 @@ import numpy as np
 
 from collab import manifest as export_manifest
 from collab.sessions import DEVICES, provider_names, session
-from jetson.power import SOURCES, PowerMonitor, SourceUnavailable, jetson_model
+from jetson.power import PowerMonitor
+from jetson.power_sources import SOURCES, SourceUnavailable, jetson_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ('torch', 'onnxruntime')

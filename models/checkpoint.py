@@ -43,6 +43,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def checkpoint_info(path):
+    """A checkpoint dict whose tensors are memory-mapped, not read: cheap access to ``stage``, ``classes``, ``args``.
+
+    Falls back to ``read_checkpoint`` (a full read, and its one-line error for a missing or truncated file).
+    """
+    try:
+        obj = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
+    except Exception:  # legacy (non-zip) format or a broken file
+        return read_checkpoint(path)
+    return obj if isinstance(obj, dict) else read_checkpoint(path)
+
+
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in state_dict.items():

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             with open(args.output, 'w') as f:
                 f.write(table)
         if args.docs:
-            from utils import replace_block  # the repository root's utils (python -m models.stats runs from there)
+            from fileio import replace_block
 
             replace_block(DOCS_FAMILIES, 'paper-table', table)
         print(table, end='')
@@ -272,6 +272,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-    from utils import run_main  # bad input as one error line
+    from cli import run_main  # bad input as one error line
 
     run_main(main)

@@ -11,7 +11,8 @@ import torch
 
 import export_onnx
 import utils
-from datasets import build_dataset, default_mean_std
+from data_transforms import default_mean_std
+from datasets import build_dataset
 from models.ensemble_model import DeViTEnsemble, create_backbone, load_ensemble
 
 STUDENT = {'img_size': 28, 'patch_size': 7, 'in_chans': 1, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}

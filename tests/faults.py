@@ -16,8 +16,9 @@ import pytest
 import torch
 from helpers import ROOT, STUDENT_KW, TEACHER, TEACHER_KW, TINY, digest, env, kill_group, launch_cmd, read_log  # noqa: F401
 
+import cli
 import splite_dataset
-import utils
+from models.checkpoint import read_checkpoint
 
 BATCH = 32  # TINY's --batch-size
 TRAIN = 256  # TINY's --limit-train: 256 / (2 ranks x 32) = 4 optimizer steps per epoch under the launcher
@@ -133,7 +134,7 @@ def temp_files(folder):
 
 
 def load(path):
-    return utils.read_checkpoint(path)
+    return read_checkpoint(path)
 
 
 def error_lines(text):
@@ -146,8 +147,8 @@ def no_project_traceback(text):
 
 
 def run_inprocess(main, argv, capsys):
-    """A script's ``main`` under ``utils.run_main`` in this process: (exit code, its stderr lines)."""
+    """A script's ``main`` under ``cli.run_main`` in this process: (exit code, its stderr lines)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(main, argv)
+        cli.run_main(main, argv)
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()

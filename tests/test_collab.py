@@ -24,7 +24,7 @@ import collab_infer
 import utils
 from collab import dispatch, wire
 from collab.host import modes, torch_models
-from datasets import default_mean_std
+from data_transforms import default_mean_std
 from models.checkpoint import CheckpointError
 from models.ensemble_model import load_ensemble, read_ensemble_checkpoint
 

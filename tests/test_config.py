@@ -10,12 +10,12 @@ import yaml
 from helpers import ROOT
 from test_pipeline import SEED_COMMANDS
 
+import cli
 import distill_sub
 import engine
 import ensemble
-import shrink
+import shrinking as shrink
 import train_subdata
-import utils
 
 STAGES = {1: train_subdata, 2: distill_sub, 3: ensemble}
 SMALL = os.path.join(ROOT, 'configs', 'small.yaml')
@@ -26,7 +26,7 @@ DEMO_FLAGS = ['--tiny-transforms', '--mixup', '0', '--cutmix', '0', '--smoothing
 
 
 def parsed(module, argv):
-    return vars(utils.parse_args(module.get_parser(), argv))
+    return vars(cli.parse_args(module.get_parser(), argv))
 
 
 @pytest.mark.parametrize('module', [train_subdata, distill_sub, ensemble, shrink], ids=lambda m: m.__name__)
@@ -67,7 +67,7 @@ def test_every_config_parses_with_every_script_it_names():
         modules = [STAGES[int(os.path.basename(path)[5])]] if 'stage' in path else [train_subdata, distill_sub,
                                                                                     ensemble, shrink]
         for module in modules:
-            utils.parse_args(module.get_parser(), ['-c', path])
+            cli.parse_args(module.get_parser(), ['-c', path])
 
 
 @pytest.mark.parametrize('text,fragment', [
@@ -84,7 +84,7 @@ def test_bad_config_is_one_error_line(tmp_path, capsys, text, fragment):
     path = tmp_path / 'bad.yaml'
     path.write_text(text)
     with pytest.raises(SystemExit) as exit_info:
-        utils.parse_args(train_subdata.get_parser(), ['-c', str(path)])
+        cli.parse_args(train_subdata.get_parser(), ['-c', str(path)])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if 'error:' in line]
     assert exit_info.value.code == 2 and len(lines) == 1 and fragment in lines[0] and str(path) in lines[0], err
@@ -114,7 +114,7 @@ def test_each_script_lists_only_its_own_flags():
     assert '--gama' in stage2 and '--gama' not in stage3 and '--layer-map' not in stage3
     assert '--start-division' in stage1 and '--start-division' not in stage3 and '--sub_classes' in stage3
     assert '--load-shrink' in stage2 and '--head-ratio' in pruning and '--eval-missing' in stage3
-    assert utils.get_args_parser().parse_args([]).gama == [0.2, 0.1, 0.3]  # every group at once, for other tools
+    assert cli.get_args_parser().parse_args([]).gama == [0.2, 0.1, 0.3]  # every group at once, for other tools
 
 
 def test_warm_up_longer_than_the_run_is_one_warning(capsys):

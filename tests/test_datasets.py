@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+import data_transforms
 import datasets
-from datasets import DatasetError, build_dataset
+from datasets import build_dataset
+from fileio import DatasetError
 
 # --- fixture writers (also used by test_split.py) ----------------------------------------------------------------
 
@@ -22,7 +24,7 @@ def class_colour(k: int) -> int:
 
 def colour_to_class(img: torch.Tensor) -> int:
     """Inverse of class_colour for a tiny-transform tensor (ImageNet normalisation, any channel count)."""
-    mean, std = datasets.default_mean_std(img.shape[0])
+    mean, std = data_transforms.default_mean_std(img.shape[0])
     grey = float((img[0].mean() * std[0] + mean[0]) * 255)
     return round((grey - 10) / 20)
 
@@ -157,12 +159,12 @@ def test_deit_transforms(fmnist_root, in_chans):
 
 def test_randaugment_top_magnitude_posterize_works():
     """timm's RandAugment posterizes to 0 bits at magnitude 10, which Pillow >= 13 refuses: our transforms' ops take
-    datasets.posterize, timm's own table is left alone."""
+    data_transforms.posterize, timm's own table is left alone."""
     from timm.data import auto_augment
-    transform = datasets.build_transform(True, 32, 3)
+    transform = data_transforms.build_transform(True, 32, 3)
     ops = [op for step in transform.transforms for op in getattr(step, 'ops', ())]
     posterize_ops = [op for op in ops if op.name.startswith('Posterize')]
-    assert posterize_ops and all(op.aug_fn is datasets.posterize for op in posterize_ops)
+    assert posterize_ops and all(op.aug_fn is data_transforms.posterize for op in posterize_ops)
     assert auto_augment.NAME_TO_OP['PosterizeIncreasing'] is auto_augment.posterize  # no global patch
     img = Image.new('RGB', (8, 8), (200, 100, 50))
     top = posterize_ops[0]
@@ -185,9 +187,9 @@ def test_every_dataset_and_transform_pickles(tmp_path, fmnist_root, tiny):
     hide in them, for any dataset kind, split or recipe."""
     import pickle
 
+    import cli
     import train_subdata
-    import utils
-    args = utils.parse_args(train_subdata.get_parser(), [])  # every DeiT default, as the seed's commands run
+    args = cli.parse_args(train_subdata.get_parser(), [])  # every DeiT default, as the seed's commands run
     for name, root in _every_kind(tmp_path, fmnist_root).items():
         for split in ('train', 'val'):
             for size in (32, 48):  # DeiT's small-image crop and its random-resized crop
@@ -208,7 +210,7 @@ def test_hflip_mean_and_std_reach_both_recipes():
 
     def build(tiny, hflip):
         args = SimpleNamespace(hflip=hflip, mean=[0.5], std=[0.25], aa='none', reprob=0.0, color_jitter=None)
-        return datasets.build_transform(True, 8, 1, tiny=tiny, args=args)
+        return data_transforms.build_transform(True, 8, 1, tiny=tiny, args=args)
     for _ in range(8):  # the tiny recipe: exactly to-tensor + normalise without flips, always flipped at 1
         torch.testing.assert_close(build(True, 0.0)(img)[0], expected)
         torch.testing.assert_close(build(True, 1.0)(img)[0], expected.flip(-1))
@@ -219,9 +221,9 @@ def test_hflip_mean_and_std_reach_both_recipes():
         normalize = next(s for s in steps if isinstance(s, transforms.Normalize))
         assert [float(v) for v in normalize.mean] == [0.5] * 3 and [float(v) for v in normalize.std] == [0.25] * 3
     with pytest.raises(DatasetError, match='--mean has 2 values but the model takes 3'):
-        datasets.resolve_mean_std([0.1, 0.2], None, 3)
-    assert datasets.resolve_mean_std([0.5], [0.2], 3) == ((0.5,) * 3, (0.2,) * 3)
-    assert datasets.resolve_mean_std(None, None, 1) == datasets.default_mean_std(1)
+        data_transforms.resolve_mean_std([0.1, 0.2], None, 3)
+    assert data_transforms.resolve_mean_std([0.5], [0.2], 3) == ((0.5,) * 3, (0.2,) * 3)
+    assert data_transforms.resolve_mean_std(None, None, 1) == data_transforms.default_mean_std(1)
 
 
 # --- ImageFolder ----------------------------------------------------------------------------------------------------

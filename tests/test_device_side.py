@@ -14,16 +14,17 @@ import pytest
 from collab_fixtures import export, images, reference, save_ensemble
 from helpers import ROOT, env, free_port
 
+import cli
 import collab_infer
-import utils
 from collab import backends, dispatch, manifest, quota, sessions, wire
-from datasets import default_mean_std
+from data_transforms import default_mean_std
 
 # What a board runs: the worker and everything it imports (fileio.py too), the client, and jetson/ (kept
 # 3.6-compatible by its owners; listed by glob so that new files are checked too). Every module of collab/ is in
 # one of the two lists.
 DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/manifest.py',
-               'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py']
+               'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py',
+               'collab/profiles.py']
 AGGREGATOR_SIDE = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', 'host', '*.py')))
 JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py'))) + ['fileio.py']
 HIDDEN = ('torch', 'timm', 'torchvision')
@@ -188,7 +189,7 @@ def test_aggregator_refuses_a_bad_export_in_one_line(case, exported, tmp_path, c
         folder = _copy(src, tmp_path / 'other', format='other-tool')
         says = f"error: {folder}/manifest.json is not a DeViT ONNX manifest: format 'other-tool'"
     with pytest.raises(SystemExit) as exc:
-        utils.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(folder), '--collab-port',
+        cli.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(folder), '--collab-port',
                                            str(free_port())])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(says), err

@@ -14,7 +14,7 @@ What is checked, outside fenced code blocks:
   benchmark files) or it is one of WRITTEN_BY_COMMANDS. A node id names a function of that test file (``::name``
   right after another span refers to the last file named on the line).
 - README.md: at most 150 lines of at most 120 characters.
-- generated blocks (utils.generated_blocks): each begin has its end, names are unique per page, and the command of
+- generated blocks (fileio.generated_blocks): each begin has its end, names are unique per page, and the command of
   each names a script or module that exists.
 """
 import io
@@ -28,7 +28,8 @@ import subprocess
 import pytest
 from helpers import ROOT
 
-import utils
+import fileio
+from fileio import UsageError
 
 # Result files a documented command writes, named in the docs before a run has made them.
 WRITTEN_BY_COMMANDS = {
@@ -185,7 +186,7 @@ def command_script(command):
 @pytest.mark.parametrize('page', PAGES)
 def test_generated_blocks_are_well_formed(page):
     with open(os.path.join(ROOT, page), encoding='utf-8') as f:
-        blocks = utils.generated_blocks(f.read(), page)
+        blocks = fileio.generated_blocks(f.read(), page)
     for name, (command, _, _, _) in blocks.items():
         script = command_script(command)
         assert os.path.isfile(os.path.join(ROOT, script)), f'{page}: block {name!r}: {command!r} runs no {script}'
@@ -198,7 +199,7 @@ def test_the_generated_blocks_the_scripts_write_exist():
                 'docs/families.md': {'paper-table'}}
     for page, names in expected.items():
         with open(os.path.join(ROOT, page), encoding='utf-8') as f:
-            assert names <= set(utils.generated_blocks(f.read(), page)), page
+            assert names <= set(fileio.generated_blocks(f.read(), page)), page
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_the_generated_blocks_the_scripts_write_exist():
 
 def block_body(page, name):
     with open(os.path.join(ROOT, page), encoding='utf-8') as f:
-        return '\n'.join(utils.generated_blocks(f.read(), page)[name][1])
+        return '\n'.join(fileio.generated_blocks(f.read(), page)[name][1])
 
 
 def test_paper_table_matches_models_stats():
@@ -230,7 +231,7 @@ def test_benchmark_rows_match_results_json():
 
 def test_plan_example_in_fleets_matches_plan_py(tmp_path, capsys):
     """docs/fleets.md shows plan.py's output for the estimated Orin and Nano profiles: it must be what plan.py says."""
-    import plan
+    from collab.host import plan
 
     with open(os.path.join(ROOT, 'docs', 'fleets.md'), encoding='utf-8') as f:
         text = f.read()
@@ -262,7 +263,7 @@ def test_testing_page_lists_every_default_of_the_helpers_audit():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# utils.replace_block, and the links figure bench/run.py writes
+# fileio.replace_block, and the links figure bench/run.py writes
 
 PAGE = """# Title
 
@@ -284,10 +285,10 @@ Tail without newline"""
 def test_replace_block_replaces_only_its_block(tmp_path):
     page = tmp_path / 'page.md'
     page.write_text(PAGE)
-    utils.replace_block(str(page), 'two', '| a | b |\n|---|---|\n| 1 | 2 |\n\n')
+    fileio.replace_block(str(page), 'two', '| a | b |\n|---|---|\n| 1 | 2 |\n\n')
     text = page.read_text()
     assert text == PAGE.replace('old two\nline 2\n', '| a | b |\n|---|---|\n| 1 | 2 |\n')
-    utils.replace_block(str(page), 'one', '')
+    fileio.replace_block(str(page), 'one', '')
     assert page.read_text() == text.replace('old one\n', '')
     assert sorted(os.listdir(tmp_path)) == ['page.md']  # no temp file left
 
@@ -295,8 +296,8 @@ def test_replace_block_replaces_only_its_block(tmp_path):
 def test_replace_block_refuses_a_missing_block_and_leaves_the_file(tmp_path):
     page = tmp_path / 'page.md'
     page.write_text(PAGE)
-    with pytest.raises(utils.UsageError) as err:
-        utils.replace_block(str(page), 'three', 'new')
+    with pytest.raises(UsageError) as err:
+        fileio.replace_block(str(page), 'three', 'new')
     message = str(err.value)
     assert str(page) in message and "'three'" in message and '<!-- generated three: COMMAND -->' in message
     assert '\n' not in message and page.read_text() == PAGE
@@ -306,10 +307,10 @@ def test_replace_blocks_changes_every_page_or_none(tmp_path):
     first, second = tmp_path / 'a.md', tmp_path / 'b.md'
     first.write_text(PAGE)
     second.write_text(PAGE.replace('generated two', 'generated other'))
-    with pytest.raises(utils.UsageError, match="has no generated block 'two'"):
-        utils.replace_blocks({str(first): {'one': 'new 1', 'two': 'new 2'}, str(second): {'two': 'new'}})
+    with pytest.raises(UsageError, match="has no generated block 'two'"):
+        fileio.replace_blocks({str(first): {'one': 'new 1', 'two': 'new 2'}, str(second): {'two': 'new'}})
     assert first.read_text() == PAGE  # the first page was fine, but the second's missing block stopped both
-    utils.replace_blocks({str(first): {'one': 'new 1', 'two': 'new 2'}, str(second): {'other': 'new'}})
+    fileio.replace_blocks({str(first): {'one': 'new 1', 'two': 'new 2'}, str(second): {'other': 'new'}})
     assert first.read_text() == PAGE.replace('old one', 'new 1').replace('old two\nline 2', 'new 2')
     assert 'generated other: python bench/run.py -->\nnew\n<!-- end' in second.read_text()
 
@@ -324,8 +325,8 @@ def test_replace_blocks_changes_every_page_or_none(tmp_path):
 def test_malformed_blocks_are_refused(tmp_path, broken, why):
     page = tmp_path / 'page.md'
     page.write_text(broken)
-    with pytest.raises(utils.UsageError, match=why):
-        utils.replace_block(str(page), 'one', 'new')
+    with pytest.raises(UsageError, match=why):
+        fileio.replace_block(str(page), 'one', 'new')
     assert page.read_text() == broken
 
 
@@ -338,7 +339,7 @@ def test_replace_block_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(os, 'replace', fail)
     with pytest.raises(OSError):
-        utils.replace_block(str(page), 'one', 'new body')
+        fileio.replace_block(str(page), 'one', 'new body')
     assert page.read_text() == PAGE and sorted(os.listdir(tmp_path)) == ['page.md']
 
 
@@ -396,7 +397,7 @@ def test_demo_report_writes_its_blocks_and_figure(tmp_path):
     already turned into the report): README's five rows, docs/results.md's table, docs/demo.png."""
     import json
 
-    import demo_report
+    from bench import demo_report
 
     out = tmp_path / 'output' / 'demo'
     args = {'teacher': {'model': 'deit_tiny_distilled_patch16_224', 'model_kwargs': {'img_size': 28}, 'epochs': 8},
@@ -440,7 +441,7 @@ def test_demo_report_writes_its_blocks_and_figure(tmp_path):
     # another demo folder: its own block of docs/results.md, README untouched; a missing block is one clear error
     out2 = tmp_path / 'output' / 'demo-decct'
     shutil.copytree(out, out2)
-    with pytest.raises(utils.UsageError, match="no generated block 'demo-decct'"):
+    with pytest.raises(UsageError, match="no generated block 'demo-decct'"):
         demo_report.write_docs(report, str(out2), root=str(root))
     assert (root / 'README.md').read_text() == readme and not (root / 'docs' / 'demo-decct.png').exists()
 

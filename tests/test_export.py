@@ -18,12 +18,13 @@ import torch
 from collab_fixtures import STUDENT, save_stage3, train_briefly
 from helpers import free_port, launch_cmd, run
 
+import cli
 import collab_infer
 import export_onnx
 import utils
 from collab import backends, dispatch, manifest
 from collab.host import export as onnx_export
-from collab.host import modes
+from collab.host import infer, modes, onnx_graphs, torch_models
 from collab.sessions import session
 from datasets import build_dataset
 from models.ensemble_model import DeViTEnsemble, create_backbone, read_ensemble_checkpoint
@@ -83,7 +84,7 @@ def test_trained_ensemble_export(trained, fmnist_root):
     assert p['real_images'] is True and p['images'] == 24 and 'fashion_mnist' in p['inputs']
     assert max(p['tokens_max_abs_diff']) <= 1e-4 and p['logits_max_abs_diff'] <= 1e-4
     assert p['logits_missing_device_max_abs_diff'] <= 1e-4 and p['argmax_agreement'] == 1.0
-    assert p['fp16']['relative_tolerance'] == onnx_export.FP16_RELATIVE_TOLERANCE
+    assert p['fp16']['relative_tolerance'] == onnx_graphs.FP16_RELATIVE_TOLERANCE
     assert 'same class on 24/24' in trained['stdout']
     assert sorted(os.listdir(out)) == sorted(exported_graphs(out)[1] + ['manifest.json'])
     assert not [f for f in os.listdir(out.parent) if f.startswith('.EXPORT')]  # no temp folder left
@@ -110,7 +111,7 @@ def test_fp16_copies_load_and_match(trained):
         assert s.get_inputs()[0].type == 'tensor(float)'  # same feeds as the fp32 graph
         fp16 = s.run(None, {'image': x})[0]
         assert fp16.dtype == np.float32 and fp16.shape == (3, d['token_width'])
-        assert np.abs(fp16 - fp32).max() <= onnx_export.FP16_RELATIVE_TOLERANCE * max(1.0, np.abs(fp32).max())
+        assert np.abs(fp16 - fp32).max() <= onnx_graphs.FP16_RELATIVE_TOLERANCE * max(1.0, np.abs(fp32).max())
     weights = list(onnx.load(str(out / 'head.fp16.onnx')).graph.initializer)
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights if len(t.dims) == 2)
 
@@ -132,7 +133,7 @@ def test_manifest_is_the_checkpoints_contract(trained):
     assert [o.name for o in onnx_head.head.session.get_outputs()] == [m['head']['output']] == ['logits']
     for i, entry in enumerate(m['devices']):
         onnx_dev = backends.OnnxDevice(out, i, threads=1)
-        torch_dev = backends.TorchDevice(ckpt, i, device='cpu', threads=1)
+        torch_dev = torch_models.TorchDevice(ckpt, i, device='cpu', threads=1)
         assert [a.name for a in onnx_dev.session.get_inputs()] == [entry['input']] == ['image']
         assert [a.name for a in onnx_dev.session.get_outputs()] == [entry['output']] == ['tokens']
         hello_onnx, hello_torch = onnx_dev.describe(), torch_dev.describe()
@@ -229,7 +230,7 @@ def test_runtime_runs_the_fp16_graphs(served, trained, capsys):
 def test_fp16_model_is_refused_where_it_cannot_run(trained, tmp_path, capsys):
     """--fp16-model on the torch backend, or on an export without fp16 copies: one line, naming the file."""
     with pytest.raises(SystemExit) as exc:
-        collab_infer.parse_args(['--backend', 'torch', '--model-path', trained['ckpt'], '--fp16-model'])
+        infer.parse_args(['--backend', 'torch', '--model-path', trained['ckpt'], '--fp16-model'])
     assert exc.value.code == 2 and 'needs --backend onnxruntime' in capsys.readouterr().err
     plain = tmp_path / 'plain'
     shutil.copytree(trained['out'], plain)
@@ -237,7 +238,7 @@ def test_fp16_model_is_refused_where_it_cannot_run(trained, tmp_path, capsys):
     m['head']['fp16_file'] = None
     (plain / 'manifest.json').write_text(json.dumps(m))
     with pytest.raises(SystemExit) as exc:
-        utils.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(plain), '--fp16-model',
+        cli.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(plain), '--fp16-model',
                                            '--collab-port', str(free_port())])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err == [f'error: {plain}/manifest.json has no fp16 copy of the head (export with '
@@ -245,7 +246,7 @@ def test_fp16_model_is_refused_where_it_cannot_run(trained, tmp_path, capsys):
 
 
 def _ops(path):
-    return onnx_export.op_types(onnx.load(str(path)))
+    return onnx_graphs.op_types(onnx.load(str(path)))
 
 
 def test_operators_tensorrt_imports(trained, tmp_path):
@@ -259,7 +260,7 @@ def test_operators_tensorrt_imports(trained, tmp_path):
         ops = _ops(out / f)
         assert {d for d, _ in ops} == {''}, f
         types = {t for _, t in ops}
-        assert not types & FORBIDDEN and types <= onnx_export.TENSORRT_OPS, (f, sorted(types))
+        assert not types & FORBIDDEN and types <= onnx_graphs.TENSORRT_OPS, (f, sorted(types))
         seen |= types
         shape = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
         assert shape[0] == 'batch', (f, shape)  # dynamic batch
@@ -270,8 +271,8 @@ def test_operators_tensorrt_imports(trained, tmp_path):
         [onnx.helper.make_node('Einsum', ['a', 'b'], ['c'], equation='ij,jk->ik')], 'g',
         [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 2]) for n in 'ab'],
         [onnx.helper.make_tensor_value_info('c', onnx.TensorProto.FLOAT, [2, 2])]))
-    with pytest.raises(onnx_export.ExportError, match='Einsum'):
-        onnx_export.check_ops(bad, 'bad.onnx')
+    with pytest.raises(onnx_graphs.ExportError, match='Einsum'):
+        onnx_graphs.check_ops(bad, 'bad.onnx')
 
 
 def test_shrunk_mixed_family_export_opset13(tmp_path, capsys):
@@ -295,7 +296,7 @@ def test_shrunk_mixed_family_export_opset13(tmp_path, capsys):
         assert [o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')] == [13]
         assert model.ir_version == 7
         types = {t for _, t in _ops(out / f)}
-        assert 'LayerNormalization' not in types and types <= onnx_export.TENSORRT_OPS, (f, sorted(types))
+        assert 'LayerNormalization' not in types and types <= onnx_graphs.TENSORRT_OPS, (f, sorted(types))
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
         ref = ens(x).numpy()
@@ -351,7 +352,7 @@ def test_stage2_folder_exports_devices_only_and_replaces_whole(tmp_path, fmnist_
 
 def one_line_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        utils.run_main(export_onnx.main, argv)
+        cli.run_main(export_onnx.main, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith('error: '), err
     return err[0]
@@ -397,7 +398,6 @@ def test_recorded_normalisation_reaches_the_export_and_the_runtime(tmp_path):
     worker's input both take the checkpoint's recorded values, not ImageNet's."""
     from collab_fixtures import export
 
-    from collab.host import torch_models
     torch.manual_seed(0)
     ens = DeViTEnsemble([create_backbone('dedeit', STUDENT) for _ in range(2)], num_classes=10, embed_dim=48)
     path = save_stage3(tmp_path / 'ckpt.pth', ens, mean=[0.5], std=[0.25])

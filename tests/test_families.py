@@ -18,6 +18,7 @@ from models import (
     DeViTEnsemble,
     capture_qkv,
     create_backbone,
+    factory,
     forward_features,
     load_ensemble,
     load_students,
@@ -68,7 +69,7 @@ def test_forward_backward(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     out = model.eval()(x)
     assert out.shape == (3, 5) and torch.isfinite(out).all()
-    assert utils.input_spec(model) == (28, 1)  # what the stage scripts read to build the data
+    assert factory.input_spec(model) == (28, 1)  # what the stage scripts read to build the data
 
 
 def test_cct_shapes_and_sizes():

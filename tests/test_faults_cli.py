@@ -8,11 +8,11 @@ from faults import error_lines, launch, run_inprocess
 from helpers import run
 from test_pipeline import SEED_COMMANDS
 
+import cli
 import distill_sub
 import ensemble
 import splite_dataset
 import train_subdata
-import utils
 
 # (flags, why it is wrong): every one is refused while parsing, by every stage script (shared parent parser)
 BAD = [
@@ -67,7 +67,7 @@ def test_bad_values_exit_2_with_usage(script, argv, capsys):
         if script is splite_dataset:
             splite_dataset.get_args_parser().parse_args(argv)
         else:
-            utils.parse_args(script.get_parser(), argv)
+            cli.parse_args(script.get_parser(), argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert 'error:' in err, err
@@ -78,7 +78,7 @@ def test_bad_values_exit_2_with_usage(script, argv, capsys):
 @pytest.mark.parametrize('flags,why', BAD, ids=[why for _, why in BAD])
 def test_each_bad_value_alone_is_refused(flags, why, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        utils.parse_args(train_subdata.get_parser(), SEED_COMMANDS[train_subdata].split() + flags)
+        cli.parse_args(train_subdata.get_parser(), SEED_COMMANDS[train_subdata].split() + flags)
     assert exit_info.value.code == 2 and 'error:' in capsys.readouterr().err
 
 
@@ -100,7 +100,7 @@ def test_split_values_judged_after_parsing_give_one_line(tmp_path, capsys):
 
 
 def test_unknown_model_is_the_scripts_error_line(tmp_path, capsys, fmnist_root):
-    """``--model`` is free text to argparse; utils.create_model refuses an unregistered name with one line."""
+    """``--model`` is free text to argparse; factory.create_model refuses an unregistered name with one line."""
     split = tmp_path / 'split'
     assert splite_dataset.main(['--dataset', 'fashion_mnist', '--data_path', fmnist_root, '--num_division', '1',
                                 '--output_path', str(split)]) == 0

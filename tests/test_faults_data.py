@@ -12,11 +12,12 @@ from faults import error_lines, launch, make_split, no_project_traceback, read_l
 from helpers import TEACHER, run
 from PIL import Image
 
+import cli
 import datasets
 import engine
 import splite_dataset
 import train_subdata
-import utils
+from fileio import UsageError
 
 CLASSES = ['ankle_boot', 'bag', 'coat', 'dress']
 MODEL = ['--model', TEACHER, '--model-kwargs', 'img_size=28', 'patch_size=7', 'in_chans=1', 'embed_dim=16',
@@ -111,7 +112,7 @@ def test_skip_bad_images_logs_counts_and_trains(truncated, tmp_path):
 
 def test_skip_bad_images_in_process_counts_distinct_files(truncated):
     split, bad = truncated
-    args = utils.parse_args(train_subdata.get_parser(), ['--skip-bad-images', '--num_division', '1'])
+    args = cli.parse_args(train_subdata.get_parser(), ['--skip-bad-images', '--num_division', '1'])
     ds = datasets.build_dataset('folder', str(split), 'train', division=0, input_size=28, in_chans=1, tiny=True,
                                 args=args)
     index = ds.files.index(str(bad))
@@ -169,7 +170,7 @@ def test_labels_outside_the_division(fmnist_split, tmp_path, capsys):
 def test_labels_beyond_the_model_are_refused_before_training():
     data = torch.utils.data.TensorDataset(torch.zeros(4, 1))
     data.targets = np.array([0, 1, 2, 5])
-    with pytest.raises(utils.UsageError, match=r'training labels range over 0..5 but the model has 3 classes'):
+    with pytest.raises(UsageError, match=r'training labels range over 0..5 but the model has 3 classes'):
         engine.check_labels(data, data, 3)
 
 

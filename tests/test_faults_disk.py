@@ -12,9 +12,11 @@ import pytest
 from faults import error_lines, launch, load, make_split, one_thread, read_log, stage1_args, temp_files
 from helpers import ROOT, env
 
+import cli
 import engine
+import fileio
 import train_subdata
-import utils
+from fileio import UsageError
 
 
 def _can_mount():
@@ -71,9 +73,9 @@ def test_read_only_output_message_in_process(tmp_path, monkeypatch):
     """The same check without a mount: the probe file cannot be created (as on a read-only disk)."""
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(utils.tempfile, 'mkstemp', read_only)
-    args = utils.parse_args(train_subdata.get_parser(), [])
-    with pytest.raises(utils.UsageError, match='is not writable: Read-only file system'):
+    monkeypatch.setattr(fileio.tempfile, 'mkstemp', read_only)
+    args = cli.parse_args(train_subdata.get_parser(), [])
+    with pytest.raises(UsageError, match='is not writable: Read-only file system'):
         engine.check_output_dir(args, str(tmp_path / 'out'))
 
 

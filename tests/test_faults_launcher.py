@@ -65,7 +65,7 @@ def test_busy_master_port_is_reported(split, tmp_path):
 
 
 def test_a_finished_run_tears_its_process_group_down(tmp_path):
-    """utils.run_main destroys the process group of a run that ended well, on every rank, so that no gloo thread is
+    """cli.run_main destroys the process group of a run that ended well, on every rank, so that no gloo thread is
     left running into interpreter shutdown, where it can abort a rank whose work is done (exit -6)."""
     script = tmp_path / 'job.py'
     script.write_text(textwrap.dedent('''
@@ -75,7 +75,7 @@ def test_a_finished_run_tears_its_process_group_down(tmp_path):
         import torch
         import torch.distributed as dist
 
-        import utils
+        import cli
 
 
         def main(argv):
@@ -86,7 +86,7 @@ def test_a_finished_run_tears_its_process_group_down(tmp_path):
             return args.rank, int(total.item())
 
 
-        rank, total = utils.run_main(main)
+        rank, total = cli.run_main(main)
         # one write per line: both ranks share the launcher's stdout, and print() writes the newline apart
         sys.stdout.write(f'rank {rank} of {total}: process group left after run_main: {dist.is_initialized()}\\n')
         sys.stdout.flush()

@@ -19,10 +19,12 @@ from faults import (
 from helpers import TEACHER, TEACHER_KW, TINY
 from torch.utils.data import TensorDataset
 
+import cli
 import engine
 import train_subdata
 import utils
 from losses import build_base_criterion
+from models import factory
 
 
 @pytest.fixture(scope='module')
@@ -64,10 +66,10 @@ class _Data(TensorDataset):
 
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """A finite loss whose update makes a weight Inf (as an fp16 overflow can): fit stops before saving epoch 1."""
-    args = utils.parse_args(train_subdata.get_parser(), [*TINY, '--model', TEACHER, '--model-kwargs', *TEACHER_KW,
+    args = cli.parse_args(train_subdata.get_parser(), [*TINY, '--model', TEACHER, '--model-kwargs', *TEACHER_KW,
                                                          '--epochs', '3', '--model-ema', '--device', 'cpu'])
     utils.init_distributed(args)
-    model = utils.create_model(args.model, 3, args.model_kwargs)
+    model = factory.create_model(args.model, 3, args.model_kwargs)
     task = engine.SupervisedTask(model, build_base_criterion(False, 0.0))
     real = engine.train_one_epoch
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jetson import power
+from jetson import power, power_sources
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / 'jetson' / 'setup.sh'
@@ -56,25 +56,25 @@ def _run(cmd, **kw):
      {'VDD_SYS_GPU', 'VDD_SYS_SOC', 'VDD_4V0_WIFI', 'VDD_IN', 'VDD_SYS_CPU', 'VDD_SYS_DDR'}),
 ])
 def test_tegrastats_board_total(line, name, cur, avg, rails):
-    parsed = power.parse_tegrastats_line(line)
+    parsed = power_sources.parse_tegrastats_line(line)
     assert set(parsed) == rails  # RAM/SWAP/IRAM (MB, kB) and the %@MHz fields are not rails
-    assert power.board_total(parsed) == (name, (cur, avg))  # the total rail itself, sub-rails not added
+    assert power_sources.board_total(parsed) == (name, (cur, avg))  # the total rail itself, sub-rails not added
 
 
 def test_tegrastats_sub_rails_and_no_total():
-    assert power.parse_tegrastats_line(ORIN)['VDD_SOC'] == (3923.0, 3515.0)
-    rails = power.parse_tegrastats_line(AGX_ORIN)
-    assert power.board_total(rails) is None  # VIN_SYS_5V0 is an I/O rail, not the total
-    assert power.board_total(rails, 'VIN_SYS_5V0') == ('VIN_SYS_5V0', (3230.0, 3230.0))
-    assert power.board_total(rails, 'sum') == ('sum', (2387.0 + 397 + 3230 + 303,) * 2)
-    assert power.parse_tegrastats_line('RAM 2403/3956MB (lfb 3x4MB) CPU [off,off]') == {}
+    assert power_sources.parse_tegrastats_line(ORIN)['VDD_SOC'] == (3923.0, 3515.0)
+    rails = power_sources.parse_tegrastats_line(AGX_ORIN)
+    assert power_sources.board_total(rails) is None  # VIN_SYS_5V0 is an I/O rail, not the total
+    assert power_sources.board_total(rails, 'VIN_SYS_5V0') == ('VIN_SYS_5V0', (3230.0, 3230.0))
+    assert power_sources.board_total(rails, 'sum') == ('sum', (2387.0 + 397 + 3230 + 303,) * 2)
+    assert power_sources.parse_tegrastats_line('RAM 2403/3956MB (lfb 3x4MB) CPU [off,off]') == {}
 
 
 def test_tegrastats_log_file(tmp_path):
     log = tmp_path / 'tegrastats.log'
     lines = [NANO.replace('POM_5V_IN 2132/2132', f'POM_5V_IN {p}/2132') for p in (2000, 3000, 5000)]
     log.write_text('\n'.join(['garbage line', *lines]) + '\n')
-    samples, rail = power.read_tegrastats_log(log, interval_ms=500)
+    samples, rail = power_sources.read_tegrastats_log(log, interval_ms=500)
     assert rail == 'POM_5V_IN'
     assert samples == [(0.0, 2000.0), (0.5, 3000.0), (1.0, 5000.0)]
     out = _run([sys.executable, '-m', 'jetson.power', '--parse-file', str(log), '--interval-ms', '500',
@@ -146,15 +146,16 @@ def fake_orin_hwmon(root, vdd_in_mv=5000, vdd_in_ma=3000):
 
 def test_ina3221_iio(tmp_path):
     root = fake_nano_iio(tmp_path)
-    assert power.read_ina3221(root) == {'POM_5V_IN': 2132.0, 'POM_5V_GPU': 78.0}  # NC skipped
-    assert len(power.find_ina3221(root)) == 1
+    assert power_sources.read_ina3221(root) == {'POM_5V_IN': 2132.0, 'POM_5V_GPU': 78.0}  # NC skipped
+    assert len(power_sources.find_ina3221(root)) == 1
 
 
 def test_ina3221_hwmon(tmp_path):
     root = fake_orin_hwmon(tmp_path)
-    assert power.read_ina3221(root) == {'VDD_IN': 15000.0, 'VDD_CPU_GPU_CV': 4000.0}  # mV x mA / 1000; NC, ch 7 skipped
-    assert power.board_total(power.read_ina3221(root)) == ('VDD_IN', 15000.0)
-    assert set(power.ina3221_rails(tmp_path / 'nothing')) == set()
+    # mV x mA / 1000; NC, ch 7 skipped
+    assert power_sources.read_ina3221(root) == {'VDD_IN': 15000.0, 'VDD_CPU_GPU_CV': 4000.0}
+    assert power_sources.board_total(power_sources.read_ina3221(root)) == ('VDD_IN', 15000.0)
+    assert set(power_sources.ina3221_rails(tmp_path / 'nothing')) == set()
 
 
 def test_sysfs_monitor(tmp_path):
@@ -175,7 +176,7 @@ def test_sysfs_monitor(tmp_path):
 def test_no_total_rail_needs_choice(tmp_path):
     root = fake_orin_hwmon(tmp_path)
     (root / 'bus/i2c/devices/1-0040/hwmon/hwmon3/in1_label').write_text('VDD_GPU_SOC\n')
-    with pytest.raises(power.SourceUnavailable, match='no board total'):
+    with pytest.raises(power_sources.SourceUnavailable, match='no board total'):
         power.PowerMonitor('sysfs', sys_root=root).__enter__()
     with power.PowerMonitor('sysfs', interval_ms=10, sys_root=root, rail='sum') as pm:
         pass
@@ -195,12 +196,12 @@ def fake_rapl(root, e0, e1=None, max_range=262143328850):
 
 def test_rapl_reader_and_wraparound(tmp_path):
     root = fake_rapl(tmp_path, 1000, 5000)
-    assert power.read_rapl(root) == {'intel-rapl:0:package-0': (1000, 262143328850),
+    assert power_sources.read_rapl(root) == {'intel-rapl:0:package-0': (1000, 262143328850),
                                'intel-rapl:1:package-1': (5000, 262143328850)}
-    assert power.rapl_delta_uj(100, 400, 1000) == 300
-    assert power.rapl_delta_uj(900, 100, 1000) == 200  # wrapped past max_energy_range_uj
+    assert power_sources.rapl_delta_uj(100, 400, 1000) == 300
+    assert power_sources.rapl_delta_uj(900, 100, 1000) == 200  # wrapped past max_energy_range_uj
 
-    src = power.RaplSource(root)
+    src = power_sources.RaplSource(root)
     src.open(0.1)
     zone = root / 'class/powercap/intel-rapl:0/energy_uj'
     assert src.read() is None  # a few microseconds after open: too short an interval to give power
@@ -264,7 +265,7 @@ def test_jtop_total_and_chosen_rail(tmp_path, monkeypatch):
         pass
     assert pm.source_name == 'sysfs:VDD_CPU_GPU_CV' and pm.samples[0][1] == 4000.0
     assert pm.skipped and pm.skipped[0].startswith('jtop:') and 'read directly' in pm.skipped[0]
-    with pytest.raises(power.SourceUnavailable, match='read directly'):
+    with pytest.raises(power_sources.SourceUnavailable, match='read directly'):
         power.PowerMonitor('jtop', rail='VDD_IN').__enter__()
 
 

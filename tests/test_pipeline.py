@@ -60,8 +60,8 @@ def pipeline(tmp_path_factory, fmnist_root):
 
 @pytest.mark.parametrize('module', list(SEED_COMMANDS), ids=lambda m: m.__name__)
 def test_seed_command_parses_verbatim(module):
-    import utils
-    args = utils.parse_args(module.get_parser(), shlex.split(SEED_COMMANDS[module]))
+    import cli
+    args = cli.parse_args(module.get_parser(), shlex.split(SEED_COMMANDS[module]))
     assert args.dataset == 'cifar100' and args.num_division == 4 and args.model_ema
     if module is distill_sub:
         assert args.gama == [0.2, 0.1, 0.3] and args.distillation_type == 'hard'

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import ROOT, TEACHER, TEACHER_KW, TINY, error_lines, launch_cmd, run
 
-import plan
 import splite_dataset
-from jetson.profile import ProfileError, read_profile, validate_profile
+from collab.host import plan
+from collab.profiles import ProfileError, read_profile, validate_profile
 from models.ensemble_model import create_backbone, load_students
 from models.features import token_width
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, env, error_lines, free_port, run
 
 from collab import quota
-from jetson.profile import read_profile
+from collab.profiles import read_profile
 
 NO_QUOTA = quota.unavailable_reason()
 needs_quota = pytest.mark.skipif(NO_QUOTA is not None, reason=f'CPU quotas unavailable: {NO_QUOTA}')

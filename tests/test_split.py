@@ -13,7 +13,8 @@ from test_datasets import labels_match_images, write_cars, write_cifar100, write
 
 import grouping
 import splite_dataset
-from datasets import FASHION_MNIST_CLASSES, DatasetError, build_dataset
+from datasets import FASHION_MNIST_CLASSES, build_dataset
+from fileio import DatasetError
 from splite_dataset import class_groups, main, split_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,8 +229,9 @@ def save_teacher(path, classes=tuple(range(10))):
     import torch
 
     import utils
+    from models import factory
     torch.manual_seed(0)
-    model = utils.create_model('dedeit', len(classes), TINY_KW)
+    model = factory.create_model('dedeit', len(classes), TINY_KW)
     utils.save_checkpoint({'model': model.state_dict(), 'classes': list(classes), 'stage': 1,
                            'args': {'model': 'dedeit', 'model_kwargs': TINY_KW, 'tiny_transforms': True}}, path)
     return model

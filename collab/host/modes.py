@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import utils
-from datasets import DatasetError, build_dataset, build_transform, load_image, recorded_mean_std
-from models.checkpoint import args_dict, read_checkpoint
+from data_transforms import build_transform, recorded_mean_std
+from datasets import build_dataset, load_image
+from fileio import DatasetError
+from models import factory
+from models.checkpoint import args_dict, checkpoint_info, read_checkpoint
 from models.ensemble_model import DeViTEnsemble, load_ensemble, read_ensemble_checkpoint
 
 from .. import backends, launcher, wire, worker
@@ -68,7 +70,7 @@ def where(index: int) -> str:
 
 class HeadSpec(NamedTuple):
     """What the aggregator holds and expects of its devices."""
-    head: object  # backends.TorchHead or backends.OnnxHead: .run(tokens) -> logits
+    head: object  # torch_models.TorchHead or backends.OnnxHead: .run(tokens) -> logits
     widths: list
     input: dict  # size, channels, mean, std
     specs: list  # per device {model, kwargs}
@@ -94,10 +96,10 @@ def load_head(args) -> HeadSpec:
                         None)
     ckpt = read_ensemble_checkpoint(args.model_path)
     ens = load_ensemble(ckpt, args.ema).eval()
-    size, chans = utils.input_spec(ens.backbones[0])
+    size, chans = factory.input_spec(ens.backbones[0])
     train_args = args_dict(ckpt.get('args')) or {}
     mean, std = recorded_mean_std(train_args, chans)
-    return HeadSpec(backends.TorchHead(ens), ens.token_widths(),
+    return HeadSpec(torch_models.TorchHead(ens), ens.token_widths(),
                     {'size': int(size), 'channels': int(chans), 'mean': list(mean), 'std': list(std)},
                     [dict(s) for s in ens.config['backbones']], ens.num_classes, None, train_args, ens)
 
@@ -392,7 +394,7 @@ def setup(args):
     _check_world(world, n, 'layer-split')
     if n < 1:
         raise ValueError(f'--mode layer-split needs at least 2 processes, got world size {world}')
-    teacher_args = args_dict(utils.checkpoint_info(args.teacher_path).get('args')) if args.teacher_path else None
+    teacher_args = args_dict(checkpoint_info(args.teacher_path).get('args')) if args.teacher_path else None
     mean, std = recorded_mean_std(teacher_args, chans)  # as the teacher was trained
     inp = {'size': size, 'channels': chans, 'mean': list(mean), 'std': list(std)}
     teacher = {'model': args.teacher_model, 'kwargs': dict(args.teacher_kwargs)}
@@ -435,7 +437,7 @@ def run_worker(args) -> int:
         return worker.start(lambda: worker.load_model(args.backend, path, rank - 1, args.threads, args.device,
                                                       args.ema, local_rank, args.fp16_model),
                             endpoint, rank - 1, name, **common)
-    return worker.start(lambda: backends.TorchStage(args.teacher_model, args.teacher_kwargs, args.teacher_path,
+    return worker.start(lambda: torch_models.TorchStage(args.teacher_model, args.teacher_kwargs, args.teacher_path,
                                                     args.seed, rank - 1, world - 1, args.device, local_rank,
                                                     args.threads),
                         endpoint, rank - 1, name, role='stage', num_stages=world - 1, **common)

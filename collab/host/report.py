@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-import utils
+import fileio
 
 RESULT_KINDS = ('tokens', 'activations', 'output')
 CSV_FIELDS = ('image', 'label', 'pred', 'correct', 'request', 'latency_ms', 'send_ms', 'compute_ms', 'gather_ms',
@@ -69,14 +69,14 @@ def summarise(requests: list[Mapping], images: list[Mapping], meta: Mapping, sec
 
 
 def write_json(path: str, report: Mapping) -> None:
-    utils.write_json_atomic(path, report)
+    fileio.write_json_atomic(path, report)
 
 
 def write_logits(path: str, images: list[Mapping]) -> None:
     """The logits of every image, in image order: an N×K float32 .npy file, written atomically."""
     buffer = io.BytesIO()
     np.save(buffer, np.stack([np.asarray(i['logits'], dtype=np.float32) for i in images]))
-    utils.write_bytes_atomic(path, buffer.getvalue())
+    fileio.write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_csv(path: str, images: list[Mapping]) -> None:
@@ -85,7 +85,7 @@ def write_csv(path: str, images: list[Mapping]) -> None:
     w = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction='ignore')
     w.writeheader()
     w.writerows(images)
-    utils.write_text_atomic(path, text.getvalue())
+    fileio.write_text_atomic(path, text.getvalue())
 
 
 def _f(v: float | None, digits: int = 2) -> str:

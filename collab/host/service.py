@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import torch
 
-from datasets import DatasetError
+from fileio import DatasetError
 
 from ..dispatch import CollabError
 from .modes import Preprocess, class_names_for, setup_collab

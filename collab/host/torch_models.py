@@ -9,16 +9,20 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from torch import nn
 
 import models  # noqa: F401  (registers dedeit / devit with timm)
-import utils
-from datasets import recorded_mean_std
+from data_transforms import recorded_mean_std
+from models import factory
 from models.checkpoint import CheckpointError, args_dict, extract_state_dict, load_state_dict_checked, load_weights
 from models.ensemble_model import CONFIG_KEY, create_backbone, read_ensemble_checkpoint
 from models.features import DeviceTokens, has_dist_token
+
+from ..backends import describe
+from ..sessions import default_threads
 
 
 def load_backbone(ckpt: Mapping[str, Any], index: int, use_ema: bool = False, path: str = '<dict>') -> DeviceTokens:
@@ -42,7 +46,7 @@ def load_device(path: str, index: int, use_ema: bool = False) -> tuple[DeviceTok
     path = os.fspath(path)
     ckpt = read_ensemble_checkpoint(path)
     module = load_backbone(ckpt, index, use_ema, path)
-    size, chans = utils.input_spec(module.backbone)
+    size, chans = factory.input_spec(module.backbone)
     mean, std = recorded_mean_std(args_dict(ckpt.get('args')), chans)
     spec = ckpt[CONFIG_KEY]['backbones'][index]
     return module, {'size': int(size), 'channels': int(chans), 'mean': list(mean), 'std': list(std)}, \
@@ -105,7 +109,7 @@ def teacher_shape(name: str, kwargs: Mapping[str, Any]) -> tuple[int, int, int, 
         raise ValueError(f'unknown teacher model {name!r} (not registered in timm)')
     with torch.device('meta'):
         model = timm.create_model(name, num_classes=1, **dict(kwargs))
-    size, chans = utils.input_spec(model)
+    size, chans = factory.input_spec(model)
     _, tokens, dim = activation_shape(model, 1)
     return int(size), int(chans), int(tokens), int(dim)
 
@@ -119,3 +123,82 @@ def compute_device(requested: str | None, local_rank: int) -> torch.device:
             raise ValueError('--device cuda was asked for but CUDA is not available')
         return torch.device('cpu')
     return torch.device('cuda', local_rank % torch.cuda.device_count())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runtime's PyTorch backends (collab/backends.py has the onnxruntime ones, with the same interface)
+
+class TorchDevice:
+    """Device `index` of a stage-3 checkpoint: that backbone alone, built and loaded by key name."""
+
+    backend = 'torch'
+
+    def __init__(self, checkpoint, index, ema=False, device=None, local_rank=0, threads=None):
+        if default_threads(threads):
+            torch.set_num_threads(default_threads(threads))
+        self.torch = torch
+        self.device = compute_device(device, local_rank)
+        self.module, self.input, self.spec = load_device(checkpoint, index, ema)
+        self.module.to(self.device)
+        self.index, self.source, self.token_width = index, os.fspath(checkpoint), self.module.width
+
+    def run(self, x):
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+            return out.float().cpu().numpy()
+
+    def describe(self):
+        return describe(self)
+
+
+class TorchHead:
+    """The head of a stage-3 ensemble (its backbones are not used here)."""
+
+    backend = 'torch'
+
+    def __init__(self, ensemble):
+        self.torch, self.ensemble = torch, ensemble
+        self.widths = ensemble.token_widths()
+        self.num_classes = ensemble.num_classes
+        self.specs = [dict(s) for s in ensemble.config['backbones']]
+
+    def run(self, tokens):
+        torch = self.torch
+        with torch.inference_mode():
+            t = [None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in tokens]
+            return self.ensemble.head_forward(t).eval_logits().numpy()
+
+
+class TorchStage:
+    """Layer-split baseline: blocks of stage `index` of `num_stages` of a timm teacher (random weights unless a
+    checkpoint is given). The teacher is built at `prepare`, once the aggregator has said how many classes."""
+
+    backend = 'torch'
+
+    def __init__(self, name, kwargs, path, seed, index, num_stages, device=None, local_rank=0, threads=None):
+        if default_threads(threads):
+            torch.set_num_threads(default_threads(threads))
+        self.torch = torch
+        self.name, self.kwargs, self.path, self.seed = name, dict(kwargs), path, seed
+        self.index, self.num_stages = index, num_stages
+        self.device = compute_device(device, local_rank)
+        size, chans, tokens, dim = teacher_shape(name, kwargs)
+        self.input = {'size': size, 'channels': chans}
+        self.activation = [tokens, dim]
+        self.spec = {'model': name, 'kwargs': self.kwargs}
+        self.source = path or f'(random weights, seed {seed})'
+        self.stage = None
+
+    def prepare(self, num_classes):
+        teacher = build_teacher(self.name, self.kwargs, num_classes, self.path, self.seed)
+        self.stage = split_stages(teacher, self.num_stages)[self.index].to(self.device)
+
+    def run(self, x):
+        torch = self.torch
+        with torch.inference_mode():
+            return self.stage(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
+
+    def describe(self):
+        return {'backend': self.backend, 'source': self.source, 'model': self.spec, 'activation': self.activation,
+                'input': self.input}
