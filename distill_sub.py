@@ -50,7 +50,7 @@ def teacher_file(teacher_path, division):
         path = os.path.join(utils.division_dir(teacher_path, division), engine.CHECKPOINT_BEST)
         if not os.path.isfile(path):
             raise UsageError(f'--teacher-path {teacher_path} has no sub-teacher for division {division} '
-                                   f'(missing {path})')
+                             f'(missing {path})')
         return path
     if not os.path.isfile(teacher_path):
         raise UsageError(f'--teacher-path {teacher_path} does not exist')
@@ -63,10 +63,10 @@ def check_teacher(path, division, classes):
     stage = info.get('stage')
     if stage is not None and stage != 1:
         raise UsageError(f'teacher {path} is a stage-{stage} checkpoint; stage 2 distils from a stage-1 '
-                               f'sub-teacher (the output of train_subdata.py)')
+                         f'sub-teacher (the output of train_subdata.py)')
     if info.get('classes') is not None and list(info['classes']) != list(classes):
         raise UsageError(f'teacher {path} has a head for classes {list(info["classes"])[:8]} '
-                               f'({len(info["classes"])}), but division {division} has classes {list(classes)[:8]}')
+                         f'({len(info["classes"])}), but division {division} has classes {list(classes)[:8]}')
 
 
 def make_task(args, division, num_classes, planned=None):
@@ -75,7 +75,7 @@ def make_task(args, division, num_classes, planned=None):
     if planned:  # kept in the checkpoint's args, from which ensemble.py builds each (unlike) backbone
         args.model, args.model_kwargs = planned[division]
     student = factory.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
-                                 drop_path_rate=args.drop_path)
+                                   drop_path_rate=args.drop_path)
     if args.model_path:
         load_weights(student, args.model_path, reset_head=True)
     if args.load_shrink:

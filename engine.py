@@ -155,7 +155,7 @@ def build_loaders(args, train_set, val_set):
     val_loader = build_eval_loader(args, val_set)
     if len(train_loader) == 0:
         raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(train_set)} training images '
-                               f'of one rank')
+                         f'of one rank')
     return train_loader, val_loader
 
 
@@ -346,7 +346,7 @@ def check_output_dir(args, output_dir):
     existing = [n for n in (CHECKPOINT_BEST, CHECKPOINT_LAST) if os.path.exists(os.path.join(output_dir, n))]
     if existing:
         raise UsageError(f'{output_dir} already holds {", ".join(existing)}; pass --auto-resume to continue '
-                               f'it or --overwrite to start over')
+                         f'it or --overwrite to start over')
 
 
 def warn_recipe(args):
@@ -480,7 +480,7 @@ def check_labels(train_set, val_set, num_classes):
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= num_classes:
             raise UsageError(f'{what} labels range over {low}..{high} but the model has {num_classes} classes '
-                                   f'(0..{num_classes - 1}): the data does not match the split manifest')
+                             f'(0..{num_classes - 1}): the data does not match the split manifest')
 
 
 def check_finite(model, model_ema, epoch):

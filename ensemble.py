@@ -67,7 +67,7 @@ def check_students(model_path, num_division):
         stage = checkpoint_info(path).get('stage') if os.path.isfile(path) else None
         if stage is not None and stage != 2:
             raise UsageError(f'student {path} is a stage-{stage} checkpoint; --model-path must be the output '
-                                   f'folder of distill_sub.py (stage 2)')
+                             f'folder of distill_sub.py (stage 2)')
 
 
 def check_teacher_classes(path, num_classes):
@@ -78,7 +78,7 @@ def check_teacher_classes(path, num_classes):
     classes = checkpoint.get('classes')
     if classes is not None and list(classes) != list(range(num_classes)):
         raise UsageError(f'teacher {path} was trained on classes {classes[:8]}..., not on all {num_classes} '
-                               f'classes in their global order')
+                         f'classes in their global order')
 
 
 class WithoutDevice(nn.Module):
@@ -143,7 +143,7 @@ def main(argv=None):
                                           tiny=args.tiny_transforms, args=args) for split in ('train', 'val')}
     if data['train'].num_classes != num_classes:
         raise UsageError(f'{args.data_path} has {data["train"].num_classes} classes but the students\' split '
-                               f'manifest has {num_classes}')
+                         f'manifest has {num_classes}')
     if utils.is_main_process():
         print(f'ensemble of {ensemble.num_devices} students (widths {ensemble.widths}) -> {num_classes} classes; '
               f'{len(data["train"])} train / {len(data["val"])} val images', flush=True)

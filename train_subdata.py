@@ -33,7 +33,7 @@ def main(argv=None):
 
     def make_task(division, num_classes):
         model = factory.create_model(args.model, num_classes, args.model_kwargs, args.input_size,
-                                   drop_path_rate=args.drop_path)
+                                     drop_path_rate=args.drop_path)
         if args.model_path:
             load_weights(model, args.model_path, reset_head=True)
         mixup_active = engine.build_mixup(args, num_classes) is not None

@@ -163,7 +163,7 @@ def role(out, rounds, per_round):
     # The dispatcher path: the runtime's own aggregator and workers, a model that computes nothing.
     for name, (shape, width) in PAYLOADS.items():
         d = dispatch.Dispatcher(world - 1, lambda i: {}, {'input_dtype': 'uint8', 'wire_dtype': 'fp32',
-                                                       'mean': [0.5], 'std': [0.5], 'num_classes': 10},
+                                                          'mean': [0.5], 'std': [0.5], 'num_classes': 10},
                                 'tcp://*:*', log=lambda line: None) if rank == 0 else None
         dport = [_port(d.endpoint) if rank == 0 else None]  # its socket belongs to its I/O thread now
         dist.broadcast_object_list(dport)

@@ -32,7 +32,7 @@ import time
 
 import zmq
 
-from . import backends, launcher, quota, wire
+from . import backends, launcher, quota, sessions, wire
 from .manifest import first_line
 
 JOIN_RESEND_S = 1.0
@@ -362,7 +362,7 @@ def main(argv=None):
     fault = Fault(args.fault, args.fault_after, args.fault_seconds, name)
     return start(factory, endpoint, index, name, cpu_quota=args.cpu_quota, cpu_reserve=args.cpu_reserve,
                  exit_on_loss=args.exit_on_loss or launcher.launched(), startup_timeout=timeout, fault=fault,
-                 extra={'threads': backends.default_threads(args.threads)})
+                 extra={'threads': sessions.default_threads(args.threads)})
 
 
 if __name__ == '__main__':

@@ -64,7 +64,7 @@ def exported(tmp_path_factory):
 
 def test_every_collab_module_is_placed():
     found = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', '**', '*.py'),
-                                                                 recursive=True))
+                                                               recursive=True))
     assert found == sorted(DEVICE_SIDE + AGGREGATOR_SIDE)
     assert {'collab/host/modes.py', 'collab/host/service.py', 'collab/host/export.py'} <= set(AGGREGATOR_SIDE)
 
@@ -190,7 +190,7 @@ def test_aggregator_refuses_a_bad_export_in_one_line(case, exported, tmp_path, c
         says = f"error: {folder}/manifest.json is not a DeViT ONNX manifest: format 'other-tool'"
     with pytest.raises(SystemExit) as exc:
         cli.run_main(collab_infer.main, ['--backend', 'onnxruntime', '--model-path', str(folder), '--collab-port',
-                                           str(free_port())])
+                                         str(free_port())])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(says), err
 

@@ -84,7 +84,7 @@ def test_trained_ensemble_export(trained, fmnist_root):
     assert p['real_images'] is True and p['images'] == 24 and 'fashion_mnist' in p['inputs']
     assert max(p['tokens_max_abs_diff']) <= 1e-4 and p['logits_max_abs_diff'] <= 1e-4
     assert p['logits_missing_device_max_abs_diff'] <= 1e-4 and p['argmax_agreement'] == 1.0
-    assert p['fp16']['relative_tolerance'] == onnx_graphs.FP16_RELATIVE_TOLERANCE
+    assert p['fp16']['relative_tolerance'] == onnx_export.FP16_RELATIVE_TOLERANCE
     assert 'same class on 24/24' in trained['stdout']
     assert sorted(os.listdir(out)) == sorted(exported_graphs(out)[1] + ['manifest.json'])
     assert not [f for f in os.listdir(out.parent) if f.startswith('.EXPORT')]  # no temp folder left
@@ -111,7 +111,7 @@ def test_fp16_copies_load_and_match(trained):
         assert s.get_inputs()[0].type == 'tensor(float)'  # same feeds as the fp32 graph
         fp16 = s.run(None, {'image': x})[0]
         assert fp16.dtype == np.float32 and fp16.shape == (3, d['token_width'])
-        assert np.abs(fp16 - fp32).max() <= onnx_graphs.FP16_RELATIVE_TOLERANCE * max(1.0, np.abs(fp32).max())
+        assert np.abs(fp16 - fp32).max() <= onnx_export.FP16_RELATIVE_TOLERANCE * max(1.0, np.abs(fp32).max())
     weights = list(onnx.load(str(out / 'head.fp16.onnx')).graph.initializer)
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights if len(t.dims) == 2)
 

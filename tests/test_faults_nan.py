@@ -67,7 +67,7 @@ class _Data(TensorDataset):
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """A finite loss whose update makes a weight Inf (as an fp16 overflow can): fit stops before saving epoch 1."""
     args = cli.parse_args(train_subdata.get_parser(), [*TINY, '--model', TEACHER, '--model-kwargs', *TEACHER_KW,
-                                                         '--epochs', '3', '--model-ema', '--device', 'cpu'])
+                                                       '--epochs', '3', '--model-ema', '--device', 'cpu'])
     utils.init_distributed(args)
     model = factory.create_model(args.model, 3, args.model_kwargs)
     task = engine.SupervisedTask(model, build_base_criterion(False, 0.0))

@@ -30,7 +30,7 @@ from models import factory
 from models.checkpoint import args_dict, checkpoint_info, read_checkpoint
 from models.ensemble_model import DeViTEnsemble, load_ensemble, read_ensemble_checkpoint
 
-from .. import backends, launcher, wire, worker
+from .. import backends, launcher, sessions, wire, worker
 from ..dispatch import CollabError, Dispatcher
 from . import report, torch_models
 
@@ -431,15 +431,15 @@ def run_worker(args) -> int:
     fault = worker.Fault(args.fault if args.fault_rank == rank else None, args.fault_after, args.fault_seconds,
                          name)
     common = {'cpu_quota': quota, 'exit_on_loss': True, 'startup_timeout': args.startup_timeout, 'fault': fault,
-              'extra': {'threads': backends.default_threads(args.threads)}, 'cpu_reserve': args.cpu_reserve}
+              'extra': {'threads': sessions.default_threads(args.threads)}, 'cpu_reserve': args.cpu_reserve}
     if args.mode == 'collab':
         path = args.worker_model_path or args.model_path
         return worker.start(lambda: worker.load_model(args.backend, path, rank - 1, args.threads, args.device,
                                                       args.ema, local_rank, args.fp16_model),
                             endpoint, rank - 1, name, **common)
     return worker.start(lambda: torch_models.TorchStage(args.teacher_model, args.teacher_kwargs, args.teacher_path,
-                                                    args.seed, rank - 1, world - 1, args.device, local_rank,
-                                                    args.threads),
+                                                        args.seed, rank - 1, world - 1, args.device, local_rank,
+                                                        args.threads),
                         endpoint, rank - 1, name, role='stage', num_stages=world - 1, **common)
 
 
