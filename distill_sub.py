@@ -33,12 +33,13 @@ from models.pruning import load_shrunk
 def get_parser():
     parser = argparse.ArgumentParser('DeViT stage 2: distil students from sub-teachers',
                                      parents=cli.training_parents(distillation='relations'))
-    parser.add_argument('--load-shrink', default=None, metavar='POLICY',
-                        help='distil a shrunk student again: shrink.py\'s output folder (division i: '
-                             'sub-dataset{i}/pruned.pth), a pruned checkpoint, or a shrink.json policy applied to '
-                             'the --model-path weights')
-    parser.add_argument('--plan', default=None, metavar='PLAN.json',
-                        help="plan.py's output: division i gets device i's student (explicit --model-kwargs win)")
+    group = parser.add_argument_group('students')
+    group.add_argument('--plan', default=None, metavar='PLAN.json',
+                       help="plan.py's output: division i gets device i's student (explicit --model-kwargs win)")
+    group.add_argument('--load-shrink', default=None, metavar='POLICY',
+                       help='distil a shrunk student again: shrink.py\'s output folder (division i: '
+                            'sub-dataset{i}/pruned.pth), a pruned checkpoint, or a shrink.json policy applied to '
+                            'the --model-path weights')
     return parser
 
 
