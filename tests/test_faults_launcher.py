@@ -76,6 +76,7 @@ def test_a_finished_run_tears_its_process_group_down(tmp_path):
         import torch.distributed as dist
 
         import cli
+        import utils
 
 
         def main(argv):

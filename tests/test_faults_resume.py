@@ -185,7 +185,7 @@ import sys, time, types
 import torch
 # utils.save_checkpoint needs torch only: stand in for models.checkpoint to spare the writer timm's import time
 sys.modules['models'] = types.ModuleType('models')
-sys.modules['models.checkpoint'] = types.SimpleNamespace(CheckpointError=ValueError, read_checkpoint=None)
+sys.modules['models.checkpoint'] = types.SimpleNamespace(checkpoint_info=None)
 import utils
 
 class HalfThenWait:  # the file torch.save writes to: half of each big record, a pause, then the rest
