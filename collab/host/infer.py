@@ -70,10 +70,20 @@ def get_parser():
     group.add_argument('--csv', default=None, metavar='FILE.csv', help='write one row per image here')
     group.add_argument('--logits', default=None, metavar='FILE.npy',
                        help='write the logits the aggregator computed, one row per image (numpy .npy, float32)')
+    group = parser.add_argument_group('security (docs/security.md)')
+    group.add_argument('--keys', default=None, metavar='DIR',
+                       help='CURVE keys of the fleet (python -m collab.keys init DIR --devices N): every device link '
+                            'is authenticated and encrypted; without it everything binds 127.0.0.1 only')
+    group.add_argument('--collab-host', default=None, metavar='ADDR',
+                       help='address the aggregator listens on for workers (default: every interface with --keys, '
+                            'else 127.0.0.1)')
+    group.add_argument('--insecure', action='store_true',
+                       help='allow listening on a non-loopback address without keys (a network you trust)')
     group = parser.add_argument_group('service')
     group.add_argument('--serve', action='store_true', help='serve HTTP requests until SIGINT/SIGTERM')
     group.add_argument('--port', type=cli.positive_int, default=8080, help='HTTP port of --serve')
-    group.add_argument('--host', default='0.0.0.0', help='HTTP address of --serve (default: every interface)')
+    group.add_argument('--host', default='127.0.0.1',
+                       help='HTTP address of --serve (another address needs --keys or --insecure)')
     group.add_argument('--topk', type=cli.positive_int, default=5, help='classes in each answer')
     group.add_argument('--max-batch', type=cli.positive_int, default=8,
                        help='images waiting for the devices sent together, at most this many (1: one at a time)')
