@@ -36,10 +36,15 @@ import traceback
 
 import zmq
 
+from . import keys as fleet_keys
 from . import wire
 
 STATES = ('waiting', 'up', 'late', 'gone')
 STOP_WAIT_S = 3.0
+LOG_EVERY_S = 60.0  # the same complaint about a peer is logged once a minute
+HELLO_FIELDS = {'v': int, 'role': str, 'index': int, 'session': str, 'input': dict, 'model': (dict, type(None)),
+                'token_width': (int, type(None)), 'activation': (list, type(None))}
+HELLO_REQUIRED = ('v', 'role', 'index', 'session')
 
 
 class CollabError(RuntimeError):
@@ -110,8 +115,7 @@ class Slot:
                 'last_latency_ms': self.last_latency_ms, 'last_compute_ms': self.last_compute_ms,
                 'model': (i.get('model') or {}).get('model'), 'model_kwargs': (i.get('model') or {}).get('kwargs'),
                 'backend': i.get('backend'), 'precision': i.get('precision'), 'source': i.get('source'),
-                'host': i.get('host'), 'pid': i.get('pid'),
-                'session': self.session, 'cpu_quota': i.get('cpu_quota'), 'joins': self.joins,
+                'host': i.get('host'), 'pid': i.get('pid'), 'cpu_quota': i.get('cpu_quota'), 'joins': self.joins,
                 'answered': self.answered, 'missed': self.missed, 'late_replies': self.late_replies}
 
 
@@ -149,11 +153,14 @@ class Dispatcher:
     num_classes). endpoint: where to bind (tcp://*:PORT). timeout: seconds a request may wait without a deadline.
     deadline_ms: answer with what arrived by then. dropout_tolerant: a missing device is not an error.
     pipeline: layer-split (image to slot 0, the answer from slot N-1, all slots needed). names(i): how messages
-    name slot i. log: where join/leave lines go (a callable taking one line).
+    name slot i. log: where join/leave lines go (a callable taking one line). keys: the fleet's key folder
+    (collab.keys): CURVE on the socket, only the devices' keys admitted, each bound to its device index.
+    max_message: the size cap of an incoming message (bytes). on_broken(why): called if the I/O thread ever dies.
     """
 
     def __init__(self, num_slots, expected, settings, endpoint, timeout=30.0, deadline_ms=None,
-                 dropout_tolerant=False, pipeline=False, names=None, log=None):
+                 dropout_tolerant=False, pipeline=False, names=None, log=None, keys=None, max_message=None,
+                 on_broken=None):
         self.expected, self.settings, self.endpoint = expected, dict(settings), endpoint
         self.timeout, self.deadline_ms = float(timeout), deadline_ms
         self.dropout_tolerant, self.pipeline = dropout_tolerant, pipeline
@@ -161,7 +168,9 @@ class Dispatcher:
         self.slots = [Slot(i, names(i)) for i in range(num_slots)]
         self.log = log or (lambda line: (sys.stderr.write(line + '\n'), sys.stderr.flush()))
         self.session = wire.session_id()
-        self.refusals = []  # (slot index or None, hello, reason)
+        self.refusals = collections.deque(maxlen=16)  # the latest (slot index or None, pid, reason)
+        self.on_broken = on_broken
+        self._said = {}
         self.by_peer = {}
         self.open = {}  # request id -> Request
         self.changed = threading.Condition()
@@ -175,13 +184,49 @@ class Dispatcher:
         # (hellos), malformed (messages dropped), deadline_misses, timeouts.
         self.stats = collections.Counter()
         self.ctx = zmq.Context()
-        self.sock = wire.router(self.ctx, endpoint)
+        self.auth, self.public_keys, secure = None, {}, None
+        if keys:
+            secure = self._secure(keys, num_slots)
+        try:
+            self.sock = wire.router(self.ctx, endpoint, secure, max_message)
+        except OSError:
+            self._close_auth()
+            raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the port bound, also for tcp://*:*
         self.mon = wire.monitor(self.sock)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True)
         self.thread.start()
+
+    def _secure(self, keys_dir, num_slots):
+        """CURVE server with a ZAP handler admitting the devices' keys in `keys_dir` (each as its own index)."""
+        fleet_keys.check_curve()
+        public, secret = fleet_keys.aggregator_pair(keys_dir)
+        allowed = fleet_keys.device_publics(keys_dir, num_slots)
+        self.public_keys = {i: k.decode('ascii') for k, i in allowed.items()}
+        missing = [self.slots[i].name for i in range(num_slots) if i not in self.public_keys]
+        if len(missing) == num_slots:
+            raise fleet_keys.KeyFileError(f'{keys_dir} holds no key for any of the {num_slots} devices '
+                                          f'(python -m collab.keys init {keys_dir} --devices {num_slots})')
+        if missing:
+            self.log(f'warning: {", ".join(missing)} hold no key in {keys_dir} (revoked?): they cannot join')
+        self.auth = fleet_keys.Authenticator(self.ctx, allowed, self.log).begin()
+        return lambda sock: fleet_keys.server(sock, public, secret)
+
+    def _close_auth(self):
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+    def _say_once(self, key, line):
+        """Log `line` unless the same `key` was logged within the last minute (a peer cannot flood the log)."""
+        now = _now()
+        if now - self._said.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
+            if len(self._said) > 4096:
+                self._said.clear()
+            self._said[key] = now
+            self.log(line)
 
     # -- called from any thread
 
@@ -202,8 +247,8 @@ class Dispatcher:
         with self.changed:
             while True:
                 if strict and self.refusals:
-                    i, hello, reason = self.refusals[0]
-                    who = self.slots[i].name if i is not None else f'a worker (pid {hello.get("pid")})'
+                    i, pid, reason = self.refusals[0]
+                    who = self.slots[i].name if i is not None else f'a worker (pid {pid})'
                     raise CollabError(f'{who} was refused: {reason}')
                 waiting = [s for s in self.slots if s.state != 'up']
                 if not waiting:
@@ -235,6 +280,7 @@ class Dispatcher:
         self.thread.join(5)
         for s in (self.mon, self.sock):
             s.close(linger=wire.LINGER_MS)
+        self._close_auth()
         self.ctx.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -271,6 +317,8 @@ class Dispatcher:
                 req.done.set()
             with self.changed:
                 self.changed.notify_all()
+            if self.on_broken is not None:
+                self.on_broken(self.broken)
 
     def _poll_ms(self):
         if not self.open:
@@ -293,6 +341,11 @@ class Dispatcher:
 
     def _on_events(self):
         for event, fd in wire.events(self.mon):
+            if event in wire.HANDSHAKE_FAILED:
+                self.stats['unauthenticated'] += 1
+                self._say_once(('handshake',), f'refused a connection that failed the CURVE handshake (no key, or '
+                                              f'one this fleet does not hold): {self.stats["unauthenticated"]} so '
+                                              f'far, logged once a minute')
             if event != zmq.EVENT_DISCONNECTED:
                 continue
             for s in self.slots:
@@ -305,22 +358,36 @@ class Dispatcher:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            peer, body = frames[0].bytes, frames[1:]
             try:
-                header, arrays = wire.unpack(body)
-            except wire.ProtocolError as err:
-                self.log(f'warning: dropped a malformed message from a worker: {err}')
-                self.stats['malformed'] += 1
-                continue
-            kind = header['type']
-            if kind == 'hello':
-                self._on_hello(peer, wire.source_fd(frames[0]), header)
-            elif kind in ('result', 'failed'):
-                self._on_result(peer, header, arrays, wire.sizes(body))
-            elif kind == 'bye':
-                s = self._slot_of(peer)
-                if s is not None:
-                    self._lose(s, f'left: {header.get("reason", "bye")}')
+                self._on_message(frames)
+            except Exception as err:  # past every check and still wrong: dropped, never the end of the dispatcher
+                self._malformed(frames[0].bytes, f'{type(err).__name__}: {err}')
+
+    def _malformed(self, peer, why):
+        self.stats['malformed'] += 1
+        s = self._slot_of(peer)
+        who = s.name if s is not None else 'a peer that has not joined'
+        self._say_once(('malformed', peer), f'warning: dropped a malformed message from {who}: {str(why)[:200]} '
+                                            f'({self.stats["malformed"]} so far; logged once a minute per peer)')
+
+    def _on_message(self, frames):
+        peer, body = frames[0].bytes, frames[1:]
+        try:
+            header, arrays = wire.unpack(body)
+        except wire.ProtocolError as err:
+            return self._malformed(peer, err)
+        kind = header['type']
+        if kind == 'hello':
+            key_index = fleet_keys.user_device(body[0]) if self.auth is not None else None
+            self._on_hello(peer, wire.source_fd(frames[0]), header, key_index)
+        elif kind in ('result', 'failed'):
+            self._on_result(peer, header, arrays, wire.sizes(body))
+        elif kind == 'bye':
+            s = self._slot_of(peer)
+            if s is not None:
+                self._lose(s, f'left: {str(header.get("reason", "bye"))[:200]}')
+        else:
+            self._malformed(peer, f'a message of type {kind[:40]!r}')
 
     def _slot_of(self, peer):
         i = self.by_peer.get(peer)
@@ -341,25 +408,33 @@ class Dispatcher:
 
     def _refuse(self, peer, index, hello, reason):
         self._send(peer, {'type': 'refused', 'reason': reason})
-        where = f'pid {hello.get("pid")} on {hello.get("host")}'
-        who = self.slots[index].name if index is not None else f'a worker ({where})'
-        self.log(f'refused {who} ({where}): {reason}')
-        self.refusals.append((index, hello, reason))
+        pid, host = str(hello.get('pid'))[:20], str(hello.get('host'))[:64]
+        who = self.slots[index].name if index is not None else 'a worker'
         self.stats['refused'] += 1
+        self._say_once(('refused', index, reason[:60]), f'refused {who} (pid {pid} on {host}): {reason} '
+                                                        f'({self.stats["refused"]} refused so far)')
+        self.refusals.append((index, pid, reason))
         self._notify()
 
-    def _on_hello(self, peer, fd, hello):
-        index = hello.get('index')
-        role = 'stage' if self.pipeline else 'device'
+    def _on_hello(self, peer, fd, hello, key_index=None):
         if hello.get('v') != wire.PROTOCOL:
-            return self._refuse(peer, None, hello, f'it speaks protocol {hello.get("v")}, this aggregator '
-                                                   f'{wire.PROTOCOL}: update both')
+            return self._refuse(peer, None, hello, f'it speaks protocol {str(hello.get("v"))[:20]}, this '
+                                                   f'aggregator {wire.PROTOCOL}: update both')
+        try:
+            wire.check(hello, {k: t for k, t in HELLO_FIELDS.items() if k in hello or k in HELLO_REQUIRED})
+        except wire.ProtocolError as err:
+            return self._refuse(peer, None, hello, f'its hello is malformed: {err}')
+        index = hello['index']
+        role = 'stage' if self.pipeline else 'device'
         if hello.get('role') != role:
             return self._refuse(peer, None, hello, f'it is a {hello.get("role")} but this aggregator runs '
                                                    f'{"the layer-split pipeline" if self.pipeline else "collab"}')
         if not isinstance(index, int) or not 0 <= index < len(self.slots):
             return self._refuse(peer, None, hello, f'there is no {role} {index} (this run has '
                                                    f'{len(self.slots)}: 0..{len(self.slots) - 1})')
+        if self.auth is not None and key_index != index:
+            return self._refuse(peer, None, hello, f'it holds the key of device {key_index} but says it is '
+                                                   f'{role} {index}')
         s = self.slots[index]
         if s.session == hello.get('session') and s.state in ('up', 'late'):
             if s.peer != peer:  # the same process reconnected (a link that came back)
@@ -396,6 +471,9 @@ class Dispatcher:
         w = dict(self.settings, type='welcome', agg=self.session, index=s.index)
         if self.pipeline and s.index + 1 < len(self.slots):
             w['next'] = self.slots[s.index + 1].info.get('endpoint')
+            w['next_key'] = self.public_keys.get(s.index + 1)
+        if self.pipeline and s.index > 0:
+            w['prev_key'] = self.public_keys.get(s.index - 1)
         self._send(s.peer, w)
 
     def _lose(self, s, reason):
@@ -473,7 +551,8 @@ class Dispatcher:
         s = self._slot_of(peer)
         if s is None:
             return
-        req = self.open.get(header.get('id')) if header.get('agg') == self.session else None
+        rid = header.get('id')
+        req = self.open.get(rid) if type(rid) is int and header.get('agg') == self.session else None
         if req is None or s.index not in req.expect or s.index in req.missing or s.index in req.results:
             s.late_replies += 1
             self.late_discarded += 1
@@ -481,8 +560,13 @@ class Dispatcher:
                 s.set('up', None)  # it answers again: it serves the next request
             return
         req.nbytes['control'] += size[0]
-        if header['type'] == 'failed':
-            req.missing[s.index] = f'failed: {header.get("message")}'
+        bad = None if header['type'] == 'failed' else self._bad_answer(s, req, header, arrays)
+        if bad:
+            self._malformed(peer, bad)
+            req.missing[s.index] = f'sent a malformed answer ({bad})'
+            s.missed += 1
+        elif header['type'] == 'failed':
+            req.missing[s.index] = f'failed: {str(header.get("message"))[:300]}'
         else:
             req.results[s.index] = (arrays[0], header)
             kind = 'output' if self.pipeline else 'tokens'
@@ -495,6 +579,22 @@ class Dispatcher:
             if s.state == 'late':
                 s.set('up', None)
         self._finish_if_complete(req)
+
+    def _bad_answer(self, s, req, header, arrays):
+        """Why an answer of slot s to `req` cannot be used (None: it can): one array of the dtype and shape that
+        the slot declared at join, finite."""
+        if self.pipeline:
+            dtype, width = '<f4', self.settings.get('num_classes')
+        else:
+            dtype, width = wire.WIRE_DTYPES[self.settings['wire_dtype']], s.info.get('token_width')
+        fields = {'compute_ms': (int, float, type(None))}
+        if self.pipeline:
+            fields['record'] = list
+        try:
+            wire.check(dict(header, compute_ms=header.get('compute_ms')), fields, arrays, dtype, (req.batch, width))
+        except wire.ProtocolError as err:
+            return str(err)
+        return None
 
     def _expire(self):
         now = _now()

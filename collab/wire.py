@@ -41,7 +41,10 @@ import zmq
 PROTOCOL = 1
 DTYPES = ('|u1', '<f2', '<f4', '<f8', '<i8')
 WIRE_DTYPES = {'fp32': '<f4', 'fp16': '<f2'}
+ITEMSIZE = {'|u1': 1, '<f2': 2, '<f4': 4, '<f8': 8, '<i8': 8}
 INPUT_DTYPES = ('uint8', 'fp32')
+MAX_BATCH = 256  # images in one request at most (a receiver refuses more)
+HEADER_BYTES = 64 * 1024  # room for a header (and a hello) in the size cap of a socket's messages
 HEARTBEAT_IVL_MS = 1000  # ZMTP ping interval; a silent peer's connection closes after HEARTBEAT_TIMEOUT_MS
 HEARTBEAT_TIMEOUT_MS = 4000
 LINGER_MS = 1000
@@ -70,34 +73,61 @@ def _buffer(frame):
 
 
 def unpack(frames):
-    """(header dict, arrays) of a message; the arrays are read-only views of the frames. ProtocolError if bad."""
+    """(header dict, arrays) of a message; the arrays are read-only views of the frames. ProtocolError if bad:
+    nothing a peer sends gets past here without being the message it says it is."""
     if not frames:
         raise ProtocolError('empty message')
     try:
         header = json.loads(bytes(_buffer(frames[0])).decode('utf-8'))
     except (UnicodeDecodeError, ValueError) as err:
-        raise ProtocolError(f'the header is not JSON: {err}') from None
+        raise ProtocolError('the header is not JSON: {}'.format(err)) from None
     if not isinstance(header, dict) or not isinstance(header.get('type'), str):
         raise ProtocolError('the header is not an object with a "type"')
     specs = header.get('arrays') or []
-    if len(specs) != len(frames) - 1:
-        raise ProtocolError(f'the header describes {len(specs)} arrays but {len(frames) - 1} buffers came')
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise ProtocolError('the header describes {} arrays but {} buffers came'.format(
+            len(specs) if isinstance(specs, list) else repr(specs)[:20], len(frames) - 1))
     arrays = []
     for spec, frame in zip(specs, frames[1:]):
         try:
             dtype, shape = spec
-            shape = [int(d) for d in shape]
-        except (TypeError, ValueError):
-            raise ProtocolError(f'bad array description {spec!r}') from None
-        if dtype not in DTYPES:
-            raise ProtocolError('unsupported dtype {!r} (allowed: {})'.format(dtype, ', '.join(DTYPES)))
+            itemsize = ITEMSIZE[dtype]
+            count = 1
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise ValueError
+                count *= d
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError('bad array description {} (dtypes: {})'.format(
+                json.dumps(spec)[:80], ', '.join(DTYPES))) from None
         buf = _buffer(frame)
         size = memoryview(buf).nbytes
-        if size != int(np.prod(shape)) * np.dtype(dtype).itemsize or any(d < 0 for d in shape):
-            raise ProtocolError(f'a buffer of {size} bytes does not have shape {shape} of {dtype}')
-        a = np.frombuffer(buf, dtype=np.dtype(dtype))
-        arrays.append(a.reshape(shape))
+        if size != count * itemsize:
+            raise ProtocolError('a buffer of {} bytes does not have shape {} of {}'.format(size, shape, dtype))
+        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
     return header, arrays
+
+
+def check(header, fields, arrays=(), dtype=None, shape=None):
+    """Raise ProtocolError unless `header` has each of `fields` ({name: type or tuple of types}) and, when
+    `dtype`/`shape` are given, one array of that dtype and shape (None in `shape`: any size) holding finite
+    numbers. The checks a receiver makes before it uses a message."""
+    for name, kinds in fields.items():
+        value = header.get(name)
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ProtocolError('"{}" is {} in a {} message'.format(name, json.dumps(value)[:40], header['type']))
+    if dtype is None:
+        return
+    if len(arrays) != 1:
+        raise ProtocolError('a {} message carries {} arrays, not 1'.format(header['type'], len(arrays)))
+    a = arrays[0]
+    if a.dtype.str != dtype or len(a.shape) != len(shape) or any(
+            e is not None and d != e for d, e in zip(a.shape, shape)):
+        raise ProtocolError('a {} message carries {} of {}, not {} of {}'.format(
+            header['type'], list(a.shape), a.dtype.str, [d if d is not None else 'B' for d in shape], dtype))
+    if a.dtype.kind == 'f' and not np.isfinite(a).all():
+        raise ProtocolError('a {} message carries NaN or infinite values'.format(header['type']))
 
 
 def sizes(frames):
@@ -109,14 +139,17 @@ def sizes(frames):
 # ---------------------------------------------------------------------------------------------------------------
 # Sockets
 
-def _socket(ctx, kind, options, attach, endpoint, error):
-    """A socket of `kind` with the common options (linger, ZMQ heartbeats) and `options`, bound or connected
-    (`attach`) to `endpoint`; a ZMQError there becomes `error(err)`, the socket closed."""
+def _socket(ctx, kind, options, attach, endpoint, error, secure=None, max_message=None):
+    """A socket of `kind` with the common options (linger, ZMQ heartbeats, the size cap `max_message` in bytes) and
+    `options`, made secure by `secure(sock)` (collab.keys.server / client), bound or connected (`attach`) to
+    `endpoint`; a ZMQError there becomes `error(err)`, the socket closed."""
     sock = ctx.socket(kind)
     for option, value in [(zmq.LINGER, LINGER_MS), (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS),
                           (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS), (zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS),
-                          *options]:
+                          (zmq.MAXMSGSIZE, int(max_message) if max_message else -1), *options]:
         sock.setsockopt(option, value)
+    if secure is not None:
+        secure(sock)
     try:
         getattr(sock, attach)(endpoint)
     except zmq.ZMQError as err:
@@ -125,23 +158,46 @@ def _socket(ctx, kind, options, attach, endpoint, error):
     return sock
 
 
-def router(ctx, endpoint):
-    """The aggregator's socket, bound at `endpoint` (``tcp://*:PORT``). Sending to a peer that is gone raises
+def router(ctx, endpoint, secure=None, max_message=None):
+    """The aggregator's socket, bound at `endpoint` (``tcp://HOST:PORT``). Sending to a peer that is gone raises
     (ROUTER_MANDATORY) instead of dropping the message silently."""
     return _socket(ctx, zmq.ROUTER, [(zmq.ROUTER_MANDATORY, 1)], 'bind', endpoint,
-                   lambda err: OSError(f'cannot listen for workers at {endpoint}: {err}'))
+                   lambda err: OSError(f'cannot listen for workers at {endpoint}: {err}'), secure, max_message)
 
 
-def dealer(ctx, endpoint):
+def dealer(ctx, endpoint, secure=None, max_message=None):
     """A worker's socket to the aggregator at `endpoint`; connects (and reconnects) in the background. Nothing is
     queued while it is not connected (IMMEDIATE): a hello is sent again instead."""
     return _socket(ctx, zmq.DEALER, [(zmq.IMMEDIATE, 1), (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)],
-                   'connect', endpoint, lambda err: ValueError(f'bad aggregator address {endpoint!r}: {err}'))
+                   'connect', endpoint, lambda err: ValueError(f'bad aggregator address {endpoint!r}: {err}'),
+                   secure, max_message)
+
+
+def pull(ctx, endpoint, secure=None, max_message=None):
+    """A layer-split stage's socket for the activations of the stage before it, bound at `endpoint`
+    (``tcp://HOST:*`` takes a free port; the socket's LAST_ENDPOINT tells which)."""
+    return _socket(ctx, zmq.PULL, [], 'bind', endpoint,
+                   lambda err: OSError(f'cannot listen for the stage before at {endpoint}: {err}'), secure, max_message)
+
+
+def push(ctx, endpoint, secure=None):
+    """A layer-split stage's socket to the next stage."""
+    return _socket(ctx, zmq.PUSH, [(zmq.IMMEDIATE, 1)], 'connect', endpoint,
+                   lambda err: ValueError(f'bad address of the next stage {endpoint!r}: {err}'), secure)
+
+
+# A CURVE handshake that failed: no key, a key the other side does not admit, or the wrong server key.
+HANDSHAKE_FAILED = tuple(getattr(zmq, name) for name in ('EVENT_HANDSHAKE_FAILED_NO_DETAIL',
+                                                         'EVENT_HANDSHAKE_FAILED_PROTOCOL',
+                                                         'EVENT_HANDSHAKE_FAILED_AUTH') if hasattr(zmq, name))
 
 
 def monitor(sock):
     """A PAIR socket receiving `sock`'s connection events (see `events`)."""
-    return sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    mask = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+    for event in HANDSHAKE_FAILED:
+        mask |= event
+    return sock.get_monitor_socket(mask)
 
 
 def events(mon):

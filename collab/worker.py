@@ -4,7 +4,7 @@ What a board runs (numpy, pyzmq and onnxruntime or PyTorch; Python 3.6+):
 
     python -m collab.worker --aggregator tcp://HOST:PORT --device-index I --model-path EXPORT_OR_CHECKPOINT \\
         [--backend torch|onnxruntime] [--fp16-model] [--cpu-quota Q [--cpu-reserve]] [--threads T]
-        [--device cpu|cuda|tensorrt]
+        [--device cpu|cuda|tensorrt] [--keys DIR]
 
 Under a launcher, collab_infer.py's ranks 1..N run this same code (rank r is device r-1; the aggregator's address
 comes from MASTER_ADDR and MASTER_PORT + 1, or --collab-port).
@@ -33,6 +33,7 @@ import time
 import zmq
 
 from . import backends, launcher, quota, sessions, wire
+from . import keys as fleet_keys
 from .manifest import first_line
 
 JOIN_RESEND_S = 1.0
@@ -81,10 +82,12 @@ class Worker:
     activations from the stage before on a PULL socket of its own, to the next one or, from the last, the logits
     to the aggregator). exit_on_loss: exit 1 when the aggregator is lost (under a launcher) instead of joining again.
     startup_timeout: seconds to wait for the first welcome (None: forever, as a board waiting for its aggregator).
+    keys: the folder holding this device's secret key and the aggregator's public key (collab.keys): the link is
+    CURVE-encrypted and talks only to that aggregator.
     """
 
     def __init__(self, model, endpoint, index, role='device', num_stages=None, exit_on_loss=False,
-                 startup_timeout=None, fault=None, name=None, extra=None):
+                 startup_timeout=None, fault=None, name=None, extra=None, keys=None):
         self.model, self.endpoint, self.index, self.role = model, endpoint, index, role
         self.num_stages = num_stages
         self.exit_on_loss, self.startup_timeout = exit_on_loss, startup_timeout
@@ -92,7 +95,13 @@ class Worker:
         self.fault = fault or Fault(name=self.name)
         self.session = wire.session_id()
         self.extra = dict(extra or {})
-        self.ctx = self.sock = self.mon = self.pull = self.push = None
+        self.ctx = self.sock = self.mon = self.pull = self.push = self.auth = None
+        self.pair = self.aggregator_key = None
+        if keys:
+            fleet_keys.check_curve()
+            self.pair = fleet_keys.device_pair(keys, index)
+            self.aggregator_key = fleet_keys.aggregator_public(keys)
+        self._said = {}
         self.stage_endpoint = None
         self.served = 0
 
@@ -111,12 +120,19 @@ class Worker:
                 signal.signal(sig, on_signal)
         self.ctx = zmq.Context()
         try:
-            self.sock = wire.dealer(self.ctx, self.endpoint)
+            secure = None
+            if self.pair:
+                secure = lambda sock: fleet_keys.client(sock, *self.pair, self.aggregator_key)  # noqa: E731
+            self.sock = wire.dealer(self.ctx, self.endpoint, secure, self.max_message())
             self.mon = wire.monitor(self.sock)
             if self.role == 'stage' and self.index > 0:
-                self.pull = self.ctx.socket(zmq.PULL)
-                port = self.pull.bind_to_random_port('tcp://*')
-                self.stage_endpoint = f'tcp://{wire.local_address(self.endpoint)}:{port}'
+                secure = None
+                if self.pair:  # only the stage before (its key comes in the welcome) gets through
+                    self.auth = fleet_keys.Authenticator(self.ctx, {}, self.say).begin()
+                    secure = lambda sock: fleet_keys.server(sock, *self.pair)  # noqa: E731
+                self.pull = wire.pull(self.ctx, f'tcp://{wire.local_address(self.endpoint)}:*', secure,
+                                      self.max_message())
+                self.stage_endpoint = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
             while True:
                 try:
                     welcome = self.join()
@@ -141,7 +157,24 @@ class Worker:
             for s in (self.push, self.pull, self.mon, self.sock):
                 if s is not None:
                     s.close(linger=500)
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.term()
+
+    def max_message(self):
+        """The size cap of a message to this worker: a full batch of its input (images, or activations)."""
+        d = self.model.describe()
+        inp = d.get('input') or {}
+        per_image = (inp.get('channels') or 3) * (inp.get('size') or 224) ** 2 * 4
+        if d.get('activation'):
+            per_image = max(per_image, 8 * int(d['activation'][0]) * int(d['activation'][1]))
+        return wire.HEADER_BYTES + wire.MAX_BATCH * per_image
+
+    def warn_once(self, key, text):
+        now = time.monotonic()
+        if now - self._said.get(key, -60.0) >= 60.0:
+            self._said[key] = now
+            self.say(f'warning: {text} (logged once a minute)')
 
     def hello(self):
         h = {'type': 'hello', 'v': wire.PROTOCOL, 'role': self.role, 'index': self.index, 'session': self.session,
@@ -172,7 +205,10 @@ class Worker:
                 self.say(f'waiting for the aggregator at {self.endpoint}')
                 announced = True
             poller.poll(200)
-            wire.events(self.mon)  # connection events before the welcome say nothing useful
+            if any(event in wire.HANDSHAKE_FAILED for event, _ in wire.events(self.mon)):
+                self.warn_once('handshake', f'the secure handshake with {self.endpoint} failed: is it this fleet\'s '
+                                            'aggregator, and does it hold this device\'s key (and this one its '
+                                            'aggregator.key)?')
             for header, _ in self._drain(self.sock):
                 kind = header['type']
                 if kind == 'welcome':
@@ -191,7 +227,7 @@ class Worker:
             try:
                 yield wire.unpack(frames)
             except wire.ProtocolError as err:
-                self.say(f'warning: dropped a malformed message: {err}')
+                self.warn_once('malformed', f'dropped a malformed message: {err}')
 
     def _send(self, header, arrays=(), sock=None):
         try:
@@ -207,11 +243,17 @@ class Worker:
         wire_dtype = wire.WIRE_DTYPES[welcome['wire_dtype']]
         if self.role == 'stage':
             self.model.prepare(int(welcome['num_classes']))
+            if self.auth is not None and welcome.get('prev_key'):
+                self.auth.allowed = {welcome['prev_key'].encode('ascii'): self.index - 1}
             if welcome.get('next'):
                 if self.push is not None:
                     self.push.close(linger=0)
-                self.push = self.ctx.socket(zmq.PUSH)
-                self.push.connect(welcome['next'])
+                secure = None
+                if self.pair and welcome.get('next_key'):
+                    key = welcome['next_key'].encode('ascii')
+                    secure = lambda sock: fleet_keys.client(sock, *self.pair, key)  # noqa: E731
+                self.push = wire.push(self.ctx, welcome['next'], secure)
+        expect = self._expected(welcome)
         inputs = [self.sock] + ([self.pull] if self.pull is not None else [])
         poller = zmq.Poller()
         for s in inputs + [self.mon]:
@@ -227,14 +269,45 @@ class Worker:
                 for header, arrays in self._drain(sock):
                     kind = header['type']
                     if kind == 'run' and header.get('agg') == agg:
-                        queue[header['id']] = (header, arrays)
+                        bad = self._bad_run(header, arrays, *expect[sock is self.pull])
+                        if bad:
+                            self.warn_once('bad run', f'refused a request: {bad}')
+                            self._send({'type': 'failed', 'id': header.get('id'), 'agg': agg,
+                                        'message': f'bad request: {bad}'})
+                        else:
+                            queue[header['id']] = (header, arrays)
+                    elif sock is self.pull:
+                        self.warn_once('pull', f'ignored a {kind[:20]!r} message from the stage before (it only '
+                                               'sends run)')
                     elif kind == 'cancel':
                         queue.pop(header.get('id'), None)
                     elif kind == 'stop':
-                        raise Stopped(header.get('reason', 'stop'))
+                        raise Stopped(str(header.get('reason', 'stop'))[:300])
             if queue:
                 _, (header, arrays) = queue.popitem(last=False)
                 self.answer(header, arrays, agg, codec, wire_dtype)
+
+    def _expected(self, welcome):
+        """(dtype, per-image shape) of a `run` from the aggregator and from the stage before (the PULL socket)."""
+        d = self.model.describe()
+        inp = d.get('input') or {}
+        image = ('|u1' if welcome['input_dtype'] == 'uint8' else '<f4',
+                 (inp.get('channels'), inp.get('size'), inp.get('size')))
+        activation = (wire.WIRE_DTYPES[welcome['wire_dtype']], tuple(d.get('activation') or (None, None)))
+        return {False: image, True: activation}
+
+    @staticmethod
+    def _bad_run(header, arrays, dtype, shape):
+        """Why a `run` cannot be served (None: it can): an int id, a batch of 1..MAX_BATCH images, one array of
+        the declared dtype and shape, finite."""
+        try:
+            wire.check(header, {'id': int, 'batch': int, 'index': int})
+            if not 1 <= header['batch'] <= wire.MAX_BATCH:
+                raise wire.ProtocolError(f'a batch of {header["batch"]} (1..{wire.MAX_BATCH} are served)')
+            wire.check(header, {}, arrays, dtype, (header['batch'],) + tuple(shape))
+        except wire.ProtocolError as err:
+            return str(err)
+        return None
 
     def answer(self, header, arrays, agg, codec, wire_dtype):
         index, batch = int(header.get('index', WARMUP)), int(header.get('batch', 1))
@@ -315,6 +388,9 @@ def get_parser():
                    help='with --cpu-quota: also claim that much CPU (CFS weight), so that other busy processes do '
                         'not hold the emulated device below its quota')
     p.add_argument('--ema', action='store_true', help="torch: use the checkpoint's EMA weights")
+    p.add_argument('--keys', default=None, metavar='DIR',
+                   help="the folder with this device's deviceI.key_secret and the aggregator's aggregator.key "
+                        '(python -m collab.keys): the link is authenticated and encrypted (docs/security.md)')
     p.add_argument('--startup-timeout', type=float, default=None,
                    help='seconds to wait for the aggregator (default: forever; 300 under a launcher)')
     p.add_argument('--exit-on-loss', action='store_true',
@@ -326,7 +402,7 @@ def get_parser():
 
 
 def start(model_factory, endpoint, index, name, role='device', num_stages=None, cpu_quota=None,
-          exit_on_loss=False, startup_timeout=None, fault=None, extra=None, cpu_reserve=False):
+          exit_on_loss=False, startup_timeout=None, fault=None, extra=None, cpu_reserve=False, keys=None):
     """Quota, model, worker: the exit code of its run. Bad input (model file, quota) is one error line, exit 2."""
     try:
         apply_quota(cpu_quota, cpu_reserve)
@@ -335,7 +411,12 @@ def start(model_factory, endpoint, index, name, role='device', num_stages=None, 
         sys.stderr.write(f'{name} error: {first_line(err)}\n')
         return 2
     info = dict(extra or {}, cpu_quota=cpu_quota)
-    worker = Worker(model, endpoint, index, role, num_stages, exit_on_loss, startup_timeout, fault, name, info)
+    try:
+        worker = Worker(model, endpoint, index, role, num_stages, exit_on_loss, startup_timeout, fault, name, info,
+                        keys)
+    except ValueError as err:  # a key file missing, malformed or readable by others
+        sys.stderr.write(f'{name} error: {first_line(err)}\n')
+        return 2
     return worker.run()
 
 
@@ -362,7 +443,7 @@ def main(argv=None):
     fault = Fault(args.fault, args.fault_after, args.fault_seconds, name)
     return start(factory, endpoint, index, name, cpu_quota=args.cpu_quota, cpu_reserve=args.cpu_reserve,
                  exit_on_loss=args.exit_on_loss or launcher.launched(), startup_timeout=timeout, fault=fault,
-                 extra={'threads': sessions.default_threads(args.threads)})
+                 extra={'threads': sessions.default_threads(args.threads)}, keys=args.keys)
 
 
 if __name__ == '__main__':

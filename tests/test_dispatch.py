@@ -147,12 +147,12 @@ def test_refused_hellos_and_a_replaced_worker(fleet):
     assert 'there is no device 5' in f.d.refusals[1][2]
     first = f.add(Model(1))
     f.d.wait_ready(30, strict=False)  # the refusals above do not stop this one
-    assert f.d.health()[1]['session'] == first.session
+    assert f.d.slots[1].session == first.session
     second = f.add(Model(1))  # a board that rebooted before its old connection timed out
     deadline = time.time() + 10
-    while f.d.health()[1]['session'] != second.session and time.time() < deadline:
+    while f.d.slots[1].session != second.session and time.time() < deadline:
         time.sleep(0.05)
-    assert f.d.health()[1]['session'] == second.session and f.d.health()[1]['joins'] == 2
+    assert f.d.slots[1].session == second.session and f.d.health()[1]['joins'] == 2
     assert any('replaces' in line for line in f.lines)
     assert sorted(f.ask().results) == [0, 1]
     del ghost

@@ -30,7 +30,7 @@ from models import factory
 from models.checkpoint import args_dict, checkpoint_info, read_checkpoint
 from models.ensemble_model import DeViTEnsemble, load_ensemble, read_ensemble_checkpoint
 
-from .. import backends, launcher, sessions, wire, worker
+from .. import backends, keys, launcher, sessions, wire, worker
 from ..dispatch import CollabError, Dispatcher
 from . import report, torch_models
 
@@ -326,8 +326,30 @@ def _log_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def setup_collab(args) -> tuple[CollabClient, HeadSpec]:
-    """The head and the dispatcher of --mode collab, its workers joined (the service does not wait for them)."""
+def listen_endpoint(args) -> str:
+    """Where the aggregator listens for workers: every interface with --keys, else 127.0.0.1 (a launcher whose
+    MASTER_ADDR is another host's needs --keys or --insecure); --collab-host chooses. One line says which."""
+    host = args.collab_host
+    if host is None:
+        master = os.environ.get('MASTER_ADDR', '127.0.0.1') if launcher.launched() else '127.0.0.1'
+        host = '*' if args.keys or not keys.is_loopback(master) else '127.0.0.1'
+    said = keys.check_bind('0.0.0.0' if host in ('*', '') else host, args.keys, args.insecure, 'the aggregator')
+    if said:
+        _log_line(said[1])
+    if ':' in host and not host.startswith('['):
+        host = f'[{host}]'
+    return f'tcp://{host}:{launcher.aggregator_port(args.collab_port)}'
+
+
+def max_message(args, floats_per_image: int) -> int:
+    """The size cap of a worker's message to the aggregator: a full batch of its answer, in float64 at most."""
+    batch = max(args.batch_size, getattr(args, 'max_batch', 1) or 1, 1)
+    return wire.HEADER_BYTES + min(batch, wire.MAX_BATCH) * int(floats_per_image) * 8
+
+
+def setup_collab(args, on_broken=None) -> tuple[CollabClient, HeadSpec]:
+    """The head and the dispatcher of --mode collab, its workers joined (the service does not wait for them).
+    on_broken(why): what to do if the dispatcher's I/O thread ever dies (the service exits)."""
     spec = load_head(args)
     resolve_data_args(args, spec.train_args)
     n = len(spec.widths)
@@ -338,9 +360,9 @@ def setup_collab(args) -> tuple[CollabClient, HeadSpec]:
     num_classes = args.nb_classes or spec.num_classes
     dispatcher = Dispatcher(
         n, lambda i: {'input': inp, 'token_width': spec.widths[i], 'model': spec.specs[i]},
-        settings(args, inp['mean'], inp['std'], num_classes),
-        f'tcp://*:{launcher.aggregator_port(args.collab_port)}', args.timeout, args.deadline_ms,
-        args.dropout_tolerant, names=slot_names(), log=_log_line)
+        settings(args, inp['mean'], inp['std'], num_classes), listen_endpoint(args), args.timeout, args.deadline_ms,
+        args.dropout_tolerant, names=slot_names(), log=_log_line, keys=args.keys,
+        max_message=max_message(args, max(spec.widths)), on_broken=on_broken)
     return CollabClient(dispatcher, spec, wire.ImageCodec(args.input_dtype, inp['mean'], inp['std'])), spec
 
 
@@ -400,8 +422,8 @@ def setup(args):
     teacher = {'model': args.teacher_model, 'kwargs': dict(args.teacher_kwargs)}
     dispatcher = Dispatcher(
         n, lambda i: {'input': {'size': size, 'channels': chans}, 'activation': [tokens, dim], 'model': teacher},
-        settings(args, mean, std, num_classes), f'tcp://*:{launcher.aggregator_port(args.collab_port)}',
-        args.timeout, pipeline=True, names=slot_names('stage'), log=_log_line)
+        settings(args, mean, std, num_classes), listen_endpoint(args), args.timeout, pipeline=True,
+        names=slot_names('stage'), log=_log_line, keys=args.keys, max_message=max_message(args, num_classes))
     client = PipelineClient(dispatcher, wire.ImageCodec(args.input_dtype, inp['mean'], inp['std']))
     try:
         dispatcher.wait_ready(args.startup_timeout)
@@ -431,7 +453,8 @@ def run_worker(args) -> int:
     fault = worker.Fault(args.fault if args.fault_rank == rank else None, args.fault_after, args.fault_seconds,
                          name)
     common = {'cpu_quota': quota, 'exit_on_loss': True, 'startup_timeout': args.startup_timeout, 'fault': fault,
-              'extra': {'threads': sessions.default_threads(args.threads)}, 'cpu_reserve': args.cpu_reserve}
+              'extra': {'threads': sessions.default_threads(args.threads)}, 'cpu_reserve': args.cpu_reserve,
+              'keys': args.keys}
     if args.mode == 'collab':
         path = args.worker_model_path or args.model_path
         return worker.start(lambda: worker.load_model(args.backend, path, rank - 1, args.threads, args.device,
