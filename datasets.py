@@ -204,12 +204,28 @@ def read_image_folder(path: str, split: str, class_names: list | None = None) ->
 
 # --- CIFAR-100 python pickles ---------------------------------------------------------------------------------
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles containers, strings, numbers and numpy arrays only: a CIFAR file cannot run code when read."""
+
+    ALLOWED = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', '_reconstruct'),
+               ('numpy._core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
+               ('numpy._core.multiarray', 'scalar'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'it holds a {module}.{name}, not only arrays and plain values (refused: '
+                                         'reading it would run code)')
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
     try:
         with open(path, 'rb') as f:
-            d = pickle.load(f, encoding='latin1')
+            d = _ArraysOnly(f, encoding='latin1').load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise DatasetError(f'cannot read CIFAR pickle {path}: {e}') from e
+    if not isinstance(d, dict):
+        raise DatasetError(f'cannot read CIFAR pickle {path}: it holds a {type(d).__name__}, not a dict')
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 

@@ -241,7 +241,7 @@ def bench(quick, workdir, verbose=True):
             'uniform_prediction_error': abs(uniform_compute - fwd_p50['uniform']) / fwd_p50['uniform'],
             'per_device_median_ms': per_device, 'images': images * rounds},
     }
-    result['ensemble_params'] = {name: sum(t.numel() for t in torch.load(path, weights_only=False)['model'].values())
+    result['ensemble_params'] = {name: sum(t.numel() for t in torch.load(path, weights_only=True)['model'].values())
                                  for name, path in ckpt.items()}
     result['load'] = [load_before, os.getloadavg()[0]]
 

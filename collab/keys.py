@@ -42,7 +42,7 @@ class KeyFileError(ValueError):
 
 
 def device_name(index):
-    return 'device{}'.format(index)
+    return f'device{index}'
 
 
 def check_curve():
@@ -56,10 +56,9 @@ def check_private(path, what='secret key'):
     try:
         mode = os.stat(path).st_mode
     except OSError as err:
-        raise KeyFileError('cannot read the {} {}: {}'.format(what, path, err.strerror or err)) from None
+        raise KeyFileError(f'cannot read the {what} {path}: {err.strerror or err}') from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError('the {} {} is readable by others (mode {:o}): chmod 600 {}'.format(
-            what, path, stat.S_IMODE(mode), path))
+        raise KeyFileError(f'the {what} {path} is readable by others (mode {stat.S_IMODE(mode):o}): chmod 600 {path}')
 
 
 def _load(path, secret):
@@ -67,13 +66,13 @@ def _load(path, secret):
     if secret:
         check_private(path)
     elif not os.path.isfile(path):
-        raise KeyFileError('no public key {} (python -m collab.keys init/add writes it)'.format(path))
+        raise KeyFileError(f'no public key {path} (python -m collab.keys init/add writes it)')
     try:
         public, private = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as err:
-        raise KeyFileError('{} is not a CURVE certificate: {}'.format(path, err)) from None
+        raise KeyFileError(f'{path} is not a CURVE certificate: {err}') from None
     if secret and not private:
-        raise KeyFileError('{} holds no secret key (the NAME.key_secret file is the one to give)'.format(path))
+        raise KeyFileError(f'{path} holds no secret key (the NAME.key_secret file is the one to give)')
     return public, private
 
 
@@ -151,8 +150,9 @@ class Authenticator(zmq.auth.thread.ThreadAuthenticator):
         now = time.monotonic()
         if now - self._logged.get(self._address, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._logged[self._address] = now
-            self.say('refused a connection from {}: its key is not one of this fleet\'s devices ({} refused so '
-                     'far; logged once a minute per address)'.format(self._address, self.refused))
+            self.say(f'refused a connection from {self._address}: its key is not one of this fleet\'s devices '
+                     f'({self.refused} refused so '
+                     'far; logged once a minute per address)')
         return False
 
     def curve_user_id(self, client_public_key):
@@ -171,14 +171,14 @@ def check_bind(host, keys, insecure, what):
     """None, or one line refusing to bind `what` at `host` without keys (nor --insecure); the warning to print when
     --insecure lets it (returned as ('warning', line)) and the note for a local, unauthenticated run."""
     if keys or is_loopback(host):
-        return None if keys else ('note', '{} binds {} only: the fleet is unauthenticated and local (--keys DIR '
-                                          'for devices on other hosts)'.format(what, host))
+        return None if keys else ('note', f'{what} binds {host} only: the fleet is unauthenticated and local '
+                                          '(--keys DIR '
+                                          'for devices on other hosts)')
     if not insecure:
-        raise KeyFileError('{} would listen on {} without keys: anyone on that network could join or call it. Give '
-                        '--keys DIR (python -m collab.keys init) or, on a network you trust, --insecure'.format(
-                            what, host))
-    return ('warning', 'warning: {} listens on {} with no authentication and no encryption (--insecure)'.format(
-        what, host))
+        raise KeyFileError(f'{what} would listen on {host} without keys: anyone on that network could join or '
+                           'call it. Give '
+                        '--keys DIR (python -m collab.keys init) or, on a network you trust, --insecure')
+    return ('warning', f'warning: {what} listens on {host} with no authentication and no encryption (--insecure)')
 
 
 def read_tokens(path):
@@ -187,11 +187,12 @@ def read_tokens(path):
     with open(path, encoding='utf-8') as f:
         tokens = [line.strip() for line in f if line.strip() and not line.startswith('#')]
     if not tokens:
-        raise KeyFileError('the token file {} holds no token'.format(path))
+        raise KeyFileError(f'the token file {path} holds no token')
     for t in tokens:
         if len(t) < TOKEN_MIN_CHARS or not t.isprintable() or ' ' in t:
-            raise KeyFileError('a token in {} is shorter than {} characters or holds spaces: python -m collab.keys '
-                            'token FILE writes a good one'.format(path, TOKEN_MIN_CHARS))
+            raise KeyFileError(f'a token in {path} is shorter than {TOKEN_MIN_CHARS} characters or holds spaces: '
+                               'python -m collab.keys '
+                            'token FILE writes a good one')
     return [t.encode() for t in tokens]
 
 
@@ -216,8 +217,9 @@ def _write_pair(keys_dir, name):
 def init(keys_dir, devices, force=False):
     check_curve()
     if os.path.exists(os.path.join(keys_dir, AGGREGATOR + '.key_secret')) and not force:
-        raise KeyFileError('{} already holds an aggregator key: every board would need new keys; give --force to '
-                        'replace them all, or `add` to reissue one device'.format(keys_dir))
+        raise KeyFileError(f'{keys_dir} already holds an aggregator key: every board would need new keys; give '
+                           '--force to '
+                        'replace them all, or `add` to reissue one device')
     os.makedirs(keys_dir, mode=0o700, exist_ok=True)
     written = [_write_pair(keys_dir, AGGREGATOR)]
     written += [_write_pair(keys_dir, device_name(i)) for i in range(devices)]
@@ -227,8 +229,8 @@ def init(keys_dir, devices, force=False):
 def add(keys_dir, index):
     check_curve()
     if not os.path.exists(os.path.join(keys_dir, AGGREGATOR + '.key')):
-        raise KeyFileError('{} holds no aggregator key: run python -m collab.keys init {} --devices N first'.format(
-            keys_dir, keys_dir))
+        raise KeyFileError(f'{keys_dir} holds no aggregator key: run python -m collab.keys init {keys_dir} '
+                           '--devices N first')
     return _write_pair(keys_dir, device_name(index))
 
 
@@ -243,7 +245,7 @@ def write_token(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog='python -m collab.keys', description=__doc__.split('\n')[0])
-    sub = p.add_subparsers(dest='command', required=True)
+    sub = p.add_subparsers(dest='command')
     q = sub.add_parser('init', help='write the aggregator\'s pair and one per device')
     q.add_argument('dir')
     q.add_argument('--devices', type=int, required=True)
@@ -256,12 +258,14 @@ def main(argv=None):
     q = sub.add_parser('list', help='the devices that hold a key')
     q.add_argument('dir')
     args = p.parse_args(argv)
+    if args.command is None:
+        p.error('choose a command: init, add, token or list')
     try:
         if args.command == 'init':
             if args.devices < 1:
                 p.error('--devices must be at least 1')
             for public, secret in init(args.dir, args.devices, args.force):
-                print('wrote {} and {}'.format(public, secret))
+                print(f'wrote {public} and {secret}')
             print('a board needs its deviceI.key_secret and aggregator.key (docs/security.md)')
         elif args.command == 'add':
             public, secret = add(args.dir, args.device)
@@ -269,13 +273,12 @@ def main(argv=None):
                 public, secret, secret, os.path.join(args.dir, AGGREGATOR + '.key')))
         elif args.command == 'token':
             write_token(args.file)
-            print('wrote a token to {} (mode 0600): clients send "Authorization: Bearer $(cat {})"'.format(
-                args.file, args.file))
+            print(f'wrote a token to {args.file} (mode 0600): clients send "Authorization: Bearer $(cat {args.file})"')
         else:
             for key, index in sorted(device_publics(args.dir).items(), key=lambda kv: kv[1]):
-                print('{} {}'.format(device_name(index), key.decode()))
+                print(f'{device_name(index)} {key.decode()}')
     except (KeyFileError, OSError) as err:
-        print('error: {}'.format(err), file=sys.stderr)
+        print(f'error: {err}', file=sys.stderr)
         return 2
     return 0
 

@@ -21,10 +21,15 @@ onnxruntime backend (collab/backends.py) and jetson/build_engines.py read it wit
   head.onnx: `inputs[i]` float32 [B,W_i] (a missing device zero-filled) -> `output` float32 [B,K]. The fp16 copies
   take and give float32 too. File names are relative to the folder.
 - "head" is null for an export of stage-2 students (devices only); an ensemble export always has one.
-Keys beyond these (params, parity figures, exporter versions) are informational.
+- Each file entry carries `sha256` (and `fp16_sha256`): a model file whose hash differs (half-copied, altered) is
+  refused, naming it. File names stay inside the folder: absolute paths, `..` and symlinks that leave it are refused.
+- "data": {dataset, data_path, tiny_transforms, input_size} the models were trained with (the aggregator's defaults).
+Keys beyond these (source, params, parity figures, exporter versions) are informational: nothing is loaded from
+`source`.
 
 Device-side module: Python 3.6+, standard library only.
 """
+import hashlib
 import json
 import os
 
@@ -177,11 +182,25 @@ def device(m, index, folder):
     return m['devices'][index]
 
 
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
 def graph(entry, folder, what, fp16=False):
-    """The path of `entry`'s graph (a device or the head), its fp16 copy with `fp16`; ModelError when the export
-    has none."""
-    if not fp16:
-        return os.path.join(folder, entry['file'])
-    if not entry.get('fp16_file'):
+    """The path of `entry`'s graph (a device or the head), its fp16 copy with `fp16`, checked: inside `folder`
+    (no symlink out of it) and with the sha256 the manifest records. ModelError naming the file otherwise."""
+    if fp16 and not entry.get('fp16_file'):
         raise ModelError(f'{path_of(folder)} has no fp16 copy of {what} (export with export_onnx.py --fp16)')
-    return os.path.join(folder, entry['fp16_file'])
+    name, digest = (entry['fp16_file'], entry.get('fp16_sha256')) if fp16 else (entry['file'], entry.get('sha256'))
+    path = os.path.join(folder, name)
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise ModelError(f'{path} is a link to {real}, outside the export folder: refused')
+    if digest is not None and os.path.isfile(path) and sha256(path) != digest:
+        raise ModelError(f'{path} is not the file the export wrote (its sha256 differs from {path_of(folder)}\'s): '
+                         'copy the export folder again')
+    return path

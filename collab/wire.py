@@ -80,30 +80,31 @@ def unpack(frames):
     try:
         header = json.loads(bytes(_buffer(frames[0])).decode('utf-8'))
     except (UnicodeDecodeError, ValueError) as err:
-        raise ProtocolError('the header is not JSON: {}'.format(err)) from None
+        raise ProtocolError(f'the header is not JSON: {err}') from None
     if not isinstance(header, dict) or not isinstance(header.get('type'), str):
         raise ProtocolError('the header is not an object with a "type"')
     specs = header.get('arrays') or []
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
-        raise ProtocolError('the header describes {} arrays but {} buffers came'.format(
-            len(specs) if isinstance(specs, list) else repr(specs)[:20], len(frames) - 1))
+        described = len(specs) if isinstance(specs, list) else repr(specs)[:20]
+        raise ProtocolError(f'the header describes {described} arrays but {len(frames) - 1} buffers came')
     arrays = []
     for spec, frame in zip(specs, frames[1:]):
         try:
             dtype, shape = spec
-            itemsize = ITEMSIZE[dtype]
             count = 1
             for d in shape:
                 if type(d) is not int or d < 0:
                     raise ValueError
-                count *= d
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError('bad array description {} (dtypes: {})'.format(
-                json.dumps(spec)[:80], ', '.join(DTYPES))) from None
+                count *= d  # (Python's integers: a shape cannot overflow into a small size)
+        except (TypeError, ValueError):
+            raise ProtocolError(f'bad array description {json.dumps(spec)[:80]}') from None
+        itemsize = ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+        if itemsize is None:
+            raise ProtocolError(f'unsupported dtype {json.dumps(dtype)[:20]} (allowed: {", ".join(DTYPES)})')
         buf = _buffer(frame)
         size = memoryview(buf).nbytes
         if size != count * itemsize:
-            raise ProtocolError('a buffer of {} bytes does not have shape {} of {}'.format(size, shape, dtype))
+            raise ProtocolError(f'a buffer of {size} bytes does not have shape {shape} of {dtype}')
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
     return header, arrays
 

@@ -120,7 +120,7 @@ def load_checkpoint(model, path, key='auto', prefix=''):
     """Load ``path`` into ``model`` strictly, by key name; one clear error listing what does not match."""
     import torch
 
-    ckpt = torch.load(str(path), map_location='cpu', weights_only=False)
+    ckpt = torch.load(str(path), map_location='cpu', weights_only=True)
     if key == 'auto':
         key = next((k for k in ('model', 'state_dict') if isinstance(ckpt, dict) and k in ckpt), None)
     state = ckpt[key] if key else ckpt

@@ -1,7 +1,9 @@
 """Loading weights into students, teachers and ensembles by key name, with one clear error when they do not fit."""
+import argparse
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -28,14 +30,35 @@ class LoadResult(NamedTuple):
     resampled: list[str]  # e.g. ['pos_embed: 14x14 -> 7x7']
 
 
+# Besides tensors and plain values, the seed's checkpoints (DeiT's main.py) store their args as a Namespace.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def safe_load(path, **kw):
+    """torch.load with weights_only=True: tensors, containers and plain values (and SAFE_GLOBALS) only, so that a
+    checkpoint cannot run code when it is read. A file that needs more is refused with one line naming what."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(os.fspath(path), map_location='cpu', weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' not in str(e) and 'Weights only' not in str(e):
+            raise
+        what = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'Unsupported' in line),
+                    'objects other than tensors and plain values')
+        raise CheckpointError(f'{os.fspath(path)} is refused: reading it would run code ({what[:160]}); only '
+                              'tensors and plain values are loaded (re-save its state_dict from a Python you trust)'
+                              ) from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load on CPU, raising CheckpointError naming the path when the file is missing, truncated or not torch."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     try:
-        # Our checkpoints hold argparse dicts/Namespaces, so full unpickling of trusted local files is needed.
-        obj = torch.load(path, map_location='cpu', weights_only=False)
+        obj = safe_load(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # truncated zip, pickle errors, EOF: all mean "not a usable checkpoint"
         raise CheckpointError(f'cannot read checkpoint {path} ({type(e).__name__}: {e}); is the file truncated?') from e
     if not isinstance(obj, Mapping):
@@ -49,8 +72,8 @@ def checkpoint_info(path):
     Falls back to ``read_checkpoint`` (a full read, and its one-line error for a missing or truncated file).
     """
     try:
-        obj = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
-    except Exception:  # legacy (non-zip) format or a broken file
+        obj = safe_load(path, mmap=True)
+    except Exception:  # legacy (non-zip) format, a broken file, or one that is refused: read_checkpoint says which
         return read_checkpoint(path)
     return obj if isinstance(obj, dict) else read_checkpoint(path)
 

@@ -24,7 +24,7 @@ from data_transforms import default_mean_std
 # one of the two lists.
 DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/manifest.py',
                'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py',
-               'collab/profiles.py', 'collab/keys.py']
+               'collab/profiles.py', 'collab/keys.py', 'collab/slots.py']
 AGGREGATOR_SIDE = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', 'host', '*.py')))
 JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py'))) + ['fileio.py']
 HIDDEN = ('torch', 'timm', 'torchvision')
@@ -136,8 +136,21 @@ def test_bad_exports_are_refused_naming_the_file(exported, tmp_path):
     src = exported['export']
     with pytest.raises(backends.ModelError, match=r'manifest.json not found: not an export folder'):
         backends.OnnxDevice(str(tmp_path), 0)
-    # A device file from another export: its tokens do not have the manifest's (and the head's) width.
-    swapped = _copy(src, tmp_path / 'swapped')
+    # A device file from another export: its hash is not the manifest's.
+    altered = _copy(src, tmp_path / 'altered')
+    shutil.copy(os.path.join(exported['wide'], 'device0.onnx'), altered / 'device0.onnx')
+    with pytest.raises(backends.ModelError, match=r'altered/device0.onnx is not the file the export wrote \(its '
+                                                  r'sha256 differs'):
+        backends.OnnxDevice(str(altered), 0)
+    # A symlink that leaves the folder is not followed.
+    escaping = _copy(src, tmp_path / 'escaping')
+    (escaping / 'device0.onnx').unlink()
+    (escaping / 'device0.onnx').symlink_to(os.path.join(exported['export'], 'device0.onnx'))
+    with pytest.raises(backends.ModelError, match=r'escaping/device0.onnx is a link to .*, outside the export '
+                                                  r'folder: refused'):
+        backends.OnnxDevice(str(escaping), 0)
+    # Without hashes in the manifest, a file from another export: its tokens do not have the manifest's width.
+    swapped = _copy(src, tmp_path / 'swapped', **{'devices.0.sha256': None})
     shutil.copy(os.path.join(exported['wide'], 'device0.onnx'), swapped / 'device0.onnx')
     with pytest.raises(backends.ModelError, match=r'swapped/device0.onnx gives tokens of shape \[1, 96\] but '
                                                   r'.*manifest.json says 64 floats per image'):
@@ -147,7 +160,7 @@ def test_bad_exports_are_refused_naming_the_file(exported, tmp_path):
     with pytest.raises(backends.ModelError, match=r'lying/head.onnx takes 64 floats per image as tokens1 but '
                                                   r'.*manifest.json says device 1 sends 96'):
         backends.OnnxHead(str(lying))
-    corrupt = _copy(src, tmp_path / 'corrupt')
+    corrupt = _copy(src, tmp_path / 'corrupt', **{'devices.1.sha256': None})
     (corrupt / 'device1.onnx').write_bytes(b'not a protobuf')
     with pytest.raises(backends.ModelError, match=r'cannot load .*corrupt/device1.onnx'):
         backends.OnnxDevice(str(corrupt), 1)
@@ -163,6 +176,7 @@ def test_bad_exports_are_refused_naming_the_file(exported, tmp_path):
 
     # What a board's worker says: one line naming the file, exit 2, before it ever connects.
     for folder, index, extra, says in ((swapped, 0, [], 'swapped/device0.onnx gives tokens'),
+                                       (altered, 0, [], 'altered/device0.onnx is not the file the export wrote'),
                                        (corrupt, 1, [], f'cannot load {corrupt}/device1.onnx: '),
                                        (no_fp16, 0, ['--fp16-model'], 'no-fp16/manifest.json has no fp16 copy')):
         proc = without_torch('collab.worker', '--aggregator', 'tcp://127.0.0.1:9', '--device-index', str(index),
@@ -182,7 +196,7 @@ def test_aggregator_refuses_a_bad_export_in_one_line(case, exported, tmp_path, c
         folder = _copy(src, tmp_path / 'lying', **{'devices.0.token_width': 96})
         says = f'error: {folder}/head.onnx takes 64 floats per image as tokens0 but {folder}/manifest.json says'
     elif case == 'not onnx':
-        folder = _copy(src, tmp_path / 'corrupt')
+        folder = _copy(src, tmp_path / 'corrupt', **{'head.sha256': None})
         (folder / 'head.onnx').write_text('tokens -> logits\n')
         says = f'error: cannot load {folder}/head.onnx: '
     else:

@@ -308,3 +308,47 @@ def test_the_keys_command(tmp_path):
     assert len(keys.read_tokens(str(tmp_path / 'token'))[0]) >= 32
     assert keys.token_ok(keys.read_tokens(str(tmp_path / 'token'))[0], keys.read_tokens(str(tmp_path / 'token')))
     assert not keys.token_ok(b'x' * 43, keys.read_tokens(str(tmp_path / 'token')))
+
+
+class _RunsCode:
+    """A pickled object whose loading would run a command (what a hostile .pth or CIFAR file holds)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.flag}',))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    import argparse
+
+    import torch
+
+    from models.checkpoint import CheckpointError, checkpoint_info, read_checkpoint
+
+    flag = tmp_path / 'ran'
+    torch.save({'model': {'w': torch.zeros(2)}, 'args': argparse.Namespace(lr=1.0), 'x': _RunsCode(flag)},
+               tmp_path / 'evil.pth')
+    for read in (read_checkpoint, checkpoint_info):
+        with pytest.raises(CheckpointError, match=r'evil.pth is refused: reading it would run code \(.*system'):
+            read(tmp_path / 'evil.pth')
+    assert not flag.exists()
+    torch.save({'model': {'w': torch.zeros(2)}, 'args': argparse.Namespace(lr=1.0), 'epoch': 3}, tmp_path / 'ok.pth')
+    assert read_checkpoint(tmp_path / 'ok.pth')['args'].lr == 1.0  # the seed's own format still loads
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_unrun(tmp_path):
+    import pickle
+
+    from datasets import read_cifar100
+    from fileio import DatasetError
+
+    flag = tmp_path / 'ran'
+    folder = tmp_path / 'cifar-100-python'
+    folder.mkdir()
+    for name in ('train', 'test', 'meta'):
+        (folder / name).write_bytes(pickle.dumps({b'data': _RunsCode(flag)}))
+    with pytest.raises(DatasetError, match=r'cannot read CIFAR pickle .*train: it holds a posix.system'):
+        read_cifar100(str(tmp_path), 'train')
+    assert not flag.exists()

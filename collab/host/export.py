@@ -376,6 +376,10 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
                                               'max |PyTorch value|), per output',
                               **parity(source, tmp, images, '.fp16', FP16_RELATIVE_TOLERANCE, relative=True)}
         ops = sorted(set().union(*({t for _, t in op_types(os.path.join(tmp, f))} for f in os.listdir(tmp))))
+        for entry in devices + ([head] if head is not None else []):  # a worker refuses a file that differs
+            entry['sha256'] = export_manifest.sha256(os.path.join(tmp, entry['file']))
+            if entry.get('fp16_file'):
+                entry['fp16_sha256'] = export_manifest.sha256(os.path.join(tmp, entry['fp16_file']))
         manifest = {
             'format': FORMAT, 'version': VERSION, 'opset': opset, 'source': source.path, 'source_kind': source.kind,
             'input': {'size': size, 'channels': chans, 'mean': [float(m) for m in mean],
@@ -384,6 +388,7 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
             'class_names': list(class_names) if class_names is not None else None,
             'distilled': bool(source.distilled), 'batch': 'dynamic', 'fp16_io': 'float32' if fp16 else None,
             'devices': devices, 'head': head, 'parity': report, 'operators': ops,
+            'data': {k: source.args.get(k) for k in ('dataset', 'data_path', 'tiny_transforms', 'input_size')},
             'exporter': {'how': 'torch.onnx.export(dynamo=True), onnx.version_converter', 'torch': torch.__version__,
                          'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__},
         }

@@ -27,7 +27,7 @@ from data_transforms import build_transform, recorded_mean_std
 from datasets import build_dataset, load_image
 from fileio import DatasetError
 from models import factory
-from models.checkpoint import args_dict, checkpoint_info, read_checkpoint
+from models.checkpoint import args_dict, checkpoint_info
 from models.ensemble_model import DeViTEnsemble, load_ensemble, read_ensemble_checkpoint
 
 from .. import backends, keys, launcher, sessions, wire, worker
@@ -85,13 +85,7 @@ def load_head(args) -> HeadSpec:
     """The ensemble head of --model-path: a stage-3 checkpoint (--backend torch) or an export (onnxruntime)."""
     if args.backend == 'onnxruntime':
         head = backends.OnnxHead(args.model_path, args.threads, fp16=args.fp16_model)
-        train_args = {}
-        source = head.manifest.get('source')
-        if source and os.path.isfile(source):
-            try:
-                train_args = args_dict(read_checkpoint(source).get('args')) or {}
-            except ValueError:
-                pass
+        train_args = dict(head.manifest.get('data') or {})  # (its `source` is informational, never read)
         return HeadSpec(head, head.widths, head.input, head.specs, head.num_classes, head.class_names, train_args,
                         None)
     ckpt = read_ensemble_checkpoint(args.model_path)
