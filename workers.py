@@ -54,7 +54,7 @@ def check_worker_imports(env):
     project's modules (a .pth file that puts a folder first on sys.path, ``python -E``/``-I``): asked of a bare
     interpreter started as the server is (same flags, environment and folder), which imports nothing."""
     ours = {name: module.__file__ for name, module in list(sys.modules.items())
-            if '.' not in name and getattr(module, '__file__', None)
+            if '.' not in name and not name.startswith('__') and getattr(module, '__file__', None)
             and os.path.dirname(os.path.abspath(module.__file__)) in (PROJECT_ROOT, os.path.join(PROJECT_ROOT, name))}
     probe = ('import importlib.util, json, sys\n'
              'print(json.dumps({n: getattr(importlib.util.find_spec(n), "origin", None) for n in sys.argv[1:]}))')
