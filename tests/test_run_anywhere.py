@@ -13,6 +13,7 @@ that the working folder and the code's folder differ as they do for a user:
 - ``kill -9`` of the launcher's process group, and of one rank: within 10 s no rank, fork server or loader worker
   of the run is left.
 """
+import json
 import os
 import shutil
 import signal
@@ -103,6 +104,8 @@ def test_code_in_a_subfolder_of_a_working_folder_with_the_seed_layout(split, tmp
     assert proc.returncode == 0, text[-6000:]
     assert "Can't get attribute" not in text and 'Traceback' not in text, text[-6000:]
     assert (work / 'output' / 'sub-dataset0' / 'checkpoint.pth').is_file()
+    with open(work / 'output' / 'args.json') as f:
+        assert json.load(f)['num_workers'] == 8  # the default
 
 
 @pytest.mark.slow
