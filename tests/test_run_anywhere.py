@@ -13,6 +13,7 @@ that the working folder and the code's folder differ as they do for a user:
 - ``kill -9`` of the launcher's process group, and of one rank: within 10 s no rank, fork server or loader worker
   of the run is left.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -24,11 +25,10 @@ import time
 
 import pytest
 from faults import make_split, no_project_traceback, read_text, wait_exit, wait_for_text
-from helpers import ROOT, TEACHER, TEACHER_KW, TINY, descendants, env, free_port, kill_group
+from helpers import ROOT, TEACHER, TEACHER_KW, TINY, descendants, env, error_lines, free_port, kill_group, launch_cmd
+from helpers import run as run_checked
 
-CODE_PARTS = ('*.py', 'models', 'collab', 'configs', 'profiles', 'jetson', 'bench')
-# TINY without --no-progress's neighbours that matter here: --tiny-transforms is dropped where the default loader
-# workers (8) are wanted, since it sets them to 0.
+# TINY with the default loader workers (8 a rank): --tiny-transforms would set them to 0.
 TINY_WORKERS = [a for a in TINY if a != '--tiny-transforms']
 
 
@@ -201,3 +201,15 @@ def test_kill_9_of_one_rank_leaves_no_process(split, tmp_path):
     os.kill(max(ranks), signal.SIGKILL)
     wait_exit(proc, 60)
     check_none_left(run, output)
+
+
+def test_tensorboard_without_the_package_is_one_line_before_training(split, tmp_path):
+    if importlib.util.find_spec('tensorboard') is not None:
+        pytest.skip('tensorboard is installed here')
+    proc = run_checked(launch_cmd(*['train_subdata.py', *stage1(split, tmp_path / 'out', '--tensorboard')], nproc=0),
+               timeout=200, check=False)
+    assert proc.returncode != 0
+    wanted = 'error: --tensorboard needs the tensorboard package: pip install tensorboard'
+    assert error_lines(proc.stderr) == [wanted], proc.stderr[-4000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-4000:]
+    assert not (tmp_path / 'out' / 'sub-dataset0' / 'log.txt').exists()
