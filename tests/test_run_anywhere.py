@@ -213,3 +213,47 @@ def test_tensorboard_without_the_package_is_one_line_before_training(split, tmp_
     assert error_lines(proc.stderr) == [wanted], proc.stderr[-4000:]
     assert 'Traceback' not in proc.stderr, proc.stderr[-4000:]
     assert not (tmp_path / 'out' / 'sub-dataset0' / 'log.txt').exists()
+
+
+def on_a_terminal(cmd, cwd):
+    """Run ``cmd`` with its stderr on a pseudo-terminal (stdout on a pipe): (exit code, what stderr showed)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))  # a terminal of 120 columns
+    proc = subprocess.Popen(cmd, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    shown = b''
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    proc.communicate(timeout=120)
+    os.close(leader)
+    return proc.returncode, shown.decode(errors='replace')
+
+
+@pytest.mark.parametrize('how', ['terminal', 'terminal --no-progress', 'pipe'])
+def test_split_progress_bar_only_on_a_terminal(tmp_path, how):
+    from helpers import write_rgb_folder
+
+    data = write_rgb_folder(tmp_path / 'rgb', num_classes=4, n_train=6, n_val=2, size=8)
+    cmd = [sys.executable, os.path.join(ROOT, 'splite_dataset.py'), '--dataset', 'folder', '--data_path', data,
+           '--num_division', '2', '--output_path', str(tmp_path / 'split')]
+    if how.endswith('--no-progress'):
+        cmd.append('--no-progress')
+    if how == 'pipe':
+        proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=120)
+        code, shown = proc.returncode, proc.stderr
+    else:
+        code, shown = on_a_terminal(cmd, tmp_path)
+    assert code == 0, shown
+    bar = 'split: 100%' in shown and '32/32' in shown  # 4 classes x (6 + 2) images, one file each
+    assert bar == (how == 'terminal'), shown
