@@ -104,7 +104,7 @@ def test_code_in_a_subfolder_of_a_working_folder_with_the_seed_layout(split, tmp
     assert proc.returncode == 0, text[-6000:]
     assert "Can't get attribute" not in text and 'Traceback' not in text, text[-6000:]
     assert (work / 'output' / 'sub-dataset0' / 'checkpoint.pth').is_file()
-    with open(work / 'output' / 'args.json') as f:
+    with open(work / 'output' / 'sub-dataset0' / 'args.json') as f:
         assert json.load(f)['num_workers'] == 8  # the default
 
 
