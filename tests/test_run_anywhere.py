@@ -257,3 +257,12 @@ def test_split_progress_bar_only_on_a_terminal(tmp_path, how):
     assert code == 0, shown
     bar = 'split: 100%' in shown and '32/32' in shown  # 4 classes x (6 + 2) images, one file each
     assert bar == (how == 'terminal'), shown
+
+
+def test_the_long_tools_take_no_progress():
+    """collab_infer.py's batch evaluation, export_onnx.py and splite_dataset.py share cli.progress and its flag."""
+    import splite_dataset
+    from collab.host import export, infer
+
+    for parser in (export.get_parser(), infer.get_parser(), splite_dataset.get_args_parser()):
+        assert any('--no-progress' in action.option_strings for action in parser._actions), parser.prog
