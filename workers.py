@@ -87,8 +87,8 @@ def die_with_parent(parent):
     """SIGKILL this process when ``parent`` (the process that started it) ends, however it ends (Linux prctl).
 
     A loader worker watches its parent, which for a fork server's worker is the server, not the rank; the server
-    waits for a pipe that the workers hold open. Without this, a rank killed by SIGKILL left its server and its
-    workers running for ever, each waiting for the other."""
+    waits for a pipe that the workers hold open. Without this, a rank killed by SIGKILL would leave its server and
+    its workers running for ever, each waiting for the other."""
     if sys.platform.startswith('linux'):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if parent is not None and os.getppid() != parent:  # it ended before prctl took effect
