@@ -206,6 +206,21 @@ def add_common_flags(group):
     group.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
 
 
+def add_progress_flag(parser):
+    """--no-progress of the tools that show a bar (progress)."""
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress bar (there is none either when stderr is not a terminal)')
+
+
+def progress(iterable=None, *, enabled=True, **kwargs):
+    """A tqdm bar on stderr for long work outside training: shown when ``enabled`` (no --no-progress) and stderr is a
+    terminal, so that logs and pipes get the tool's lines alone."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not enabled or not sys.stderr.isatty(), dynamic_ncols=True, mininterval=0.5,
+                **kwargs)
+
+
 def run_args():
     """Recipe file, output, resume, seed, device and the distributed set-up."""
     parser, group = _flag_group('run')

@@ -13,7 +13,6 @@ correct even though the student is run through ``forward_features`` rather than 
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 import fileio
 import utils
+import workers
 from fileio import UsageError
 from losses import relation_terms, token_loss
 from models import factory
@@ -159,30 +159,11 @@ def build_loaders(args, train_set, val_set):
     return train_loader, val_loader
 
 
-# What a loader worker needs (the dataset classes and transforms, the worker loop) and the modules the stage scripts
-# import: the fork server imports them once, so that a worker starts as a fork of it instead of importing torch,
-# timm and torchvision afresh (16 workers a rank did that, for minutes on two cores). Python 3.11's fork server
-# would preload the main script itself, but it is never given its path, so the modules are named here.
-WORKER_PRELOAD = ('engine', 'datasets', 'timm.data', 'torchvision.transforms', 'torch.utils.data')
-
-
-def worker_context():
-    """The multiprocessing context of the loader workers: a fork server with WORKER_PRELOAD imported.
-
-    Workers come from a fork server, not from a fork of this rank: a rank has threads (gloo's, the launcher
-    watchdog), and a fork taken while one of them holds a lock can leave the worker deadlocked (Python 3.14 made
-    forkserver the Linux default for this reason). The server is a fresh single-threaded process, so forking it
-    is safe; everything a worker receives is pickled (datasets.build_dataset's datasets and transforms are).
-    """
-    context = multiprocessing.get_context('forkserver')
-    context.set_forkserver_preload(list(WORKER_PRELOAD))
-    return context
-
-
 def loader_options(args):
     options = {'num_workers': args.num_workers, 'pin_memory': args.pin_mem, 'persistent_workers': args.num_workers > 0}
     if args.num_workers > 0:
-        options['multiprocessing_context'] = worker_context()
+        options['multiprocessing_context'] = workers.worker_context()
+        options['worker_init_fn'] = workers.worker_init_fn()
     return options
 
 

@@ -50,6 +50,7 @@ import tempfile
 
 import numpy as np
 
+import cli
 import fileio
 import grouping
 from datasets import DATASET_NAMES, MANIFEST, SPLITS, Samples, canonical_name, check_image_file, read_samples
@@ -188,10 +189,11 @@ def _check_paths(data_path: str, output_path: str, overwrite: bool) -> tuple:
     return src, out
 
 
-def _materialise(samples: Samples, indices, dest_root: str, split: str, link_mode: str) -> tuple:
+def _materialise(samples: Samples, indices, dest_root: str, split: str, link_mode: str, done=None) -> tuple:
     """Link or copy the files of `indices` under dest_root/split/, keeping paths relative to the split root.
 
     Returns (files written, bytes copied, link_mode used): 'hardlink' falls back to 'copy' when os.link is refused.
+    `done` (if given) is called once a file.
     """
     copied, made = 0, set()
     cut, prefix = len(samples.folder_root), os.path.join(dest_root, split)  # files all start with folder_root
@@ -202,6 +204,8 @@ def _materialise(samples: Samples, indices, dest_root: str, split: str, link_mod
         if d not in made:
             os.makedirs(d, exist_ok=True)
             made.add(d)
+        if done is not None:
+            done()
         if link_mode == 'hardlink':
             try:
                 os.link(src, dst)
@@ -246,13 +250,14 @@ def load_confusion(confusion, strategy: str, dataset: str, class_names: list, ex
 def split_dataset(dataset: str, data_path: str, num_division: int | None, output_path: str, sub_classes=None,
                   seed: int = AUTHORS_SEED, overwrite: bool = False, link_mode: str = 'hardlink',
                   strategy: str = 'random', confusion=None, plan: str | None = None,
-                  confusion_split: str | None = None) -> dict:
+                  confusion_split: str | None = None, progress: bool = False) -> dict:
     """Split `dataset` at `data_path` into `num_division` class-disjoint parts under `output_path`; return the manifest.
 
     link_mode: 'hardlink' (copy fallback across filesystems) or 'copy' for ImageFolder sources; array sources always
     store indices. strategy / seed / sub_classes: see `class_groups`. confusion: a confusion.json path or its loaded
     object (needed by the confusion strategies only); confusion_split: the split it must have been counted on (None:
-    any). plan: a plan.json path; num_division may then be None. The returned dict also has `stats`
+    any). plan: a plan.json path; num_division may then be None. progress: a bar of the files written
+    (cli.progress). The returned dict also has `stats`
     ({'bytes_copied', 'files'}), which is not written to split.json. Raises SplitError / DatasetError on bad input,
     before anything is written.
     """
@@ -296,6 +301,8 @@ def split_dataset(dataset: str, data_path: str, num_division: int | None, output
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(out)}.tmp-')
     stats = {'files': 0, 'bytes_copied': 0}
+    bar = cli.progress(total=sum(len(r) for s in SPLITS for r in rows[s]), enabled=progress and storage == 'files',
+                       desc='split', unit='file')
     try:
         for i in range(num_division):
             sub = os.path.join(tmp, f'sub-dataset{i}')
@@ -303,7 +310,7 @@ def split_dataset(dataset: str, data_path: str, num_division: int | None, output
             if storage == 'files':
                 for s in SPLITS:
                     os.makedirs(os.path.join(sub, s), exist_ok=True)
-                    n, nbytes, used = _materialise(samples[s], rows[s][i], sub, s, link_mode)
+                    n, nbytes, used = _materialise(samples[s], rows[s][i], sub, s, link_mode, bar.update)
                     stats['files'] += n
                     stats['bytes_copied'] += nbytes
                     if used != link_mode:
@@ -311,6 +318,7 @@ def split_dataset(dataset: str, data_path: str, num_division: int | None, output
             else:
                 with open(os.path.join(sub, 'indices.json'), 'w') as f:
                     json.dump({s: rows[s][i].tolist() for s in SPLITS}, f)
+        bar.close()
         with open(os.path.join(tmp, MANIFEST), 'w') as f:
             json.dump(manifest, f, indent=1)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -459,6 +467,7 @@ def get_args_parser():
     p.add_argument('--plan', default=None, help='plan.json of plan.py: classes per division (and pinned classes)')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --output_path')
     p.add_argument('--copy', action='store_true', help='copy files instead of hard-linking them (folder datasets)')
+    cli.add_progress_flag(p)
     g = p.add_argument_group('confusion matrix (the confusion strategies)')
     g.add_argument('--confusion', default=None, help='a saved confusion.json')
     g.add_argument('--teacher-path', default=None,
@@ -518,7 +527,8 @@ def main(argv=None) -> int:
         manifest = split_dataset(args.dataset, args.data_path, args.num_division, args.output_path,
                                  sub_classes=args.sub_classes, seed=args.seed, overwrite=args.overwrite,
                                  link_mode='copy' if args.copy else 'hardlink', strategy=args.strategy,
-                                 confusion=confusion, plan=args.plan, confusion_split=args.confusion_split)
+                                 confusion=confusion, plan=args.plan, confusion_split=args.confusion_split,
+                                 progress=not args.no_progress)
     except (SplitError, DatasetError, GroupingError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
     python3 -m jetson.build_engines EXPORT --fp16              # all: EXPORT/device{i}.plan and EXPORT/head.plan
     python3 -m jetson.build_engines EXPORT --fp16 --device 2   # on board 2: its own engine only
     python3 -m jetson.build_engines EXPORT --fp16 --dry-run    # print the exact trtexec commands, run nothing
-    python3 -m jetson.build_engines EXPORT --max-batch 8 -- --memPoolSize=workspace:1024   # extra trtexec flags
+    python3 -m jetson.build_engines EXPORT --fp16 --workspace 1024   # TensorRT's workspace limit, in MiB
+    python3 -m jetson.build_engines EXPORT --max-batch 8 -- --verbose   # extra trtexec flags, passed as they are
 
 Each engine is `trtexec --onnx=EXPORT/device{i}.onnx --saveEngine=DIR/device{i}.plan [--fp16]` with the graph's
 dynamic batch dimension given a range (`--minShapes/--optShapes/--maxShapes`, batch 1 to --max-batch, tuned for
@@ -11,6 +12,13 @@ dynamic batch dimension given a range (`--minShapes/--optShapes/--maxShapes`, ba
 the board that will run them (boards of one model with one JetPack can share). With `--fp16` TensorRT picks fp16
 kernels from the fp32 graph (the *.fp16.onnx copies are for onnxruntime). Each trtexec log goes to
 DIR/device{i}.trtexec.log; DIR/engines.json records the commands, the TensorRT version and the board.
+
+The flags follow the TensorRT that trtexec reports (`trtexec --version`, or the `[TensorRT v8201]` banner every run
+prints; else the Python bindings or the libnvinfer package): --workspace MiB is `--workspace=MiB` before 8.4 and
+`--memPoolSize=workspace:MiB` from 8.4 on (10.0 removed `--workspace`). --fp16 is trtexec's `--fp16` (weak typing)
+before 10.12; from 10.12, which deprecates weak typing, an export with fp16 graphs (export_onnx.py --fp16) is built
+from its *.fp16.onnx with `--stronglyTyped`, and one without them keeps `--fp16` with a warning (TensorRT 11 removed
+it: there the fp16 graphs are needed).
 
 TensorRT before 8.6 (JetPack 4.6 has 8.2, JetPack 5.1 has 8.5) cannot import LayerNormalization, which an opset-17
 export contains: this tool says so before building; export with `export_onnx.py --opset 13` for those boards.
@@ -50,6 +58,8 @@ def get_args_parser():
     p.add_argument('--engine-dir', default=None, help='where the .plan files go (default: the export folder)')
     p.add_argument('--max-batch', type=int, default=1, help='largest batch the engines accept (default 1)')
     p.add_argument('--opt-batch', type=int, default=1, help='batch TensorRT tunes for (default 1)')
+    p.add_argument('--workspace', type=int, default=None, metavar='MIB',
+                   help="TensorRT's workspace limit in MiB, in the flag of its version (default: TensorRT's)")
     p.add_argument('--trtexec', default=None, help='trtexec executable (default: PATH, then ' +
                    ', '.join(TRTEXEC_PATHS) + ')')
     p.add_argument('--dry-run', '-n', action='store_true', help='print the commands instead of running them')
@@ -79,6 +89,28 @@ def find_trtexec(explicit=None):
 def _version_tuple(text):
     m = re.search(r'(\d+)\.(\d+)(?:\.(\d+))?', text or '')
     return tuple(int(g) for g in m.groups() if g is not None) if m else None
+
+
+def banner_version(text):
+    """TensorRT's version in trtexec's output: its banner (`[TensorRT v8201]`: 8.2.1, `v101200`: 10.12.0) or a
+    `TensorRT version: 10.12.0` line; None."""
+    m = re.search(r'TensorRT[^\n]*?\bv(\d{4,6})\b', text or '')
+    if m:
+        n = int(m.group(1))
+        return (n // 10000, n // 100 % 100, n % 100) if n >= 100000 else (n // 1000, n // 100 % 10, n % 100)
+    m = re.search(r'TensorRT(?: version)?:? v?(\d+\.\d+(?:\.\d+)?)', text or '')
+    return _version_tuple(m.group(1)) if m else None
+
+
+def trtexec_version(trtexec):
+    """The TensorRT of `trtexec` (None if it cannot say): `trtexec --version`, whose banner also comes with the
+    'unknown option' answer of versions without that flag."""
+    try:
+        proc = subprocess.run([trtexec, '--version'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=60)  # noqa: UP021 (3.6)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return banner_version(proc.stdout)
 
 
 def tensorrt_version():
@@ -115,9 +147,21 @@ def _shapes(inputs, batch):
     return ','.join(f'{name}:{_dims([batch] + list(shape))}' for name, shape in inputs)
 
 
+def workspace_flag(version, mib):
+    """trtexec's workspace limit for this TensorRT (None: unknown, taken as 8.4 or later)."""
+    if version is not None and tuple(version) < (8, 4):
+        return f'--workspace={mib}'
+    return f'--memPoolSize=workspace:{mib}'
+
+
+def strongly_typed(version):
+    """True from TensorRT 10.12 on, which deprecates weak typing (trtexec --fp16) for strongly typed graphs."""
+    return version is not None and tuple(version) >= (10, 12)
+
+
 def plan_builds(manifest, folder, engine_dir, devices=None, head=None, fp16=False, max_batch=1, opt_batch=1,
-                trtexec='trtexec', extra=()):
-    """The builds to run: [(what, onnx path, plan path, log path, command)]."""
+                trtexec='trtexec', extra=(), version=None, workspace=None):
+    """The builds to run: [(what, onnx path, plan path, log path, command)], with the flags of TensorRT `version`."""
     if not 1 <= opt_batch <= max_batch:
         raise BuildError(f'--opt-batch {opt_batch} must be between 1 and --max-batch {max_batch}')
     entries = {d['index']: d for d in manifest['devices']}
@@ -129,23 +173,31 @@ def plan_builds(manifest, folder, engine_dir, devices=None, head=None, fp16=Fals
     jobs = []
     for i in wanted:
         d = entries[i]
-        jobs.append((f'device{i}', d['file'], [(d.get('input', 'image'), [chans, size, size])]))
+        jobs.append((f'device{i}', d['file'], d.get('fp16_file'), [(d.get('input', 'image'), [chans, size, size])]))
     if head is None:
         head = devices is None
     if head and manifest.get('head'):
         widths = {d['index']: d['token_width'] for d in manifest['devices']}
         inputs = [(name, [widths[k]]) for k, name in enumerate(manifest['head']['inputs'])]
-        jobs.append(('head', manifest['head']['file'], inputs))
+        jobs.append(('head', manifest['head']['file'], manifest['head'].get('fp16_file'), inputs))
     builds = []
-    for what, file, inputs in jobs:
-        onnx_path = Path(folder) / file
+    for what, file, fp16_file, inputs in jobs:
+        typed = fp16 and strongly_typed(version) and bool(fp16_file)
+        if fp16 and not typed and version is not None and tuple(version) >= (11,):
+            raise BuildError(f'TensorRT {".".join(map(str, version))} has no --fp16 (weak typing): export with '
+                             'export_onnx.py --fp16, whose fp16 graphs it builds strongly typed')
+        onnx_path = Path(folder) / (fp16_file if typed else file)
         if not onnx_path.is_file():
             raise BuildError(f'{onnx_path} is missing: the export is incomplete, export again')
         plan = Path(engine_dir) / (Path(file).stem + '.plan')
         cmd = [trtexec, f'--onnx={onnx_path}', f'--saveEngine={plan}', f'--minShapes={_shapes(inputs, 1)}',
                f'--optShapes={_shapes(inputs, opt_batch)}', f'--maxShapes={_shapes(inputs, max_batch)}']
-        if fp16:
+        if typed:
+            cmd.append('--stronglyTyped')
+        elif fp16:
             cmd.append('--fp16')
+        if workspace is not None:
+            cmd.append(workspace_flag(version, workspace))
         cmd += list(extra)
         builds.append((what, onnx_path, plan, Path(engine_dir) / (Path(file).stem + '.trtexec.log'), cmd))
     return builds
@@ -183,10 +235,13 @@ def build(args, extra):
     trtexec = find_trtexec(args.trtexec)
     board = jetson_model()
     head = False if args.no_head else (True if args.head else None)
+    version = (trtexec_version(trtexec) if trtexec else None) or tensorrt_version()
     builds = plan_builds(manifest, args.export, engine_dir, args.device, head, args.fp16, args.max_batch,
-                         args.opt_batch, trtexec or args.trtexec or TRTEXEC_PATHS[0], extra)
-    version = tensorrt_version()
+                         args.opt_batch, trtexec or args.trtexec or TRTEXEC_PATHS[0], extra, version, args.workspace)
     problem = incompatibility(version, manifest)
+    if args.fp16 and strongly_typed(version) and any('--fp16' in cmd for *_, cmd in builds):
+        print(f'warning: TensorRT {".".join(map(str, version))} deprecates --fp16 (weak typing): export with '
+              'export_onnx.py --fp16 so that the fp16 graphs are built strongly typed', file=sys.stderr)
     if args.dry_run:
         where = board or 'not a Jetson: engines are built on the board that runs them'
         print(f'dry run ({where}; TensorRT {".".join(map(str, version)) if version else "not found here"}), '

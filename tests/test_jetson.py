@@ -565,3 +565,70 @@ def test_build_engines_runs_trtexec(tmp_path):
     assert build_engines.incompatibility((10, 3), manifest) is None
     assert build_engines.incompatibility((8, 5, 2), {**manifest, 'opset': 13, 'operators': ['MatMul']}) is None
     assert build_engines._version_tuple('8.2.1-1+cuda10.2') == (8, 2, 1)
+
+
+# Stand-ins for trtexec of each TensorRT: the banner it prints and the build flags it lacks (refused as trtexec
+# refuses an unknown option); 10.12 still takes --fp16 but deprecates it, so the stand-in refuses it too.
+TRTEXEC_VERSIONS = {
+    '8.2.1': ('[TensorRT v8201]', ('--memPoolSize', '--stronglyTyped', '--version')),  # JetPack 4.6 (Nano)
+    '8.5.2': ('[TensorRT v8502]', ('--workspace', '--stronglyTyped', '--version')),  # JetPack 5.1
+    '10.3.0': ('[TensorRT v100300]', ('--workspace',)),  # JetPack 6
+    '10.12.0': ('[TensorRT v101200]', ('--workspace', '--fp16')),
+}
+
+
+def stand_in_trtexec(path, banner, lacks):
+    refuse = ' | '.join(f'{flag}|{flag}=*' for flag in lacks)
+    path.write_text('#!/bin/sh\n'
+                    f'echo "&&&& RUNNING TensorRT.trtexec {banner} # trtexec $*"\n'
+                    'for a in "$@"; do case "$a" in\n'
+                    f'  {refuse}) echo "Unknown option: $a"; exit 1;;\n'
+                    '  --saveEngine=*) echo plan > "${a#--saveEngine=}";;\n'
+                    'esac; done\n'
+                    '[ "$1" = --version ] || echo "&&&& PASSED"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize('version', sorted(TRTEXEC_VERSIONS))
+def test_build_engines_flags_follow_trtexecs_version(tmp_path, version):
+    export = fake_export(tmp_path / 'EXPORT', opset=13 if version.startswith('8.') else 17)  # 8.2, 8.5: no LayerNorm
+    manifest = json.loads((export / 'manifest.json').read_text())
+    for entry in manifest['devices'] + [manifest['head']]:  # as export_onnx.py --fp16 writes them
+        entry['fp16_file'] = entry['file'].replace('.onnx', '.fp16.onnx')
+        (export / entry['fp16_file']).write_bytes(b'onnx')
+    (export / 'manifest.json').write_text(json.dumps(manifest))
+    trtexec = stand_in_trtexec(tmp_path / 'trtexec', *TRTEXEC_VERSIONS[version])
+    r = _run([sys.executable, '-c', HIDE_TORCH, 'jetson.build_engines', str(export), '--fp16', '--workspace', '256',
+              '--trtexec', str(trtexec)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = json.loads((export / 'engines.json').read_text())
+    assert record['tensorrt'] == version
+    log = (export / 'device0.trtexec.log').read_text()
+    assert 'PASSED' in log
+    workspace = '--workspace=256' if version == '8.2.1' else '--memPoolSize=workspace:256'
+    typed = version == '10.12.0'
+    assert (workspace in log) and (('--stronglyTyped' in log) == typed) and (('--fp16 ' in log + ' ') != typed), log
+    assert (f'--onnx={export}/device0.fp16.onnx' in log) == typed, log
+    assert 'warning' not in r.stderr
+
+
+def test_build_engines_on_10_12_without_fp16_graphs_warns(tmp_path):
+    export = fake_export(tmp_path / 'EXPORT')
+    banner, _ = TRTEXEC_VERSIONS['10.12.0']
+    trtexec = stand_in_trtexec(tmp_path / 'trtexec', banner, ('--workspace',))
+    r = _run([sys.executable, '-m', 'jetson.build_engines', str(export), '--fp16', '--trtexec', str(trtexec)])
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == ('warning: TensorRT 10.12.0 deprecates --fp16 (weak typing): export with '
+                                'export_onnx.py --fp16 so that the fp16 graphs are built strongly typed')
+    assert '--fp16' in (export / 'device0.trtexec.log').read_text()
+
+
+def test_build_engines_banner_versions():
+    from jetson import build_engines
+    assert build_engines.banner_version('&&&& RUNNING TensorRT.trtexec [TensorRT v8201] # trtexec') == (8, 2, 1)
+    assert build_engines.banner_version('[TensorRT v100300]') == (10, 3, 0)
+    assert build_engines.banner_version('TensorRT version: 10.12.0') == (10, 12, 0)
+    assert build_engines.banner_version('trtexec --version') is None
+    assert build_engines.workspace_flag((8, 2, 1), 64) == '--workspace=64'
+    assert build_engines.workspace_flag((8, 4, 1), 64) == '--memPoolSize=workspace:64'

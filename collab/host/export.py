@@ -317,13 +317,15 @@ def replace_folder(new: str, dst: str) -> None:
 
 def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note: str, real_images: bool,
            mean: Sequence[float], std: Sequence[float], class_names: Sequence[str] | None = None,
-           fp16: bool = False, opset: int = 17, tolerance: float = FP32_TOLERANCE, log=print) -> dict[str, Any]:
+           fp16: bool = False, opset: int = 17, tolerance: float = FP32_TOLERANCE, log=print,
+           progress: bool = False) -> dict[str, Any]:
     """Write the export folder of `source` to `output_dir` and return its manifest.
 
     Everything is built in a hidden temp folder beside `output_dir`: the graphs, their fp16 copies, parity on
     `images` (normalised, N×C×S×S; described by `inputs_note`, `real_images` False for random ones), then the
     manifest; only then does the folder replace `output_dir`. Any failure (export, operator check, parity beyond
     `tolerance` for fp32, FP16_RELATIVE_TOLERANCE for fp16) raises ExportError and leaves `output_dir` as it was.
+    `progress`: a bar of these steps (cli.progress).
     """
     import onnx
     import onnxruntime
@@ -339,6 +341,8 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
     try:
         sample = images[:2] if images.shape[0] >= 2 else images.expand(2, -1, -1, -1)
         devices, sample_tokens = [], []
+        steps = (len(source.backbones) + (source.head is not None) + 1) * (2 if fp16 else 1)
+        bar = cli.progress(total=steps, enabled=progress, desc='export', unit='step')
         for i, backbone in enumerate(source.backbones):
             graph = DeviceTokens(backbone, source.distilled).eval()
             file = f'device{i}.onnx'
@@ -352,6 +356,7 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
                             'token_width': int(tokens.shape[1]), 'input': 'image', 'output': 'tokens',
                             'params': sum(p.numel() for p in backbone.parameters()), **source.devices[i]})
             log(f'{file}: {name}, {tokens.shape[1]} floats per image')
+            bar.update()
         head = None
         if source.head is not None:
             names = [f'tokens{i}' for i in range(len(devices))]
@@ -361,20 +366,26 @@ def export(source: Source, output_dir: str, images: torch.Tensor, *, inputs_note
                     'params': sum(p.numel() for n, p in source.head.ensemble.named_parameters()
                                   if not n.startswith('backbones.'))}
             log(f'head.onnx: {len(devices)} x tokens -> {source.num_classes} logits')
+            bar.update()
 
         report = {'inputs': inputs_note, 'images': int(images.shape[0]), 'real_images': real_images,
                   'tolerance': tolerance, **parity(source, tmp, images, tolerance=tolerance)}
+        bar.update()
         if fp16:
             for d in devices:
                 d['fp16_file'] = d['file'].replace('.onnx', '.fp16.onnx')
                 to_fp16(os.path.join(tmp, d['file']), os.path.join(tmp, d['fp16_file']))
+                bar.update()
             if head is not None:
                 head['fp16_file'] = 'head.fp16.onnx'
                 to_fp16(os.path.join(tmp, head['file']), os.path.join(tmp, head['fp16_file']))
+                bar.update()
             report['fp16'] = {'relative_tolerance': FP16_RELATIVE_TOLERANCE,
                               'tolerance_is': 'max abs difference to PyTorch fp32 <= relative_tolerance x max(1, '
                                               'max |PyTorch value|), per output',
                               **parity(source, tmp, images, '.fp16', FP16_RELATIVE_TOLERANCE, relative=True)}
+            bar.update()
+        bar.close()
         ops = sorted(set().union(*({t for _, t in op_types(os.path.join(tmp, f))} for f in os.listdir(tmp))))
         for entry in devices + ([head] if head is not None else []):  # a worker refuses a file that differs
             entry['sha256'] = export_manifest.sha256(os.path.join(tmp, entry['file']))
@@ -433,6 +444,7 @@ def get_parser():
     p.add_argument('--dataset', default=None, help="dataset of the parity images (default: the checkpoint's)")
     p.add_argument('--data-path', '--data_path', dest='data_path', default=None,
                    help="where that dataset is (default: the checkpoint's --data-path)")
+    cli.add_progress_flag(p)
     return p
 
 
@@ -481,7 +493,7 @@ def main(argv=None):
           flush=True)
     manifest = export(source, args.output_dir, images, inputs_note=note, real_images=real, mean=mean, std=std,
                       class_names=class_names_of(source, names), fp16=args.fp16, opset=args.opset,
-                      log=lambda line: print(line, flush=True))
+                      log=lambda line: print(line, flush=True), progress=not args.no_progress)
     p = manifest['parity']
     line = f'parity ({p["images"]} {"test" if real else "RANDOM"} images): tokens max |diff| ' + \
         ', '.join(f'{d:.2g}' for d in p['tokens_max_abs_diff'])

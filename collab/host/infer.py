@@ -68,6 +68,7 @@ def get_parser():
                             f'else {launcher.DEFAULT_PORT})')
     group.add_argument('--report', default=None, metavar='FILE.json', help='write the report here')
     group.add_argument('--csv', default=None, metavar='FILE.csv', help='write one row per image here')
+    cli.add_progress_flag(group)
     group.add_argument('--logits', default=None, metavar='FILE.npy',
                        help='write the logits the aggregator computed, one row per image (numpy .npy, float32)')
     group = parser.add_argument_group('security (docs/security.md)')

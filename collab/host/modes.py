@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import cli
 from data_transforms import build_transform, recorded_mean_std
 from datasets import build_dataset, load_image
 from fileio import DatasetError
@@ -463,9 +464,9 @@ def run_worker(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
-def measure(client, source: ImageSource, warmup: int, keep_logits: bool = False):
+def measure(client, source: ImageSource, warmup: int, keep_logits: bool = False, progress: bool = False):
     """Feed every batch through `client`: (per-request records, per-image rows, seconds of the measured part);
-    `keep_logits`: each row also holds its image's logits (`logits`)."""
+    `keep_logits`: each row also holds its image's logits (`logits`); `progress`: a bar of the images done."""
     batches = iter(source)
     first = next(batches, None)
     if first is None:
@@ -473,9 +474,11 @@ def measure(client, source: ImageSource, warmup: int, keep_logits: bool = False)
     for _ in range(warmup):
         client(first[0], WARMUP)
     requests, images = [], []
+    bar = cli.progress(total=source.num_images, enabled=progress, desc='images', unit='img')
     t0 = time.perf_counter()
     for x, labels, ids, index in itertools.chain([first], batches):
         reply = client(x, index)
+        bar.update(len(ids))
         preds = reply.logits.argmax(axis=1).tolist()
         record = {f'{k}_ms': v for k, v in reply.times.items()}
         record.update(request=len(requests), first_image=index, batch=len(ids), bytes=reply.nbytes,
@@ -488,7 +491,9 @@ def measure(client, source: ImageSource, warmup: int, keep_logits: bool = False)
                            'correct': None if label is None else int(pred == label),
                            'bytes': results / len(ids), 'input_bytes': reply.nbytes.get('input', 0) / len(ids),
                            **({'logits': reply.logits[j]} if keep_logits else {})})
-    return requests, images, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return requests, images, seconds
 
 
 def run(args):
@@ -497,7 +502,8 @@ def run(args):
         torch.set_num_threads(args.threads)
     client, source, extra = setup(args)
     try:
-        requests, images, seconds = measure(client, source, args.warmup, keep_logits=bool(args.logits))
+        requests, images, seconds = measure(client, source, args.warmup, keep_logits=bool(args.logits),
+                                            progress=not getattr(args, 'no_progress', False))
     finally:
         client.close()
     meta = {'mode': args.mode, 'batch_size': args.batch_size, 'warmup': args.warmup, 'backend': args.backend,
