@@ -3,12 +3,20 @@
 # Node 0 runs the aggregator (collab_infer.py: the ensemble head; a batch evaluation, or --serve); node R = 1..N runs
 # device R-1 as `python -m collab.worker` (numpy + pyzmq + onnxruntime or PyTorch, Python 3.6+; no torch.distributed,
 # which NVIDIA's Jetson wheels often lack). Workers connect to the aggregator over ZeroMQ; only the aggregator
-# listens (on every interface), so no board has to pick an interface, and JetPack's 127.0.1.1 hostname entry does
-# not matter. Boards may start before the aggregator, be restarted, or reboot: they join (again) on their own.
+# listens (on every interface with --keys), so no board has to pick an interface, and JetPack's 127.0.1.1 hostname
+# entry does not matter. Boards may start before the aggregator, be restarted, or reboot: they join (again) on
+# their own.
 #
-#   MASTER_ADDR=192.168.1.10 NODE_RANK=2 jetson/run_collab.sh --backend onnxruntime --model-path export/
-#   MASTER_ADDR=192.168.1.10 NODE_RANK=0 jetson/run_collab.sh --backend onnxruntime --model-path export/ \
+# Keys first (docs/security.md), on the aggregator host; each board gets its own secret and the aggregator's public
+# key, nothing else:
+#   python -m collab.keys init keys --devices 4
+#   for i in 0 1 2 3; do ssh nano$((i + 1)) 'mkdir -p -m 700 ~/devit/keys'; \
+#       scp -p keys/device$i.key_secret keys/aggregator.key nano$((i + 1)):devit/keys/; done
+#
+#   MASTER_ADDR=192.168.1.10 NODE_RANK=2 jetson/run_collab.sh --keys keys --backend onnxruntime --model-path export/
+#   MASTER_ADDR=192.168.1.10 NODE_RANK=0 jetson/run_collab.sh --keys keys --backend onnxruntime --model-path export/ \
 #       --dataset IMNET --data-path /data/imagenet --limit 1000 --report collab.json      # or: --serve --port 8080
+# Without --keys the aggregator listens on 127.0.0.1 only; --insecure opens it to the network unauthenticated.
 #
 # Environment (flags win over it):
 #   MASTER_ADDR         address of the aggregator host, reachable from every board    (--master ADDR; required)
@@ -22,7 +30,7 @@
 # power_node<R>.csv and its energy to power_node<R>.json with jetson/power.py), --local (every process on this host
 # under torch's launcher, for a check without boards), --script PATH (default collab_infer.py of this repo).
 # Everything else goes to collab_infer.py on node 0. A worker takes only its own flags from it: --model-path
-# (--worker-model-path wins), --backend, --fp16-model, --threads, --device, --ema, --startup-timeout.
+# (--worker-model-path wins), --backend, --fp16-model, --threads, --device, --ema, --startup-timeout, --keys.
 #
 # All boards at once from a laptop, with the repo at ~/devit on each (keys in ~/.ssh, same paths):
 #   HOSTS=(agg nano1 nano2 nano3 nano4); MASTER=192.168.1.10
@@ -82,7 +90,7 @@ worker_args() {
         case "$a" in
             --model-path) model=${all[$((i + 1))]:-}; i=$((i + 1)) ;;
             --worker-model-path) wmodel=${all[$((i + 1))]:-}; i=$((i + 1)) ;;
-            --backend|--threads|--device|--startup-timeout) out+=("$a" "${all[$((i + 1))]:-}"); i=$((i + 1)) ;;
+            --backend|--threads|--device|--startup-timeout|--keys) out+=("$a" "${all[$((i + 1))]:-}"); i=$((i + 1)) ;;
             --ema|--fp16-model) out+=("$a") ;;
         esac
         i=$((i + 1))

@@ -448,6 +448,8 @@ def test_run_collab_dry_run(tmp_path):
                  '--device-index 2 --model-path ens.pth --backend onnxruntime --fp16-model --device tensorrt'):
         assert part in r.stdout
     assert 'torch.distributed' not in r.stdout and '--dataset' not in r.stdout
+    r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--keys', 'keys', '--dataset', 'IMNET'], env=env)
+    assert r.returncode == 0 and '--device-index 2 --model-path ens.pth --keys keys' in r.stdout  # the board's keys
     r = _run(['bash', str(RUN_COLLAB), '--dry-run', '--dataset', 'IMNET', '--limit', '10'],
              env=dict(env, NODE_RANK='0'))
     assert r.returncode == 0 and 'collab_infer.py --collab-port 29501 --model-path ens.pth --dataset IMNET --limit 10' \
