@@ -112,7 +112,7 @@ def read_token(path):
         for line in f:
             if line.strip() and not line.startswith('#'):
                 return line.strip()
-    raise ValueError('the token file {} holds no token'.format(path))
+    raise ValueError(f'the token file {path} holds no token')
 
 
 def main(argv=None):
@@ -131,7 +131,7 @@ def main(argv=None):
         token = read_token(args.token_file) if args.token_file else None
         client = Client(args.url, args.timeout, token)
     except OSError as err:
-        p.error('cannot read {}: {}'.format(args.token_file, err.strerror or err))
+        p.error(f'cannot read {args.token_file}: {err.strerror or err}')
     except ValueError as err:
         p.error(str(err))
     try:

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -330,7 +329,6 @@ def test_schemathesis_finds_no_server_error(live):
     """≥ 1000 generated requests against the service's own /openapi.json: no 5xx but a limit's 503; the service
     answers correctly afterwards."""
     import schemathesis
-
     from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_url(live['url'] + '/openapi.json', headers=live['auth'])

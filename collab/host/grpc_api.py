@@ -2,8 +2,8 @@
 service modules tritonclient ships, so that `tritonclient.grpc.InferenceServerClient` works unchanged.
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer (inputs as raw_input_contents
-or as typed `contents`; outputs as raw_output_contents). With --token-file every call but ServerLive and ServerReady needs the
-metadata `authorization: Bearer TOKEN` (UNAUTHENTICATED otherwise), as over HTTP.
+or as typed `contents`; outputs as raw_output_contents). With --token-file every call but ServerLive and
+ServerReady needs the metadata `authorization: Bearer TOKEN` (UNAUTHENTICATED otherwise), as over HTTP.
 """
 import concurrent.futures
 import time
