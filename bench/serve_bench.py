@@ -331,7 +331,7 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
     from collab.host import oip
     from collab.host.http_api import build_app
     from collab.host.metrics import Metrics
-    from collab.host.server import http_protocol, listen
+    from collab.host.server import listen
     from collab.host.service import Service as Core
     from tests.helpers import free_port, kill_group
 
@@ -343,7 +343,7 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
     metrics = Metrics(core)
     core.on_reply = metrics.observe_reply
     sock = listen('127.0.0.1', 0, args.backlog)
-    server = uvicorn.Server(uvicorn.Config(build_app(core, oip.Model(core), metrics, args), http=http_protocol(),
+    server = uvicorn.Server(uvicorn.Config(build_app(core, oip.Model(core), metrics, args), http='httptools',
                                            lifespan='on', log_level='warning', access_log=False))
     thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
     thread.start()

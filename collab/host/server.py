@@ -36,24 +36,6 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def http_protocol():
-    """uvicorn's httptools protocol, acknowledging a request's headers at once: a client that writes headers and body
-    apart with Nagle's algorithm on (tritonclient's) would otherwise wait for the delayed ACK (40 ms on Linux)
-    before its body leaves."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class QuickAck(HttpToolsProtocol):
-        def on_headers_complete(self):
-            super().on_headers_complete()
-            sock = self.transport.get_extra_info('socket')
-            if sock is not None and hasattr(socket, 'TCP_QUICKACK'):
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                except OSError:
-                    pass
-    return QuickAck
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -81,7 +63,7 @@ def serve(args) -> int:
     service.on_reply = metrics.observe_reply
     model = oip.Model(service, args.model_name)
     app = build_app(service, model, metrics, args, tokens)
-    config = uvicorn.Config(app, http=http_protocol(), lifespan='on', log_level='warning', access_log=False,
+    config = uvicorn.Config(app, http='httptools', lifespan='on', log_level='warning', access_log=False,
                             limit_concurrency=args.max_connections, backlog=args.backlog,
                             timeout_keep_alive=args.header_timeout_s, timeout_graceful_shutdown=args.drain_s)
     server = uvicorn.Server(config)
