@@ -348,3 +348,34 @@ def test_schemathesis_finds_no_server_error(live):
         one()
     assert cases >= 1000 and not bad, (cases, bad[:5])
     assert _predict(live, live['pngs'][0])['devices'] == list(range(N))
+
+
+def test_not_ready_when_every_device_is_gone_then_sigterm(live):
+    """Last in the module: every worker killed, the probes answer 503 (gRPC: not ready), an infer 503 with its
+    error; SIGTERM then stops the service with exit 0 and its count of requests."""
+    procs = live['procs']
+    infer_http(live, live['pixels'][:1], True)  # an infer answered (its log line is checked below)
+    for name, p in procs.procs.items():
+        if name != 'aggregator' and p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+    wait_for('every device gone', lambda: get(live['url'], '/health')[0] == 503, procs, timeout=30)
+    code, answer, _ = get(live['url'], '/health')
+    assert answer['ready'] is False and answer['status'] == 'down'
+    assert get(live['url'], '/v2/health/ready')[0] == 503
+    assert not grpcclient.InferenceServerClient(live['grpc']).is_server_ready()
+    assert not triton_http(live).is_server_ready()
+    with open(live['pngs'][0], 'rb') as f:
+        code, answer, _ = get(live['url'], '/predict', live['auth'], 'POST', f.read())
+    assert code == 503 and answer['error']
+    code, answer, _ = get(live['url'], '/v2/models/devit/infer', live['auth'], 'POST', json.dumps({'inputs': [{
+        'name': 'image', 'datatype': 'UINT8', 'shape': [1, 1, 28, 28], 'data': [0] * 784}]}).encode())
+    assert code == 503 and 'cannot answer' in answer['error']
+    agg = procs.procs['aggregator']
+    agg.send_signal(signal.SIGTERM)
+    assert agg.wait(60) == 0, procs.log('aggregator')[-3000:]
+    log = procs.log('aggregator')
+    assert 'stopped after' in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"time"')]
+    assert any(r['path'] == '/predict' and r['status'] == 503 and r['request_id'] for r in lines)
+    assert any(r['path'] == '/v2/models/devit/infer' and r['status'] == 200 and r['devices'] for r in lines)
+    assert not any(r['path'] in ('/health', '/v2/health/ready', '/metrics') for r in lines), 'probes are quiet'
