@@ -318,6 +318,113 @@ def closed_loop(url, bodies, clients, seconds):
     return sum(counts) / (time.monotonic() - start)
 
 
+def overhead(folder, model_path, data, backend='onnxruntime', requests=200, deadline_ms=1000, verbose=True):
+    """p50 latency of one image three ways, alternated over the same workers: a tritonclient binary infer over the
+    HTTP stack (uvicorn, FastAPI, the Open Inference Protocol, the batcher), the same image sent straight through the
+    dispatcher in this process (CollabClient: the workers and the head, no HTTP), and POST /predict of its PNG. The
+    HTTP stack runs in this process on a thread of its own, around the same Service."""
+    import tritonclient.http as httpclient
+    import uvicorn
+    from PIL import Image
+
+    from collab.host import infer as flags
+    from collab.host import oip
+    from collab.host.http_api import build_app
+    from collab.host.metrics import Metrics
+    from collab.host.server import listen
+    from collab.host.service import Service as Core
+    from tests.helpers import free_port, kill_group
+
+    port = free_port()
+    args = flags.parse_args(['--serve', '--collab-port', str(port), '--backend', backend, '--model-path', model_path,
+                             '--deadline-ms', str(deadline_ms), '--threads', '1', '--dataset', 'fashion_mnist',
+                             '--tiny-transforms'])
+    core = Core(args)
+    metrics = Metrics(core)
+    core.on_reply = metrics.observe_reply
+    sock = listen('127.0.0.1', 0, args.backlog)
+    server = uvicorn.Server(uvicorn.Config(build_app(core, oip.Model(core), metrics, args), http='httptools',
+                                           lifespan='on', log_level='warning', access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
+    thread.start()
+    workers = []
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    try:
+        for i in range(N):
+            log = open(os.path.join(folder, f'overhead-worker{i}.log'), 'w')
+            workers.append(subprocess.Popen(
+                [sys.executable, '-m', 'collab.worker', '--aggregator', f'tcp://127.0.0.1:{port}', '--device-index',
+                 str(i), '--model-path', model_path, '--backend', backend, '--threads', '1'], cwd=ROOT, env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        end = time.monotonic() + 300
+        while not (core.ready() and all(d['state'] == 'up' for d in core.dispatcher.health())):
+            if time.monotonic() > end:
+                raise RuntimeError(f'the workers did not join within 300 s; logs in {folder}')
+            time.sleep(0.05)
+        bodies, _ = test_images(data, 16)
+        import io
+
+        pixels = [np.asarray(Image.open(io.BytesIO(b)))[None, None].astype(np.uint8) for b in bodies]
+        tc = httpclient.InferenceServerClient(f'127.0.0.1:{sock.getsockname()[1]}')
+        url = f'http://127.0.0.1:{sock.getsockname()[1]}'
+        times = {'oip_binary': [], 'dispatcher': [], 'predict': []}
+        with client.Client(url) as c:
+            for k in range(requests + 10):
+                px = pixels[k % len(pixels)]
+                inp = httpclient.InferInput('image', list(px.shape), 'UINT8')
+                t0 = time.perf_counter()
+                inp.set_data_from_numpy(px, binary_data=True)
+                tc.infer('devit', [inp], outputs=[httpclient.InferRequestedOutput('logits', binary_data=True)])
+                t1 = time.perf_counter()
+                core.client(core.normalise(px), k)
+                t2 = time.perf_counter()
+                c.predict(bodies[k % len(bodies)])
+                t3 = time.perf_counter()
+                if k >= 10:
+                    for key, dt in (('oip_binary', t1 - t0), ('dispatcher', t2 - t1), ('predict', t3 - t2)):
+                        times[key].append(dt * 1e3)
+        tc.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        core.close()
+        for w in workers:
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_group(w)
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    if verbose:
+        print('  one image, p50: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in p50.items()), flush=True)
+    return {'p50_ms': p50, 'requests': requests, 'workers': N, 'backend': backend}
+
+
+def overhead_results(o, scale):
+    p = o['p50_ms']
+    return {
+        f'serve_http_overhead{"_demo" if scale == "demo" else ""}': {
+            'ratio': p['oip_binary'] / p['dispatcher'], 'target': 1.5 if scale == 'demo' else 1.05,
+            'direction': 'max',
+            'what': f'{scale} scale, one image, p50: a tritonclient binary infer through the HTTP stack '
+                    f'{p["oip_binary"]:.2f} ms / the same image through the dispatcher in-process {p["dispatcher"]:.2f}'
+                    f' ms ({o["workers"]} {o["backend"]} workers, alternated, {o["requests"]} each)', **o},
+        f'oip_binary_vs_predict{"_demo" if scale == "demo" else ""}': {
+            'ratio': p['oip_binary'] / p['predict'], 'target': 1.1, 'direction': 'max',
+            'what': f'{scale} scale, one image, p50: a tritonclient binary infer {p["oip_binary"]:.2f} ms / POST '
+                    f'/predict of its PNG {p["predict"]:.2f} ms (kept-alive connections)'}}
+
+
+def serving_text(results):
+    """docs/deployment.md's `serving` block: the serving stack's figures from results.json."""
+    rows = ['| measure | ratio | target | what |', '|---|---|---|---|']
+    for key in sorted(results):
+        if key.startswith(('serve_http_overhead', 'oip_binary_vs_predict', 'serve_throughput')):
+            r = results[key]
+            sign = '<=' if r.get('direction') == 'max' else '>='
+            rows.append(f'| {key} | {r["ratio"]:.2f} | {sign} {r["target"]:g} | {r["what"]} |')
+    return '`python bench/run.py --only serve`, on this machine:\n\n' + '\n'.join(rows)
+
+
 def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True):
     workdir = tempfile.mkdtemp(prefix='devit-serve-')
     try:
@@ -338,12 +445,14 @@ def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True
         d = drill(workdir, served, data, requests=400, backend=backend, verbose=verbose)
         t = throughput(workdir, served, data, seconds=4.0 if quick else 10.0, rounds=1 if quick else 3,
                        backend=backend, verbose=verbose)
+        o = overhead(workdir, served, data, backend, requests=50 if quick else 200, verbose=verbose)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     source = os.path.relpath(model_path, ROOT) if model_path else 'a demo-shaped ensemble trained here with device ' \
                                                                   'dropout 0.2'
     ratio = t['requests_per_s'][4] / t['requests_per_s'][1]
     return {
+        **overhead_results(o, 'demo'),
         'serve_fault_drill': {
             'ratio': d['answered'] / d['requests'] if d['answered_once'] else 0.0, 'target': 1.0, 'direction': 'min',
             'what': f'400 requests at {d["rate_per_s"]:g}/s to the service (4 {backend} workers, deadline '

@@ -2,6 +2,7 @@
 
     python -m collab.client http://HOST:8080 shirt.png boot.jpg     # one JSON answer a line, one connection
     python -m collab.client http://HOST:8080 --health
+    python -m collab.client http://HOST:8080 --token-file service.token shirt.png   # a service with --token-file
 
     from collab.client import Client, predict, health
     answer = predict('http://HOST:8080', 'shirt.png')   # {'top': [{'class', 'name', 'probability'}], 'devices': ...}
@@ -29,13 +30,14 @@ class Client:
     """Requests to the service at `url` over one HTTP/1.1 connection, kept alive between them (no connection set-up
     per request). A connection the service closed while idle is opened again once, transparently."""
 
-    def __init__(self, url, timeout=60.0):
+    def __init__(self, url, timeout=60.0, token=None):
         parts = urllib.parse.urlsplit(url if '//' in url else 'http://' + url)
         if parts.scheme != 'http' or not parts.hostname:
             raise ValueError(f'the service URL must be http://HOST:PORT, got {url!r}')
         self.url, self.timeout = url.rstrip('/'), timeout
         self.host, self.port, self.prefix = parts.hostname, parts.port or 80, parts.path.rstrip('/')
         self.conn = None
+        self.token = token
 
     def predict(self, image, topk=None):
         """Classify `image` (a file path or the bytes of a PNG/JPEG); the answer as a dict."""
@@ -48,11 +50,14 @@ class Client:
         return self._call('POST', '/predict' + query, data)
 
     def health(self):
-        """The service's /health: each device's state, last latency and model."""
-        return self._call('GET', '/health')
+        """The service's /health: each device's state, last latency and model (its models, hosts and pids only with
+        the token). Answered also when the service is not ready (503: no device can answer): see 'ready'."""
+        return self._call('GET', '/health', ok=(503,))
 
-    def _call(self, method, path, body=None):
+    def _call(self, method, path, body=None, ok=()):
         headers = {'Content-Type': 'application/octet-stream'} if body is not None else {}
+        if self.token:
+            headers['Authorization'] = 'Bearer ' + self.token
         for attempt in (0, 1):
             reused = self.conn is not None
             if not reused:
@@ -73,7 +78,7 @@ class Client:
                 answer = json.loads(payload.decode('utf-8'))
             except ValueError:
                 answer = {'error': response.reason}
-            if response.status >= 400:
+            if response.status >= 400 and response.status not in ok:
                 raise ServiceError(response.status, answer.get('error', response.reason))
             return answer
 
@@ -89,16 +94,25 @@ class Client:
         self.close()
 
 
-def predict(url, image, topk=None, timeout=60.0):
+def predict(url, image, topk=None, timeout=60.0, token=None):
     """Classify `image` (a file path or the bytes of a PNG/JPEG) with the service at `url`; the answer as a dict."""
-    with Client(url, timeout) as c:
+    with Client(url, timeout, token) as c:
         return c.predict(image, topk)
 
 
-def health(url, timeout=10.0):
+def health(url, timeout=10.0, token=None):
     """The service's /health: each device's state, last latency and model."""
-    with Client(url, timeout) as c:
+    with Client(url, timeout, token) as c:
         return c.health()
+
+
+def read_token(path):
+    """The first token of a --token-file (python -m collab.keys token FILE)."""
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            if line.strip() and not line.startswith('#'):
+                return line.strip()
+    raise ValueError(f'the token file {path} holds no token')
 
 
 def main(argv=None):
@@ -108,12 +122,16 @@ def main(argv=None):
     p.add_argument('--health', action='store_true', help="print the service's /health")
     p.add_argument('--topk', type=int, default=None)
     p.add_argument('--timeout', type=float, default=60.0)
+    p.add_argument('--token-file', default=None, help="the service's token (its --token-file)")
     args = p.parse_args(argv)
     if not args.images and not args.health:
         p.error('give image files, or --health')
     code = 0
     try:
-        client = Client(args.url, args.timeout)
+        token = read_token(args.token_file) if args.token_file else None
+        client = Client(args.url, args.timeout, token)
+    except OSError as err:
+        p.error(f'cannot read {args.token_file}: {err.strerror or err}')
     except ValueError as err:
         p.error(str(err))
     try:

@@ -1,5 +1,5 @@
 """collab_infer.py's command line: its flags, their checks, and the one call each mode makes (the batch evaluation,
-the service, a worker rank). The modes themselves: collab/host/modes.py and collab/host/service.py.
+the service, a worker rank). The modes themselves: collab/host/modes.py and collab/host/server.py.
 """
 import argparse
 import sys
@@ -88,11 +88,34 @@ def get_parser():
     group.add_argument('--topk', type=cli.positive_int, default=5, help='classes in each answer')
     group.add_argument('--max-batch', type=cli.positive_int, default=8,
                        help='images waiting for the devices sent together, at most this many (1: one at a time)')
+    group.add_argument('--grpc-port', type=cli.positive_int, default=None,
+                       help='serve the Open Inference Protocol over gRPC on this port too')
+    group.add_argument('--model-name', default='devit', help='the model\'s name in the Open Inference Protocol')
+    group.add_argument('--token-file', default=None, metavar='FILE',
+                       help='tokens (python -m collab.keys token FILE): every endpoint but the health probes needs '
+                            '"Authorization: Bearer TOKEN"')
+    group.add_argument('--drain-s', type=cli.positive_float, default=10.0,
+                       help='seconds SIGTERM waits for requests in flight before the workers are stopped')
     # Fault injection for the tests: worker R exits, is killed or stalls at the request holding image K.
     group.add_argument('--fault', default=None, choices=['exit', 'kill', 'stall'], help=argparse.SUPPRESS)
     group.add_argument('--fault-rank', type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument('--fault-after', type=cli.non_negative_int, default=0, help=argparse.SUPPRESS)
     group.add_argument('--fault-seconds', type=cli.positive_float, default=3600.0, help=argparse.SUPPRESS)
+    group = parser.add_argument_group('service limits (docs/deployment.md)')
+    group.add_argument('--max-body-mb', type=cli.positive_float, default=16.0, help='largest request body (413)')
+    group.add_argument('--max-pixels', type=cli.positive_int, default=None,
+                       help='largest decoded image, checked from its header before decoding (413; default '
+                            'max(256 x input pixels, 4,000,000))')
+    group.add_argument('--decode-concurrency', type=cli.positive_int, default=2, help='images decoded at once')
+    group.add_argument('--body-timeout-s', type=cli.positive_float, default=10.0,
+                       help='seconds a request body may take to arrive (408, the connection closed)')
+    group.add_argument('--header-timeout-s', type=cli.positive_float, default=10.0,
+                       help='seconds an idle kept-alive connection stays open')
+    group.add_argument('--max-inflight', type=cli.positive_int, default=64,
+                       help='requests answered at once; more get 503 with Retry-After')
+    group.add_argument('--max-connections', type=cli.positive_int, default=1000,
+                       help='open connections and tasks at once (more get 503)')
+    group.add_argument('--backlog', type=cli.positive_int, default=2048, help='listen backlog of the HTTP socket')
     return parser
 
 
@@ -132,7 +155,7 @@ def main(argv=None):
         launcher.exit_with_launcher(name='[rank 0]')
     try:
         if args.serve:
-            from collab.host.service import serve
+            from collab.host.server import serve
 
             return serve(args)
         return run(args)

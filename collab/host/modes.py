@@ -118,7 +118,9 @@ class Preprocess:
     def file(self, path: str) -> torch.Tensor:
         return self.transform(load_image(path))
 
-    def bytes(self, data: bytes) -> torch.Tensor:
+    def bytes(self, data: bytes, max_pixels: int | None = None) -> torch.Tensor:
+        """A PNG or JPEG file's bytes (no other format); one of more than `max_pixels` pixels is refused from its
+        header, before it is decoded."""
         import io
 
         from PIL import Image, UnidentifiedImageError
@@ -126,7 +128,10 @@ class Preprocess:
         if not data:
             raise DatasetError('the body is empty: send the image file (PNG or JPEG) as the body')
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=('PNG', 'JPEG')) as img:
+                if max_pixels and img.size[0] * img.size[1] > max_pixels:
+                    raise DatasetError(f'the image has {img.size[0] * img.size[1]} pixels; at most {max_pixels} '
+                                       'are taken')
                 return self.transform(img.convert('RGB'))
         except UnidentifiedImageError:
             raise DatasetError(f'the body ({len(data)} bytes) is not an image file PIL can read (send a PNG or '

@@ -1,0 +1,241 @@
+"""The service's HTTP API (FastAPI, served by uvicorn from collab/host/server.py).
+
+    POST /predict?topk=K                     a PNG or JPEG file as the body, or a multipart form's `file`
+                                             -> {"top": [{"class", "name", "probability"}], "logits", "devices",
+                                                 "missing", "batch", "latency_ms", "request"}
+    GET  /health                             200 when the ensemble can answer, else 503 (devices' states; their
+                                             models, hosts and pids only with the token)
+    GET  /v2/health/live, /v2/health/ready   the Open Inference Protocol's probes (collab/host/oip.py)
+    GET  /v2, /v2/models/NAME[/versions/1]   server and model metadata
+    GET  /v2/models/NAME[/versions/1]/ready
+    POST /v2/models/NAME[/versions/1]/infer  JSON, or Triton's binary tensor extension
+    GET  /metrics                            Prometheus text (collab/host/metrics.py)
+    GET  /openapi.json, /docs                this API, machine-readable
+
+Every error is JSON, {"error": "..."}. With --token-file every endpoint but the three probes needs
+`Authorization: Bearer TOKEN` (401 otherwise). Each request gets an X-Request-Id (the caller's, or a new one) and one
+log line on the logger 'devit.service' (probes at DEBUG).
+"""
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+import anyio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from collab.keys import token_ok
+
+from . import oip
+from .service import Refused
+
+LOG = logging.getLogger('devit.service')
+PROBES = ('/health', '/v2/health/live', '/v2/health/ready')
+QUIET = PROBES + ('/metrics',)
+
+IMAGE_BODY = {'requestBody': {'required': True, 'content': {
+    'image/png': {'schema': {'type': 'string', 'format': 'binary'}},
+    'image/jpeg': {'schema': {'type': 'string', 'format': 'binary'}},
+    'application/octet-stream': {'schema': {'type': 'string', 'format': 'binary'}},
+    'multipart/form-data': {'schema': {'type': 'object', 'required': ['file'],
+                                       'properties': {'file': {'type': 'string', 'format': 'binary'}}}}}}}
+TENSOR = {'type': 'object', 'required': ['name', 'datatype', 'shape'], 'properties': {
+    'name': {'type': 'string'}, 'datatype': {'type': 'string', 'enum': ['UINT8', 'FP32']},
+    'shape': {'type': 'array', 'items': {'type': 'integer'}}, 'parameters': {'type': 'object'},
+    'data': {'type': 'array', 'items': {'type': 'number'}}}}
+INFER_BODY = {'requestBody': {'required': True, 'content': {
+    'application/json': {'schema': {'type': 'object', 'required': ['inputs'], 'properties': {
+        'id': {'type': 'string'}, 'parameters': {'type': 'object'},
+        'inputs': {'type': 'array', 'items': TENSOR},
+        'outputs': {'type': 'array', 'items': {'type': 'object', 'properties': {
+            'name': {'type': 'string'}, 'parameters': {'type': 'object'}}}}}}},
+    'application/octet-stream': {'schema': {'type': 'string', 'format': 'binary'}}}}}
+
+
+def error(status: int, message: str, headers=None) -> JSONResponse:
+    return JSONResponse({'error': message}, status, headers=headers)
+
+
+def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
+    """The FastAPI application around `service`; `tokens` (bytes) when a --token-file is given."""
+    max_body = int(args.max_body_mb * 1024 * 1024)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # a thread for each request in flight (inference blocks), not anyio's default 40
+        anyio.to_thread.current_default_thread_limiter().total_tokens = args.max_inflight + 8
+        yield
+
+    app = FastAPI(title='DeViT collaborative inference', version='1', lifespan=lifespan,
+                  description='The ensemble of the devices as an Open Inference Protocol model, and /predict.')
+    state = {'inflight': 0, 'requests': 0}
+
+    def authorised(request: Request) -> bool:
+        if tokens is None:
+            return True
+        given = request.headers.get('authorization', '')
+        return given.startswith('Bearer ') and token_ok(given[7:].strip().encode(), tokens)
+
+    @app.middleware('http')
+    async def frame(request: Request, call_next):
+        t0 = time.perf_counter()
+        rid = request.headers.get('x-request-id') or uuid.uuid4().hex
+        if len(rid) > 128 or not rid.isprintable():
+            rid = uuid.uuid4().hex
+        path = request.url.path
+        counted = path not in QUIET
+        if path not in PROBES and not authorised(request):
+            metrics.unauthorised.labels('http').inc()
+            response = error(401, 'this service needs a token: Authorization: Bearer TOKEN',
+                             {'WWW-Authenticate': 'Bearer'})
+        elif counted and state['inflight'] >= args.max_inflight:
+            response = error(503, f'the service is answering {args.max_inflight} requests (--max-inflight): '
+                                  'try again shortly', {'Retry-After': '1'})
+        else:
+            if counted:
+                state['inflight'] += 1
+                state['requests'] += 1
+                metrics.inflight.inc()
+            try:
+                response = await call_next(request)
+            finally:
+                if counted:
+                    state['inflight'] -= 1
+                    metrics.inflight.dec()
+        response.headers['X-Request-Id'] = rid
+        seconds = time.perf_counter() - t0
+        route = request.scope.get('route')
+        endpoint = getattr(route, 'path', None) or 'other'
+        metrics.observe(endpoint, response.status_code, seconds)
+        LOG.log(logging.DEBUG if path in QUIET else logging.INFO, json.dumps({
+            'time': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime()), 'request_id': rid, 'method': request.method,
+            'path': path, 'status': response.status_code, 'latency_ms': round(seconds * 1e3, 3),
+            'devices': request.scope.get('devit.devices')}))
+        return response
+
+    @app.exception_handler(Refused)
+    async def refused(request, exc: Refused):
+        close = {'Connection': 'close'} if exc.status in (408, 413) else None
+        return error(exc.status, str(exc), close)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            detail = f'no such endpoint {request.url.path} (GET /openapi.json lists them)'
+        elif exc.status_code == 405:
+            detail = f'{request.method} is not allowed on {request.url.path}'
+        return error(exc.status_code, detail, getattr(exc, 'headers', None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        parts = ['{}: {}'.format('.'.join(str(p) for p in e.get('loc', ())), e.get('msg')) for e in exc.errors()]
+        return error(400, '; '.join(parts) or 'invalid request')
+
+    async def body_of(request: Request) -> bytes:
+        """The body, at most --max-body-mb (413), read within --body-timeout-s (408)."""
+        length = request.headers.get('content-length')
+        if length is not None:
+            if not length.isdigit():
+                raise Refused(400, f'Content-Length must be a number of bytes, got {length!r}')
+            if int(length) > max_body:
+                raise Refused(413, f'the body is {length} bytes; at most {max_body} are taken (--max-body-mb)')
+        chunks, total = [], 0
+
+        async def pull():
+            nonlocal total
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > max_body:
+                    raise Refused(413, f'the body is over {max_body} bytes (--max-body-mb)')
+                chunks.append(chunk)
+        try:
+            await asyncio.wait_for(pull(), args.body_timeout_s)
+        except TimeoutError:
+            raise Refused(408, f'the body did not arrive within {args.body_timeout_s:g} s (--body-timeout-s): '
+                               f'{total} of {length or "?"} bytes') from None
+        return b''.join(chunks)
+
+    async def image_of(request: Request) -> bytes:
+        body = await body_of(request)
+        if request.headers.get('content-type', '').startswith('multipart/form-data'):
+            async def stream():
+                yield body
+            try:
+                form = await MultiPartParser(request.headers, stream()).parse()
+            except MultiPartException as err:
+                raise Refused(400, f'the multipart form cannot be read: {err.message}') from None
+            part = form.get('file')
+            if part is None or isinstance(part, str):
+                raise Refused(400, 'the multipart form has no file field "file"')
+            body = await part.read()
+        return body
+
+    @app.post('/predict', openapi_extra=IMAGE_BODY, summary='Classify one PNG or JPEG image')
+    async def predict(request: Request, topk: int | None = Query(None, ge=1, le=1000)):
+        body = await image_of(request)
+        answer = await run_in_threadpool(service.predict, body, topk)
+        request.scope['devit.devices'] = answer['devices']
+        return answer
+
+    @app.get('/health', summary='The devices and whether the ensemble can answer (503 when not)')
+    async def health(request: Request):
+        h = service.health(authorised(request))
+        return JSONResponse(h, 200 if h['ready'] else 503)
+
+    @app.get('/v2/health/live', summary='OIP: the server is live')
+    async def live():
+        return {'live': True}
+
+    @app.get('/v2/health/ready', summary='OIP: the model can answer (503 when not)')
+    async def ready():
+        ok = service.ready()
+        return JSONResponse({'ready': ok}, 200 if ok else 503)
+
+    @app.get('/v2', summary='OIP: server metadata')
+    async def server_metadata():
+        return model.server_metadata()
+
+    @app.get('/v2/models/{name}', summary='OIP: model metadata')
+    @app.get('/v2/models/{name}/versions/{version}', summary='OIP: model metadata')
+    async def model_metadata(name: str, version: str | None = None):
+        model.check(name, version)
+        return model.metadata()
+
+    @app.get('/v2/models/{name}/ready', summary='OIP: model readiness')
+    @app.get('/v2/models/{name}/versions/{version}/ready', summary='OIP: model readiness')
+    async def model_ready(name: str, version: str | None = None):
+        model.check(name, version)
+        ok = service.ready()
+        return JSONResponse({'name': name, 'ready': ok}, 200 if ok else 503)
+
+    @app.post('/v2/models/{name}/infer', openapi_extra=INFER_BODY, summary='OIP: infer')
+    @app.post('/v2/models/{name}/versions/{version}/infer', openapi_extra=INFER_BODY, summary='OIP: infer')
+    async def infer(request: Request, name: str, version: str | None = None):
+        model.check(name, version)
+        body = await body_of(request)
+        req, tail = oip.parse_request(body, request.headers.get('inference-header-content-length'))
+        if not service.ready():
+            raise Refused(503, 'the ensemble cannot answer now: no device up (GET /health)')
+        answer, blob = await run_in_threadpool(oip.infer_json, model, req, tail)
+        request.scope['devit.devices'] = answer['parameters']['devices']
+        if not blob:
+            return JSONResponse(answer)
+        head = json.dumps(answer).encode()
+        return Response(head + blob, media_type='application/octet-stream',
+                        headers={'Inference-Header-Content-Length': str(len(head))})
+
+    @app.get('/metrics', summary='Prometheus metrics')
+    async def prometheus():
+        text, kind = metrics.text()
+        return Response(text, media_type=kind)
+
+    app.state.counts = state
+    return app
