@@ -139,9 +139,10 @@ def suite_collab(quick):
 
 
 def suite_serve(quick):
-    from bench import serve_bench, transport_bench
+    from bench import serve_bench, transport_bench, wire_bench
 
     results = serve_bench.bench(quick)
+    results.update(wire_results(wire_bench.bench(quick)))
     t = transport_bench.bench(quick)
     for key, name in (('transport_zmq_vs_gloo', 'paper'), ('transport_zmq_vs_gloo_demo', 'demo')):
         r = t[name]
@@ -155,6 +156,33 @@ def suite_serve(quick):
                     f'{p["dispatcher"]:.0f} us',
             **r}
     return results
+
+
+def wire_results(w):
+    """The keys of bench/wire_bench.py: CURVE's cost, and the runtime's per-message cost against raw pyzmq."""
+    out = {}
+    for scale, suffix in (('paper', ''), ('demo', '_demo')):
+        r = w[scale]
+        p = r['p50_us']
+        sizes = f'{r["image_bytes"]} B uint8 image out, {r["token_bytes"]} B of tokens back, one worker process'
+        out['secure_overhead' + suffix] = {
+            'ratio': p['dispatcher_curve'] / p['dispatcher'], 'target': 1.10 if not suffix else None,
+            'direction': 'max' if not suffix else None,
+            'what': f'{scale} sizes ({sizes}), no compute: p50 round trip through the dispatcher with CURVE '
+                    f'(--keys) {p["dispatcher_curve"]:.0f} us / without {p["dispatcher"]:.0f} us; raw pyzmq '
+                    f'{p["raw_curve"]:.0f} / {p["raw"]:.0f} us', **r}
+    r = w['demo']
+    p = r['p50_us']
+    out['wire_vs_raw'] = {
+        'ratio': p['wire'] / p['raw'], 'target': 1.3, 'direction': 'max',
+        'what': f'demo sizes, one worker process, no compute: p50 round trip of the aggregator on collab.wire '
+                f'pack/unpack with every check, against collab.worker.Worker, {p["wire"]:.0f} us / raw pyzmq '
+                f'multipart (JSON header literal + buffer, an echo loop) {p["raw"]:.0f} us', **r}
+    out['dispatcher_vs_raw'] = {
+        'ratio': p['dispatcher'] / p['raw'], 'target': 2.0, 'direction': 'max',
+        'what': f'demo sizes, the same run: through the dispatcher (its I/O thread) {p["dispatcher"]:.0f} us / raw '
+                f'pyzmq {p["raw"]:.0f} us', **r}
+    return out
 
 
 def suite_profile(quick):

@@ -237,11 +237,15 @@ class Dispatcher:
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closing:
-                poller.poll(self._poll_ms())
-                self._on_events()  # connections first: a closed fd is forgotten before it can be reused
-                self._on_calls()
-                self._on_messages()
-                self._expire()
+                ready = dict(poller.poll(self._poll_ms()))
+                if self.mon in ready:
+                    self._on_events()  # connections first: a closed fd is forgotten before it can be reused
+                if self._wake_r in ready or not self._calls.empty():
+                    self._on_calls()
+                if self.sock in ready:
+                    self._on_messages()
+                if self.open:
+                    self._expire()
         except Exception:  # the dispatcher must never die silently with requests waiting on it
             self.broken = 'the dispatcher failed: ' + traceback.format_exc().strip().splitlines()[-1]
             self.log(f'error: {self.broken}\n{traceback.format_exc()}')
@@ -261,8 +265,7 @@ class Dispatcher:
 
     def _on_calls(self):
         try:
-            while os.read(self._wake_r, 4096):
-                pass
+            os.read(self._wake_r, 4096)  # (more left: the poller wakes again)
         except BlockingIOError:
             pass
         while True:
@@ -286,7 +289,7 @@ class Dispatcher:
                     self._lose(s, 'closed the connection (process died?)')
 
     def _on_messages(self):
-        while True:
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import zmq
 
 from . import backends, launcher, quota, sessions, wire
@@ -219,7 +220,7 @@ class Worker:
                     raise Stopped(header.get('reason', 'stop'))
 
     def _drain(self, sock):
-        while True:
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a zmq.Again raised at the end)
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -260,12 +261,14 @@ class Worker:
             poller.register(s, zmq.POLLIN)
         queue = collections.OrderedDict()  # id -> (header, arrays), in arrival order
         while True:
-            if not queue:
-                poller.poll(1000)
-            for event, _ in wire.events(self.mon):
-                if event == zmq.EVENT_DISCONNECTED:
-                    return 'closed the connection (process died, or the link is down)'
+            ready = dict(poller.poll(0 if queue else 1000))  # only the sockets with something to read
+            if self.mon in ready:
+                for event, _ in wire.events(self.mon):
+                    if event == zmq.EVENT_DISCONNECTED:
+                        return 'closed the connection (process died, or the link is down)'
             for sock in inputs:
+                if sock not in ready:
+                    continue
                 for header, arrays in self._drain(sock):
                     kind = header['type']
                     if kind == 'run' and header.get('agg') == agg:
@@ -325,7 +328,7 @@ class Worker:
         self.served += 1
         reply = {'type': 'result', 'id': header['id'], 'agg': agg, 'compute_ms': ms}
         if self.role == 'device':
-            self._send(reply, [out.astype(wire_dtype)])
+            self._send(reply, [np.asarray(out, dtype=wire_dtype)])
             return
         record = list(header.get('record') or [0.0] * (self.num_stages + 1))
         record[self.index + 1] = ms

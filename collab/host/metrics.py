@@ -14,7 +14,7 @@ STATES = ('up', 'late', 'gone', 'waiting')
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 DISPATCHER_COUNTS = (('joins', 'devices that joined'), ('rejoins', 'devices that joined again'),
                      ('refused', 'hellos refused (a model that does not fit, a duplicate device)'),
-                     ('malformed', 'messages that could not be read'),
+                     ('malformed', 'messages dropped: unreadable, or not what the sender declared at join'),
                      ('deadline_misses', 'device answers that missed --deadline-ms'),
                      ('timeouts', 'device answers that missed --timeout'))
 
@@ -77,9 +77,9 @@ class _DispatcherCollector:
             c = CounterMetricFamily(f'devit_dispatcher_{key}', what)
             c.add_metric([], stats.get(key, 0))
             yield c
-        auth = getattr(d, 'auth', None)
-        c = CounterMetricFamily('devit_dispatcher_unauthenticated_peers', 'peers refused by the CURVE handshake')
-        c.add_metric([], getattr(auth, 'refused', 0) if auth is not None else 0)
+        c = CounterMetricFamily('devit_dispatcher_unauthenticated_peers',
+                                'connections that failed the CURVE handshake (no key, or one not of this fleet)')
+        c.add_metric([], stats.get('unauthenticated', 0))
         yield c
         late = CounterMetricFamily('devit_late_replies_discarded', 'device replies that came after their answer')
         late.add_metric([], d.late_discarded)

@@ -11,7 +11,9 @@ at a time; each is one request of the same dispatcher the batch evaluation uses.
 Inference Protocol tensor [B, C, S, S]) is one dispatcher request of its own.
 """
 import io
+import os
 import queue
+import sys
 import threading
 import time
 
@@ -106,7 +108,7 @@ class Service:
 
     def __init__(self, args):
         self.args = args
-        self.client, spec = setup_collab(args)
+        self.client, spec = setup_collab(args, on_broken=self._on_broken)
         self.size, self.chans = spec.input['size'], spec.input['channels']
         self.mean = np.asarray(spec.input['mean'], np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(spec.input['std'], np.float32).reshape(1, -1, 1, 1)
@@ -122,6 +124,13 @@ class Service:
         self.count = 0
         self.stats = {'answered': 0, 'bad_request': 0, 'unavailable': 0}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _on_broken(why: str) -> None:
+        """The dispatcher's thread died (a bug): /health says so for a second, then the process exits 1 so that its
+        supervisor starts it again, rather than staying up and answering 503."""
+        print(f'error: {why}; exiting so that a supervisor restarts the service', file=sys.stderr, flush=True)
+        threading.Timer(1.0, os._exit, (1,)).start()
 
     @property
     def dispatcher(self):
@@ -221,6 +230,8 @@ class Service:
 
     def ready(self) -> bool:
         """Whether the ensemble can answer: every device up, or one up when it may answer without the others."""
+        if self.dispatcher.broken:
+            return False
         states = [d['state'] for d in self.dispatcher.health()]
         up = sum(s in ('up', 'late') for s in states)
         if self.args.dropout_tolerant or self.args.deadline_ms is not None:
@@ -236,6 +247,8 @@ class Service:
             d['state'] == 'late' for d in devices) else 'degraded'
         public = ('index', 'state', 'reason', 'since', 'last_latency_ms', 'last_compute_ms', 'joins', 'answered',
                   'missed', 'late_replies')
+        if self.dispatcher.broken:
+            status = 'broken'
         out = {'status': status, 'ready': self.ready(),
                'devices': devices if authorised else [{k: d[k] for k in public} for d in devices],
                'uptime_s': time.time() - self.started, 'requests': dict(self.stats, total=self.count)}
