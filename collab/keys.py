@@ -168,17 +168,17 @@ def is_loopback(host):
 
 
 def check_bind(host, keys, insecure, what):
-    """None, or one line refusing to bind `what` at `host` without keys (nor --insecure); the warning to print when
-    --insecure lets it (returned as ('warning', line)) and the note for a local, unauthenticated run."""
-    if keys or is_loopback(host):
-        return None if keys else ('note', f'{what} binds {host} only: the fleet is unauthenticated and local '
-                                          '(--keys DIR '
-                                          'for devices on other hosts)')
+    """The line to print before `what` listens at `host` (None with keys): a note for a local, unauthenticated run,
+    a warning when --insecure lets it listen beyond loopback. Beyond loopback with neither: KeyFileError."""
+    if keys:
+        return None
+    if is_loopback(host):
+        return (f'{what} binds {host} only: the fleet is unauthenticated and local (--keys DIR for devices on '
+                'other hosts)')
     if not insecure:
-        raise KeyFileError(f'{what} would listen on {host} without keys: anyone on that network could join or '
-                           'call it. Give '
-                        '--keys DIR (python -m collab.keys init) or, on a network you trust, --insecure')
-    return ('warning', f'warning: {what} listens on {host} with no authentication and no encryption (--insecure)')
+        raise KeyFileError(f'{what} would listen on {host} without keys: anyone on that network could join or call '
+                           'it. Give --keys DIR (python -m collab.keys init) or, on a network you trust, --insecure')
+    return f'warning: {what} listens on {host} with no authentication and no encryption (--insecure)'
 
 
 def read_tokens(path):

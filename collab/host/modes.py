@@ -335,7 +335,7 @@ def listen_endpoint(args) -> str:
         host = '*' if args.keys or not keys.is_loopback(master) else '127.0.0.1'
     said = keys.check_bind('0.0.0.0' if host in ('*', '') else host, args.keys, args.insecure, 'the aggregator')
     if said:
-        _log_line(said[1])
+        _log_line(said)
     if ':' in host and not host.startswith('['):
         host = f'[{host}]'
     return f'tcp://{host}:{launcher.aggregator_port(args.collab_port)}'

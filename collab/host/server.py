@@ -72,7 +72,7 @@ def serve(args) -> int:
         _say(f'error: {err}')
         return 2
     if said:
-        _say(said[1])
+        _say(said)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
