@@ -14,6 +14,9 @@ Benchmarks (keys of the JSON):
 - collab_vs_slowest[_n2|_demo]: per image, end-to-end latency / the slowest worker's own forward time in that same
   request; the median over images (and over repeated runs). 1.0 would be a runtime that costs nothing. N=4 at the
   paper scale is the headline; `_n2` is N=2 with one thread per process, so each worker has a core to itself.
+- collab_vs_floor[_n2]: demo scale, per image, end-to-end latency / the floor a runtime on these cores could reach:
+  max(slowest worker's forward, sum of the forwards / usable cores) + one raw pyzmq round trip of the same sizes
+  measured in the same run (bench/wire_bench.py's raw case). N=4 and N=2.
 - collab_speedup_vs_teacher[_demo]: p50 latency of the monolithic teacher in one process (batch 1, timed here at one
   thread and at all cores, the faster counts) / p50 latency of the collaborative N=4 run; the two alternate.
 - bytes_vs_layer_split[_demo]: intermediate bytes per image of the teacher cut into N=4 consecutive stages (three
@@ -28,6 +31,7 @@ On this 2-core machine N workers share the cores: with N > 2 every forward runs 
 which the worker's own time includes; the overhead ratio is still latency over the slowest of those times.
 """
 import argparse
+import ast
 import csv
 import json
 import math
@@ -244,6 +248,19 @@ def overhead(reports: Sequence[Mapping]) -> dict:
     }
 
 
+def floor_ratio(reports: Sequence[Mapping], raw_ms: float, cores: int) -> dict:
+    """Per image: latency / (max(slowest forward, sum of forwards / cores) + raw_ms); median and the parts."""
+    ratios, floors = [], []
+    for rep in reports:
+        for r in rep['rows']:
+            ms = [float(v) for v in ast.literal_eval(r['worker_ms']).values()]
+            floors.append(max(max(ms), sum(ms) / cores) + raw_ms)
+            ratios.append(float(r['latency_ms']) / floors[-1])
+    return {'ratio': statistics.median(ratios), 'ratio_p90': _percentile(ratios, 90),
+            'floor_p50_ms': statistics.median(floors), 'raw_round_trip_ms': raw_ms, 'usable_cores': cores,
+            'latency_p50_ms': p50(reports), 'images': len(ratios), 'runs': len(reports)}
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     v = sorted(values)
     k = (len(v) - 1) * q / 100
@@ -331,6 +348,9 @@ def bench(quick: bool, workdir: str, trained_checkpoint: str = DEMO_CHECKPOINT, 
     if verbose:
         print(f'demo scale (28x28): {N} x {demo.student.name} {demo.student.kwargs} vs {demo.teacher.name} '
               f'{demo.teacher.kwargs}', flush=True)
+    from bench.wire_bench import raw_round_trip_us
+
+    raw_us = [raw_round_trip_us('demo')]
     d4, dmono = [], []
     teacher = TeacherTimer(demo, threads)
     for _ in range(rounds):
@@ -338,7 +358,8 @@ def bench(quick: bool, workdir: str, trained_checkpoint: str = DEMO_CHECKPOINT, 
         dmono.append(teacher(lim['demo'], verbose))
     d4_16 = run(N + 1, collab_argv(ckpt['demo'], lim['demo'], fp16=True, input_dtype='fp32'), 1,
                 'demo-collab-n4-fp16')
-    d2 = None if quick else run(3, collab_argv(ckpt['demo2'], lim['demo']), 1, 'demo-collab-n2')
+    d2 = run(3, collab_argv(ckpt['demo2'], lim['demo']), 1, 'demo-collab-n2')
+    raw_us.append(raw_round_trip_us('demo'))
     dsplit = run(N + 1, teacher_argv(demo, 'layer-split', lim['demo'] // 3, input_dtype='fp32'), 1,
                  'demo-layer-split')
     dsplit16 = None if quick else run(N + 1, teacher_argv(demo, 'layer-split', lim['demo'] // 3, fp16=True,
@@ -372,6 +393,15 @@ def bench(quick: bool, workdir: str, trained_checkpoint: str = DEMO_CHECKPOINT, 
         'ratio': od['ratio'], 'target': 1.15, 'direction': 'max',
         'what': f'demo scale, N={N} demo students (28x28, {demo.student.kwargs}): a forward takes about a millisecond,'
                 ' so loopback messages and process wake-ups dominate', **od, 'n2': od_n2}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else cores
+    raw_ms = statistics.median(raw_us) / 1e3
+    for key, n, reps in (('collab_vs_floor', N, d4), ('collab_vs_floor_n2', 2, [d2])):
+        f = floor_ratio(reps, raw_ms, usable)
+        results[key] = {
+            'ratio': f['ratio'], 'target': 1.3, 'direction': 'max',
+            'what': f'demo scale, N={n}: per-image latency / (max(slowest forward, sum of forwards / {usable} cores) '
+                    f'+ raw pyzmq round trip {raw_ms * 1e3:.0f} us), median of {f["images"]} images: what the '
+                    'runtime adds to what these cores and the transport must cost', **f}
     # --- speed-up vs the teacher
     for key, scale, mono_ms, runs, n2 in (('collab_speedup_vs_teacher', paper, mono, p4, p2),
                                           ('collab_speedup_vs_teacher_demo', demo, dmono, d4, [d2] if d2 else None)):

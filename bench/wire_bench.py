@@ -8,12 +8,22 @@ in rounds over fresh workers so that all see the same load:
 - raw: pyzmq ROUTER/DEALER, a literal JSON header frame + the buffer each way, the worker an echo loop;
 - wire: the aggregator's loop on collab.wire.pack/unpack (with every check of a received message), the worker
   collab.worker.Worker itself;
-- dispatcher: collab.dispatch.Dispatcher (its I/O thread) and collab.worker.Worker: what a request costs.
+- dispatcher: collab.dispatch.Dispatcher caller-driven (the batch evaluation's) and collab.worker.Worker: what a
+  request costs;
+- threaded: the same on the dispatcher's own I/O thread (the service's), a hop to it and back per request.
 raw and dispatcher run with CURVE (collab.keys) and without. Medians of per-request round trips.
+
+    python bench/wire_bench.py --profile DIR [--scale demo]
+
+runs the caller-driven and the threaded dispatcher under cProfile, the aggregator's threads and the worker process
+each, and prints where the time goes (DIR keeps the .prof files, for snakeviz or pstats).
 """
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -32,10 +42,17 @@ from collab import dispatch, keys, wire, worker  # noqa: E402
 SETTINGS = {'input_dtype': 'uint8', 'wire_dtype': 'fp32', 'mean': [0.5], 'std': [0.5], 'num_classes': 10}
 
 
-def _child(kind, endpoint, scale, keys_dir):
+def _child(kind, endpoint, scale, keys_dir, profile=None):
     shape, width = PAYLOADS[scale]
     if kind == 'worker':
-        return worker.Worker(NullModel(width, shape), endpoint, 0, exit_on_loss=True, keys=keys_dir).run()
+        w = worker.Worker(NullModel(width, shape), endpoint, 0, exit_on_loss=True, keys=keys_dir)
+        if not profile:
+            return w.run()
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(w.run)
+        finally:
+            prof.dump_stats(profile)
     ctx = zmq.Context()
     secure = None
     if keys_dir:
@@ -55,14 +72,15 @@ def _child(kind, endpoint, scale, keys_dir):
 class Aggregator:
     """The aggregator's side of one round: `kind` ('raw', 'wire', 'dispatcher'), CURVE or not."""
 
-    def __init__(self, kind, scale, keys_dir):
+    def __init__(self, kind, scale, keys_dir, profile=None):
         self.kind, self.keys_dir = kind, keys_dir
         shape, self.width = PAYLOADS[scale]
         self.image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
         self.d = self.ctx = self.auth = None
         endpoint = 'tcp://127.0.0.1:*'
-        if kind == 'dispatcher':
-            self.d = dispatch.Dispatcher(1, lambda i: {}, SETTINGS, endpoint, log=lambda line: None, keys=keys_dir)
+        if kind in ('dispatcher', 'threaded'):
+            self.d = dispatch.Dispatcher(1, lambda i: {}, SETTINGS, endpoint, log=lambda line: None, keys=keys_dir,
+                                         threaded=kind == 'threaded')
             endpoint = self.d.endpoint
         else:
             self.ctx = zmq.Context()
@@ -75,7 +93,8 @@ class Aggregator:
             endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         child = 'echo' if kind == 'raw' else 'worker'
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', child, '--endpoint',
-                                      endpoint, '--scale', scale, *(['--keys', keys_dir] if keys_dir else [])],
+                                      endpoint, '--scale', scale, *(['--keys', keys_dir] if keys_dir else []),
+                                      *(['--profile', profile] if profile else [])],
                                      cwd=ROOT, stderr=subprocess.DEVNULL)
         if self.d is not None:
             self.d.wait_ready(60)
@@ -122,7 +141,20 @@ class Aggregator:
             self.proc.kill()
 
 
-CASES = [('raw', False), ('raw', True), ('wire', False), ('dispatcher', False), ('dispatcher', True)]
+def raw_round_trip_us(scale, requests=500, warmup=50):
+    """p50 of the raw pyzmq round trip (one echo process, `scale`'s message sizes): the floor of a request's
+    transport, for bench/collab_bench.py's collab_vs_floor."""
+    agg = Aggregator('raw', scale, None)
+    try:
+        for _ in range(warmup):
+            agg.round_trip()
+        return statistics.median(agg.round_trip() for _ in range(requests))
+    finally:
+        agg.close()
+
+
+CASES = [('raw', False), ('raw', True), ('wire', False), ('dispatcher', False), ('dispatcher', True),
+         ('threaded', False)]
 
 
 def bench(quick=False):
@@ -147,6 +179,40 @@ def bench(quick=False):
     return out
 
 
+def profile(folder, scale='demo', requests=3000):
+    """cProfile of the dispatcher, caller-driven and threaded: the aggregator's side (the thread that turns the
+    loop) and the worker process's; the top functions by own time of each, as text."""
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for kind in ('dispatcher', 'threaded'):
+        agg_prof, worker_prof = (os.path.join(folder, f'{kind}-{side}.prof') for side in ('aggregator', 'worker'))
+        prof = cProfile.Profile()
+        if kind == 'threaded':  # the I/O thread is where its work is done
+            loop = dispatch.Dispatcher._loop
+            dispatch.Dispatcher._loop = lambda self, p=prof, f=loop: p.runcall(f, self)
+        try:
+            agg = Aggregator(kind, scale, None, profile=worker_prof)
+            for _ in range(200):
+                agg.round_trip()
+            if kind == 'dispatcher':
+                prof.enable()
+            for _ in range(requests):
+                agg.round_trip()
+            prof.disable()
+            agg.close()
+        finally:
+            if kind == 'threaded':
+                dispatch.Dispatcher._loop = loop
+        prof.dump_stats(agg_prof)
+        for side, path in (('aggregator', agg_prof), ('worker', worker_prof)):
+            text = io.StringIO()
+            pstats.Stats(path, stream=text).strip_dirs().sort_stats('tottime').print_stats(12)
+            body = text.getvalue()
+            out.append(f'== {kind} dispatcher, {side} ({requests} requests, {scale} sizes)\n'
+                       + body[body.find('   ncalls'):].rstrip())
+    return '\n\n'.join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument('--quick', action='store_true')
@@ -154,9 +220,13 @@ def main(argv=None):
     p.add_argument('--endpoint')
     p.add_argument('--scale', default='demo')
     p.add_argument('--keys')
+    p.add_argument('--profile', metavar='DIR', help='cProfile the dispatcher and a worker; .prof files in DIR')
     args = p.parse_args(argv)
     if args.child:
-        return _child(args.child if args.child == 'worker' else 'echo', args.endpoint, args.scale, args.keys)
+        return _child(args.child, args.endpoint, args.scale, args.keys, args.profile)
+    if args.profile:
+        print(profile(args.profile, args.scale))
+        return 0
     print(json.dumps(bench(args.quick), indent=1))
     return 0
 

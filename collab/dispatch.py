@@ -1,8 +1,11 @@
 """The aggregator's dispatcher: who the workers are and every request in flight, on one ZeroMQ ROUTER socket.
 
-One I/O thread owns the socket (ZeroMQ sockets are not thread-safe); any thread may `submit` a request and wait for
-it, so the HTTP service has several requests in flight across the devices while the batch evaluation has one. Both
-run on this same code.
+One thread owns the socket (ZeroMQ sockets are not thread-safe). Threaded (the service), that is an I/O thread of
+the dispatcher's own: any thread may `submit` a request and wait for it, so several requests are in flight across
+the devices. Caller-driven (``threaded=False``, the batch evaluation and the benchmarks), it is the one thread that
+uses the dispatcher: `submit` sends at once and `Request.wait` turns the loop itself until the answer is in, with no
+hop between threads (two wake-ups per request fewer, which at the demo's scale is most of the dispatcher's cost).
+Both run on this same code.
 
 Slots. The ensemble has N devices (or the layer-split pipeline N stages); slot i is whichever worker process last
 joined as device i. Its state:
@@ -26,6 +29,7 @@ is dropout-tolerant or has a deadline. Replies to requests that are already answ
 Without PyTorch: numpy + pyzmq only, like the workers (Python 3.6+).
 """
 import collections
+import itertools
 import os
 import queue
 import sys
@@ -36,12 +40,13 @@ import traceback
 import zmq
 
 from . import keys as fleet_keys
-from . import wire
+from . import logs, wire
 from .slots import HELLO_FIELDS, HELLO_REQUIRED, Slot, mismatch  # noqa: F401 (mismatch: the API)
 
 STATES = ('waiting', 'up', 'late', 'gone')
 STOP_WAIT_S = 3.0
-LOG_EVERY_S = 60.0  # the same complaint about a peer is logged once a minute
+DEVICE_ANSWER = {'compute_ms': (int, float, type(None))}  # the header fields of a result (absent: None)
+STAGE_ANSWER = dict(DEVICE_ANSWER, record=list)
 
 
 class CollabError(RuntimeError):
@@ -56,8 +61,8 @@ class Request:
     """One image (or batch) in flight. After `wait()`: results {slot: (array, header)}, missing {slot: reason},
     times (perf_counter: submitted, sent, done) and nbytes by kind (payload; 'control' is the JSON headers)."""
 
-    def __init__(self, rid, payload, index):
-        self.id, self.payload, self.index = rid, payload, index
+    def __init__(self, rid, payload, index, drive=None):
+        self.id, self.payload, self.index, self._drive = rid, payload, index, drive
         self.batch = int(payload.shape[0])
         self.send_to, self.expect = [], []
         self.results, self.missing = {}, {}
@@ -71,7 +76,8 @@ class Request:
         return all(i in self.results or i in self.missing for i in self.expect)
 
     def wait(self, timeout=None):
-        if not self.done.wait(timeout):
+        done = self.done.wait(timeout) if self._drive is None else self._drive(self.done, timeout)
+        if not done:
             raise CollabError(f'request {self.id} got no answer within {timeout:g} s (the dispatcher is stuck?)')
         if self.error:
             raise CollabError(self.error)
@@ -89,11 +95,12 @@ class Dispatcher:
     name slot i. log: where join/leave lines go (a callable taking one line). keys: the fleet's key folder
     (collab.keys): CURVE on the socket, only the devices' keys admitted, each bound to its device index.
     max_message: the size cap of an incoming message (bytes). on_broken(why): called if the I/O thread ever dies.
+    threaded: an I/O thread of its own (any thread may submit and wait); False: caller-driven, for one thread only.
     """
 
     def __init__(self, num_slots, expected, settings, endpoint, timeout=30.0, deadline_ms=None,
                  dropout_tolerant=False, pipeline=False, names=None, log=None, keys=None, max_message=None,
-                 on_broken=None):
+                 on_broken=None, threaded=True):
         self.expected, self.settings, self.endpoint = expected, dict(settings), endpoint
         self.timeout, self.deadline_ms = float(timeout), deadline_ms
         self.dropout_tolerant, self.pipeline = dropout_tolerant, pipeline
@@ -103,11 +110,11 @@ class Dispatcher:
         self.session = wire.session_id()
         self.refusals = collections.deque(maxlen=16)  # the latest (slot index or None, pid, reason)
         self.on_broken = on_broken
-        self._said = {}
+        self._say_once = logs.Throttled(lambda line: self.log(line))  # (key, line): once a minute per key
         self.by_peer = {}
         self.open = {}  # request id -> Request
-        self.changed = threading.Condition()
-        self._ids = 0
+        self.changed = threading.Condition()  # (an RLock: a caller-driven wait turns the loop while holding it)
+        self._ids = itertools.count(1)
         self._calls = queue.Queue()
         self._closing = False
         self.stopping = False  # told the workers to stop: their leaving is expected, not news
@@ -129,8 +136,13 @@ class Dispatcher:
         self.mon = wire.monitor(self.sock)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True)
-        self.thread.start()
+        self._poller = zmq.Poller()
+        for s in (self.sock, self.mon, self._wake_r):
+            self._poller.register(s, zmq.POLLIN)
+        self.thread = None
+        if threaded:
+            self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True)
+            self.thread.start()
 
     def _secure(self, keys_dir, num_slots):
         """CURVE server with a ZAP handler admitting the devices' keys in `keys_dir` (each as its own index)."""
@@ -152,24 +164,13 @@ class Dispatcher:
             self.auth.stop()
             self.auth = None
 
-    def _say_once(self, key, line):
-        """Log `line` unless the same `key` was logged within the last minute (a peer cannot flood the log)."""
-        now = _now()
-        if now - self._said.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            if len(self._said) > 4096:
-                self._said.clear()
-            self._said[key] = now
-            self.log(line)
-
     # -- called from any thread
 
     def submit(self, payload, index=-1):
         """Send `payload` (the encoded image batch, B×C×H×W) to the workers; returns the Request to wait() on."""
         if self.broken:
             raise CollabError(self.broken)
-        with self.changed:
-            self._ids += 1
-            req = Request(self._ids, payload, index)
+        req = Request(next(self._ids), payload, index, None if self.thread else self._drive)
         self._call(lambda: self._start(req))
         return req
 
@@ -192,9 +193,11 @@ class Dispatcher:
                 if left <= 0:
                     raise CollabError('no worker joined for ' + ', '.join(s.name for s in waiting)
                                       + f' within {timeout:g} s (their own errors, if any, are above)')
-                self.changed.wait(min(left, 0.5))
+                self._pause(min(left, 0.5))
 
     def health(self):
+        if self.thread is None:
+            self._step(0)  # caller-driven: what arrived since the last call first
         return [s.health() for s in self.slots]
 
     def stop_workers(self, reason='the aggregator is stopping', wait_s=STOP_WAIT_S):
@@ -202,15 +205,16 @@ class Dispatcher:
         self._call(lambda: self._stop_all(reason))
         end = _now() + wait_s
         with self.changed:
-            while any(s.state in ('up', 'late') for s in self.slots) and _now() < end:
-                self.changed.wait(0.1)
+            while any(s.state in ('up', 'late') for s in self.slots) and _now() < end and not self.broken:
+                self._pause(0.1)
 
     def close(self):
         if self._closing:
             return
         self._closing = True
-        self._wake()
-        self.thread.join(5)
+        if self.thread is not None:
+            self._wake()
+            self.thread.join(5)
         for s in (self.mon, self.sock):
             s.close(linger=wire.LINGER_MS)
         self._close_auth()
@@ -219,8 +223,32 @@ class Dispatcher:
         os.close(self._wake_w)
 
     def _call(self, fn):
+        if self.thread is None:
+            return fn()  # caller-driven: this is the thread that owns the socket
         self._calls.put(fn)
         self._wake()
+
+    def _pause(self, seconds):
+        """Wait (holding `changed`) for news, at most `seconds`: on the I/O thread's notice, or caller-driven,
+        turning the loop in this thread."""
+        if self.thread is None:
+            self._step(max(0, int(seconds * 1e3)))
+        else:
+            self.changed.wait(seconds)
+
+    def _drive(self, done, timeout):
+        """Caller-driven `Request.wait`: turn the loop until `done` is set (True) or `timeout` s pass (False)."""
+        end = None if timeout is None else _now() + timeout
+        while not done.is_set():
+            left_ms = self._poll_ms()
+            if end is not None:
+                left = end - _now()
+                if left <= 0:
+                    return False
+                left_ms = min(left_ms, int(left * 1e3) + 1)
+            if not self._step(left_ms):
+                return done.is_set()
+        return True
 
     def _wake(self):
         try:
@@ -231,21 +259,25 @@ class Dispatcher:
     # -- the I/O thread
 
     def _loop(self):
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.mon, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._closing and self._step(self._poll_ms()):
+            pass
+
+    def _step(self, timeout_ms):
+        """One turn of the loop: wait up to `timeout_ms` for a socket, then handle what is ready. False once the
+        dispatcher is broken."""
+        if self.broken:
+            return False
         try:
-            while not self._closing:
-                ready = dict(poller.poll(self._poll_ms()))
-                if self.mon in ready:
-                    self._on_events()  # connections first: a closed fd is forgotten before it can be reused
-                if self._wake_r in ready or not self._calls.empty():
-                    self._on_calls()
-                if self.sock in ready:
-                    self._on_messages()
-                if self.open:
-                    self._expire()
+            ready = dict(self._poller.poll(timeout_ms))
+            if self.mon in ready:
+                self._on_events()  # connections first: a closed fd is forgotten before it can be reused
+            if self._wake_r in ready or not self._calls.empty():
+                self._on_calls()
+            if self.sock in ready:
+                self._on_messages()
+            if self.open:
+                self._expire()
+            return True
         except Exception:  # the dispatcher must never die silently with requests waiting on it
             self.broken = 'the dispatcher failed: ' + traceback.format_exc().strip().splitlines()[-1]
             self.log(f'error: {self.broken}\n{traceback.format_exc()}')
@@ -256,6 +288,7 @@ class Dispatcher:
                 self.changed.notify_all()
             if self.on_broken is not None:
                 self.on_broken(self.broken)
+            return False
 
     def _poll_ms(self):
         if not self.open:
@@ -329,9 +362,10 @@ class Dispatcher:
         i = self.by_peer.get(peer)
         return None if i is None or self.slots[i].peer != peer else self.slots[i]
 
-    def _send(self, peer, header, arrays=()):
-        """Payload bytes sent, or None when the peer is not reachable (gone, or its queue is full)."""
-        frames = wire.pack(header, arrays)
+    def _send(self, peer, header, arrays=(), frames=None):
+        """(header, payload) bytes sent, or None when the peer is not reachable (gone, or its queue is full).
+        `frames`: the message packed already (one request to several devices is packed once)."""
+        frames = frames or wire.pack(header, arrays)
         try:
             self.sock.send_multipart([peer] + frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
@@ -465,11 +499,12 @@ class Dispatcher:
             if not req.send_to:
                 return self._fail(req, 'no device is up: ' + '; '.join(f'{self.slots[i].name} {r}'
                                                                       for i, r in sorted(req.missing.items())))
-        header = {'type': 'run', 'id': req.id, 'agg': self.session, 'index': req.index, 'batch': req.batch}
+        frames = wire.pack({'type': 'run', 'id': req.id, 'agg': self.session, 'index': req.index,
+                            'batch': req.batch}, [req.payload])
         self.open[req.id] = req
         for i in req.send_to:
             s = self.slots[i]
-            sent = self._send(s.peer, header, [req.payload])
+            sent = self._send(s.peer, None, frames=frames)
             if sent is None:
                 self._lose(s, 'closed the connection (process died?)')
                 continue
@@ -520,14 +555,12 @@ class Dispatcher:
         """Why an answer of slot s to `req` cannot be used (None: it can): one array of the dtype and shape that
         the slot declared at join, finite."""
         if self.pipeline:
-            dtype, width = '<f4', self.settings.get('num_classes')
+            dtype, width, fields = '<f4', self.settings.get('num_classes'), STAGE_ANSWER
         else:
             dtype, width = wire.WIRE_DTYPES[self.settings['wire_dtype']], s.info.get('token_width')
-        fields = {'compute_ms': (int, float, type(None))}
-        if self.pipeline:
-            fields['record'] = list
+            fields = DEVICE_ANSWER
         try:
-            wire.check(dict(header, compute_ms=header.get('compute_ms')), fields, arrays, dtype, (req.batch, width))
+            wire.check(header, fields, arrays, dtype, (req.batch, width))
         except wire.ProtocolError as err:
             return str(err)
         return None

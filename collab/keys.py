@@ -23,17 +23,17 @@ import re
 import secrets
 import stat
 import sys
-import time
 
 import zmq
 import zmq.auth
 import zmq.auth.thread
 import zmq.utils.z85
 
+from . import logs
+
 AGGREGATOR = 'aggregator'
 DOMAIN = 'devit'
 LOOPBACK = ('127.0.0.1', 'localhost', '::1', '[::1]')
-LOG_EVERY_S = 60.0  # a refused peer is logged once per address per minute
 TOKEN_MIN_CHARS = 16
 
 
@@ -132,7 +132,7 @@ class Authenticator(zmq.auth.thread.ThreadAuthenticator):
         super().__init__(ctx)
         self.allowed, self.say = dict(allowed), log
         self.refused = 0
-        self._address, self._logged = '?', {}
+        self._address, self._say_once = '?', logs.Throttled(log)  # a refused address: once a minute
 
     def begin(self):
         self.start()
@@ -147,12 +147,9 @@ class Authenticator(zmq.auth.thread.ThreadAuthenticator):
         if key in self.allowed:
             return True
         self.refused += 1
-        now = time.monotonic()
-        if now - self._logged.get(self._address, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._logged[self._address] = now
-            self.say(f'refused a connection from {self._address}: its key is not one of this fleet\'s devices '
-                     f'({self.refused} refused so '
-                     'far; logged once a minute per address)')
+        self._say_once(self._address, f'refused a connection from {self._address}: its key is not one of this '
+                                      f'fleet\'s devices ({self.refused} refused so far; logged once a minute per '
+                                      'address)')
         return False
 
     def curve_user_id(self, client_public_key):

@@ -42,6 +42,8 @@ PROTOCOL = 1
 DTYPES = ('|u1', '<f2', '<f4', '<f8', '<i8')
 WIRE_DTYPES = {'fp32': '<f4', 'fp16': '<f2'}
 ITEMSIZE = {'|u1': 1, '<f2': 2, '<f4': 4, '<f8': 8, '<i8': 8}
+_DTYPE = {name: np.dtype(name) for name in DTYPES}
+_encode = json.JSONEncoder(separators=(',', ':')).encode  # (json.dumps with options builds an encoder per call)
 INPUT_DTYPES = ('uint8', 'fp32')
 MAX_BATCH = 256  # images in one request at most (a receiver refuses more)
 HEADER_BYTES = 64 * 1024  # room for a header (and a hello) in the size cap of a socket's messages
@@ -61,11 +63,11 @@ def session_id():
 
 def pack(header, arrays=()):
     """Frames of one message: the JSON header (with `arrays` describing the buffers) then each array's bytes."""
+    if not arrays:
+        return [_encode(header).encode('utf-8')]
     arrays = [np.ascontiguousarray(a) for a in arrays]
-    header = dict(header)
-    if arrays:
-        header['arrays'] = [[a.dtype.str, list(a.shape)] for a in arrays]
-    return [json.dumps(header, separators=(',', ':')).encode('utf-8')] + arrays
+    header = dict(header, arrays=[[a.dtype.str, a.shape] for a in arrays])
+    return [_encode(header).encode('utf-8')] + arrays
 
 
 def _buffer(frame):
@@ -77,8 +79,9 @@ def unpack(frames):
     nothing a peer sends gets past here without being the message it says it is."""
     if not frames:
         raise ProtocolError('empty message')
+    head = frames[0]
     try:
-        header = json.loads(bytes(_buffer(frames[0])).decode('utf-8'))
+        header = json.loads((head.bytes if isinstance(head, zmq.Frame) else bytes(head)).decode('utf-8'))
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError(f'the header is not JSON: {err}') from None
     if not isinstance(header, dict) or not isinstance(header.get('type'), str):
@@ -98,14 +101,14 @@ def unpack(frames):
                 count *= d  # (Python's integers: a shape cannot overflow into a small size)
         except (TypeError, ValueError):
             raise ProtocolError(f'bad array description {json.dumps(spec)[:80]}') from None
-        itemsize = ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
-        if itemsize is None:
+        dt = _DTYPE.get(dtype) if isinstance(dtype, str) else None
+        if dt is None:
             raise ProtocolError(f'unsupported dtype {json.dumps(dtype)[:20]} (allowed: {", ".join(DTYPES)})')
-        buf = _buffer(frame)
+        buf = frame.buffer if isinstance(frame, zmq.Frame) else frame
         size = memoryview(buf).nbytes
-        if size != count * itemsize:
+        if size != count * dt.itemsize:
             raise ProtocolError(f'a buffer of {size} bytes does not have shape {shape} of {dtype}')
-        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+        arrays.append(np.frombuffer(buf, dt).reshape(shape))
     return header, arrays
 
 
@@ -123,8 +126,13 @@ def check(header, fields, arrays=(), dtype=None, shape=None):
     if len(arrays) != 1:
         raise ProtocolError('a {} message carries {} arrays, not 1'.format(header['type'], len(arrays)))
     a = arrays[0]
-    if a.dtype.str != dtype or len(a.shape) != len(shape) or any(
-            e is not None and d != e for d, e in zip(a.shape, shape)):
+    fits = a.dtype.str == dtype and a.ndim == len(shape)
+    if fits:
+        for d, e in zip(a.shape, shape):
+            if e is not None and d != e:
+                fits = False
+                break
+    if not fits:
         raise ProtocolError('a {} message carries {} of {}, not {} of {}'.format(
             header['type'], list(a.shape), a.dtype.str, [d if d is not None else 'B' for d in shape], dtype))
     if a.dtype.kind == 'f' and not np.isfinite(a).all():

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import zmq
 
-from . import backends, launcher, quota, sessions, wire
+from . import backends, launcher, logs, quota, sessions, wire
 from . import keys as fleet_keys
 from .manifest import first_line
 
@@ -102,7 +102,7 @@ class Worker:
             fleet_keys.check_curve()
             self.pair = fleet_keys.device_pair(keys, index)
             self.aggregator_key = fleet_keys.aggregator_public(keys)
-        self._said = {}
+        self._throttled = logs.Throttled(lambda line: self.say(line))
         self.stage_endpoint = None
         self.served = 0
 
@@ -172,10 +172,7 @@ class Worker:
         return wire.HEADER_BYTES + wire.MAX_BATCH * per_image
 
     def warn_once(self, key, text):
-        now = time.monotonic()
-        if now - self._said.get(key, -60.0) >= 60.0:
-            self._said[key] = now
-            self.say(f'warning: {text} (logged once a minute)')
+        self._throttled(key, f'warning: {text} (logged once a minute)')
 
     def hello(self):
         h = {'type': 'hello', 'v': wire.PROTOCOL, 'role': self.role, 'index': self.index, 'session': self.session,

@@ -54,6 +54,14 @@ class Fleet:
         self.threads.append(t)
         return w
 
+    def until(self, condition, timeout=10):
+        """Wait for `condition()`, the dispatcher's news read meanwhile (health() turns a caller-driven loop)."""
+        deadline = time.time() + timeout
+        while not condition() and time.time() < deadline:
+            self.d.health()
+            time.sleep(0.05)
+        assert condition()
+
     def ask(self, k=0):
         return self.d.submit(np.zeros((1, 1, 4, 4), dtype=np.float32), k).wait(30)
 
@@ -64,12 +72,13 @@ class Fleet:
         self.d.close()
 
 
-@pytest.fixture
-def fleet():
+@pytest.fixture(params=[True, False], ids=['threaded', 'caller-driven'])
+def fleet(request):
+    """Each policy twice: on the dispatcher's own I/O thread (the service) and caller-driven (the batch run)."""
     made = []
 
     def make(n, **kw):
-        made.append(Fleet(n, **kw))
+        made.append(Fleet(n, threaded=request.param, **kw))
         return made[-1]
     yield make
     for f in made:
@@ -103,7 +112,7 @@ def test_deadline_answers_without_the_slow_device_cancels_and_discards_its_late_
     assert f.d.health()[1]['state'] == 'late'
     for k in range(2, 5):  # queued at the slow worker, cancelled as each deadline passes
         assert sorted(f.ask(k).results) == [0]
-    time.sleep(1.5)
+    f.until(lambda: f.d.health()[1]['late_replies'] >= 1 and f.d.health()[1]['state'] == 'up')
     h = f.d.health()[1]
     assert h['late_replies'] >= 1 and h['state'] == 'up'  # its late answer was dropped by id; it is back
     assert slow.calls < 5, 'cancelled requests were skipped'
@@ -127,8 +136,7 @@ def test_strict_and_dropout_tolerant_timeouts(fleet):
     assert sorted(req.results) == [0] and 'did not answer' in req.missing[1]
     # Without a deadline a late device gets nothing until its late reply shows it is back.
     assert sorted(g.ask().results) == [0] and g.ask().missing[1].startswith('late')
-    time.sleep(1.2)
-    assert g.d.health()[1]['state'] == 'up'
+    g.until(lambda: g.d.health()[1]['state'] == 'up')
 
 
 def test_refused_hellos_and_a_replaced_worker(fleet):
@@ -141,17 +149,13 @@ def test_refused_hellos_and_a_replaced_worker(fleet):
     f.threads[1].join(10)
     assert f.codes == [2]  # the refused worker exits 2
     ghost = f.add(Model(5), index=5)
-    deadline = time.time() + 10
-    while len(f.d.refusals) < 2 and time.time() < deadline:
-        time.sleep(0.05)
+    f.until(lambda: len(f.d.refusals) >= 2)
     assert 'there is no device 5' in f.d.refusals[1][2]
     first = f.add(Model(1))
     f.d.wait_ready(30, strict=False)  # the refusals above do not stop this one
     assert f.d.slots[1].session == first.session
     second = f.add(Model(1))  # a board that rebooted before its old connection timed out
-    deadline = time.time() + 10
-    while f.d.slots[1].session != second.session and time.time() < deadline:
-        time.sleep(0.05)
+    f.until(lambda: f.d.slots[1].session == second.session)
     assert f.d.slots[1].session == second.session and f.d.health()[1]['joins'] == 2
     assert any('replaces' in line for line in f.lines)
     assert sorted(f.ask().results) == [0, 1]
@@ -167,7 +171,7 @@ def test_protocol_mismatch_is_refused(fleet):
     try:
         time.sleep(0.3)
         sock.send_multipart(wire.pack({'type': 'hello', 'v': 99, 'role': 'device', 'index': 0}))
-        assert sock.poll(10000)
+        f.until(lambda: sock.poll(50))
         header, _ = wire.unpack(sock.recv_multipart())
         assert header['type'] == 'refused' and 'protocol 99' in header['reason']
     finally:

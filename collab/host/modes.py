@@ -347,9 +347,10 @@ def max_message(args, floats_per_image: int) -> int:
     return wire.HEADER_BYTES + min(batch, wire.MAX_BATCH) * int(floats_per_image) * 8
 
 
-def setup_collab(args, on_broken=None) -> tuple[CollabClient, HeadSpec]:
+def setup_collab(args, on_broken=None, threaded=True) -> tuple[CollabClient, HeadSpec]:
     """The head and the dispatcher of --mode collab, its workers joined (the service does not wait for them).
-    on_broken(why): what to do if the dispatcher's I/O thread ever dies (the service exits)."""
+    on_broken(why): what to do if the dispatcher's I/O thread ever dies (the service exits). threaded=False: a
+    caller-driven dispatcher, for the batch evaluation's one thread."""
     spec = load_head(args)
     resolve_data_args(args, spec.train_args)
     n = len(spec.widths)
@@ -362,7 +363,7 @@ def setup_collab(args, on_broken=None) -> tuple[CollabClient, HeadSpec]:
         n, lambda i: {'input': inp, 'token_width': spec.widths[i], 'model': spec.specs[i]},
         settings(args, inp['mean'], inp['std'], num_classes), listen_endpoint(args), args.timeout, args.deadline_ms,
         args.dropout_tolerant, names=slot_names(), log=_log_line, keys=args.keys,
-        max_message=max_message(args, max(spec.widths)), on_broken=on_broken)
+        max_message=max_message(args, max(spec.widths)), on_broken=on_broken, threaded=threaded)
     return CollabClient(dispatcher, spec, wire.ImageCodec(args.input_dtype, inp['mean'], inp['std'])), spec
 
 
@@ -370,7 +371,7 @@ def setup(args):
     """The aggregator of a batch run: (client, source, extra report fields) once every worker has joined."""
     world = launcher.env_rank()[1]
     if args.mode == 'collab':
-        client, spec = setup_collab(args)
+        client, spec = setup_collab(args, threaded=False)
         size, chans = spec.input['size'], spec.input['channels']
         source = ImageSource(args, size, chans, spec.input['mean'], spec.input['std'])
         try:
@@ -423,7 +424,8 @@ def setup(args):
     dispatcher = Dispatcher(
         n, lambda i: {'input': {'size': size, 'channels': chans}, 'activation': [tokens, dim], 'model': teacher},
         settings(args, mean, std, num_classes), listen_endpoint(args), args.timeout, pipeline=True,
-        names=slot_names('stage'), log=_log_line, keys=args.keys, max_message=max_message(args, num_classes))
+        names=slot_names('stage'), log=_log_line, keys=args.keys, max_message=max_message(args, num_classes),
+        threaded=False)
     client = PipelineClient(dispatcher, wire.ImageCodec(args.input_dtype, inp['mean'], inp['std']))
     try:
         dispatcher.wait_ready(args.startup_timeout)
