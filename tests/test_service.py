@@ -6,8 +6,13 @@ collab.worker`, the command a board runs, with the onnxruntime backend), on a ti
 Fashion-MNIST test images sent as PNG files. Every process is started in a session of its own and killed at the
 end whatever happens.
 """
+import contextlib
+import http.client
+import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -347,7 +352,6 @@ def test_runtime_follows_a_killed_launcher(procs, model, fmnist_root):
 def test_client_opens_a_new_connection_when_the_kept_one_was_closed():
     """A server that closes every connection after its answer (as one closing idle connections does): the kept
     connection is found closed at the next request, and the client opens a new one, once, unseen by the caller."""
-    import json
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     seen = []
@@ -379,3 +383,120 @@ def test_client_opens_a_new_connection_when_the_kept_one_was_closed():
     with pytest.raises(client.ServiceError) as err:
         client.predict(f'http://127.0.0.1:{free_port()}', b'a')
     assert err.value.status is None and 'cannot reach' in str(err.value)
+
+
+def _read_to_end(s, timeout):
+    """Everything `s` receives until the peer closes it, and when that was (time.monotonic()). A reset counts as the
+    close: a byte written just after the peer closed is answered with one."""
+    s.settimeout(timeout)
+    data = b''
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            data += chunk
+    return data, time.monotonic()
+
+
+def test_slow_headers_are_cut_off_after_the_header_timeout(procs, model):
+    """50 connections that send part of a request and then dribble a byte every 0.2 s (slowloris): a fresh request
+    is answered at once; each slow one gets a JSON 408 and is closed --header-timeout-s after it opened. A request
+    whose headers came in time is not cut off by it however long its body takes (--body-timeout-s's business); an
+    idle kept-alive connection is closed after it, without a 408."""
+    timeout = 1.0
+    url, _ = start_service(procs, model, '--header-timeout-s', str(timeout))
+    addr = ('127.0.0.1', int(url.rsplit(':', 1)[1]))
+    slow = [socket.create_connection(addr, timeout=10) for _ in range(50)]
+    opened = time.monotonic()
+    for s in slow:
+        s.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+    stop = threading.Event()
+
+    def dribble():
+        live = list(slow)
+        while live and not stop.wait(0.2):
+            readable = set(select.select(live, [], [], 0)[0])  # the answer came: stop writing to it
+            live = [s for s in live if s not in readable]
+            for s in live:
+                s.send(b'a')
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
+    try:
+        t0 = time.monotonic()
+        assert client.predict(url, model['pngs'][0])['devices'] == [0, 1, 2]
+        fresh = time.monotonic() - t0
+        assert fresh < 2, f'a fresh request took {fresh:.2f} s beside 50 slow connections'
+        # headers in time, the body 1.5 s later: answered (400, not an image), not cut off at 1 s
+        held = socket.create_connection(addr, timeout=10)
+        held.sendall(b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n')
+        ended = [_read_to_end(s, 10) for s in slow]
+        time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))
+        held.sendall(b'junk')
+        reply, _ = _read_to_end(held, 10)
+        assert reply.startswith(b'HTTP/1.1 400') and b'not an image' in reply, reply
+    finally:
+        stop.set()
+        dribbler.join(10)
+    for reply, at in ended:
+        head, _, body = reply.partition(b'\r\n\r\n')
+        assert head.startswith(b'HTTP/1.1 408') and b'connection: close' in head.lower(), reply
+        assert 'header-timeout-s' in json.loads(body)['error']
+        assert timeout - 0.1 <= at - opened <= timeout + 3, at - opened
+    for s in slow + [held]:
+        s.close()
+    # kept alive: the next request's headers are due --header-timeout-s after the answer; idle, closed quietly
+    kept = socket.create_connection(addr, timeout=10)
+    kept.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+    first = b''
+    while b'\r\n\r\n' not in first:
+        first += kept.recv(65536)
+    head, _, body = first.partition(b'\r\n\r\n')
+    length = int(next(v for k, _, v in (line.partition(b':') for line in head.split(b'\r\n'))
+                      if k.strip().lower() == b'content-length'))
+    while len(body) < length:
+        body += kept.recv(65536)
+    answered = time.monotonic()
+    assert head.startswith(b'HTTP/1.1 200') and json.loads(body)['status'] == 'ok', first
+    rest, at = _read_to_end(kept, 10)
+    kept.close()
+    assert rest == b'' and timeout - 0.1 <= at - answered <= timeout + 3, (rest, at - answered)
+
+
+def test_a_burst_over_max_connections_gets_200_or_503_with_retry_after(procs, model):
+    """80 requests at once, each on a connection of its own, against --max-connections 8: every one is answered,
+    200 or a JSON 503 with Retry-After (as over --max-inflight); none is reset or refused. The service answers
+    after the burst."""
+    url, _ = start_service(procs, model, '--max-connections', '8')
+    host, port = '127.0.0.1', int(url.rsplit(':', 1)[1])
+    with open(model['pngs'][0], 'rb') as f:
+        png = f.read()
+    n = 80
+    start = threading.Barrier(n)
+    results = [None] * n
+
+    def one(i):
+        start.wait(30)
+        c = http.client.HTTPConnection(host, port, timeout=60)
+        try:
+            c.request('POST', '/predict', png, {'Content-Type': 'application/octet-stream'})
+            r = c.getresponse()
+            results[i] = (r.status, r.getheader('Retry-After'), r.getheader('Content-Type'), r.read())
+        except OSError as err:
+            results[i] = err
+        finally:
+            c.close()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    failed = [r for r in results if not isinstance(r, tuple)]
+    assert not failed, failed[:5]
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    for code, retry, kind, body in results:
+        if code == 503:
+            assert retry == '1' and kind == 'application/json', (retry, kind)
+            assert 'max-connections' in json.loads(body)['error']
+        else:
+            assert json.loads(body)['top'][0]['class'] == model['expected'][0]
+    print(f'{codes.count(200)} answered 200, {codes.count(503)} 503')
+    assert client.predict(url, model['pngs'][1])['top'][0]['class'] == model['expected'][1]

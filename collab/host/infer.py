@@ -110,11 +110,12 @@ def get_parser():
     group.add_argument('--body-timeout-s', type=cli.positive_float, default=10.0,
                        help='seconds a request body may take to arrive (408, the connection closed)')
     group.add_argument('--header-timeout-s', type=cli.positive_float, default=10.0,
-                       help='seconds an idle kept-alive connection stays open')
+                       help='seconds a request line and headers may take to arrive, from the connection opening or '
+                            'the previous answer (408, the connection closed; an idle kept-alive one just closed)')
     group.add_argument('--max-inflight', type=cli.positive_int, default=64,
                        help='requests answered at once; more get 503 with Retry-After')
     group.add_argument('--max-connections', type=cli.positive_int, default=1000,
-                       help='open connections and tasks at once (more get 503)')
+                       help='open connections, and requests running, at once (more get 503 with Retry-After)')
     group.add_argument('--backlog', type=cli.positive_int, default=2048, help='listen backlog of the HTTP socket')
     return parser
 

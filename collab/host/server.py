@@ -6,6 +6,9 @@ collab/host/grpc_api.py), up until SIGINT / SIGTERM.
 On SIGTERM (or SIGINT) the listening sockets close, requests in flight are answered (for at most --drain-s), the
 workers are told to stop, and the process exits 0 with "stopped after N requests".
 """
+import asyncio
+import contextlib
+import json
 import logging
 import signal
 import socket
@@ -40,14 +43,58 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def quick_ack_protocol():
-    """uvicorn's httptools protocol, acknowledging every segment at once (TCP_QUICKACK, which Linux clears after
-    each ACK, so it is set again on each read). A client that writes its headers and a small body in two writes with
-    Nagle's algorithm on (tritonclient.http does) otherwise waits for the server's delayed ACK, 40 ms, on every
-    request."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+def http_protocol(args):
+    """uvicorn's httptools protocol with the service's connection limits:
 
-    class QuickAckProtocol(HttpToolsProtocol):
+    - --header-timeout-s: a connection whose request line and headers have not all arrived within that many seconds
+      of its opening (or of its previous answer) is closed, with a JSON 408 when part of a request came; bytes
+      dribbled in do not extend it (uvicorn's own keep-alive timer restarts on every read);
+    - --max-connections: a request on a connection beyond that many open ones, or while that many requests run,
+      gets a JSON 503 with Retry-After (uvicorn's limit_concurrency answers text without Retry-After), after its
+      body is read (closing on an unread body would reset the connection before the client reads the answer);
+    - TCP_QUICKACK on every read (Linux clears it after each ACK). A client that writes its headers and a small
+      body in two writes with Nagle's algorithm on (tritonclient.http does) otherwise waits for the server's delayed
+      ACK, 40 ms, on every request.
+    """
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    header_timeout = args.header_timeout_s
+    max_connections = args.max_connections
+    max_body = int(args.max_body_mb * 1024 * 1024)
+    busy = json.dumps({'error': f'the service is at {max_connections} open connections or running requests '
+                                '(--max-connections): try again shortly'}).encode()
+    late = json.dumps({'error': f'the request headers did not arrive within {header_timeout:g} s '
+                                '(--header-timeout-s)'}).encode()
+
+    async def over_limit(scope, receive, send):
+        read = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.body_timeout_s):
+                while read <= max_body:
+                    message = await receive()
+                    read += len(message.get('body', b''))
+                    if message['type'] != 'http.request' or not message.get('more_body'):
+                        break
+        await send({'type': 'http.response.start', 'status': 503, 'headers': [
+            (b'content-type', b'application/json'), (b'content-length', str(len(busy)).encode()),
+            (b'retry-after', b'1'), (b'connection', b'close')]})
+        await send({'type': 'http.response.body', 'body': busy})
+
+    class ServiceProtocol(HttpToolsProtocol):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.limit_concurrency = None  # checked in on_headers_complete instead, with the JSON 503
+            self.header_timer = None
+            self.header_begun = False  # part of a request line or of headers has arrived
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc):
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
         def data_received(self, data):
             sock = self.transport.get_extra_info('socket')
             if sock is not None and hasattr(socket, 'TCP_QUICKACK'):
@@ -56,7 +103,52 @@ def quick_ack_protocol():
                 except OSError:
                     pass
             super().data_received(data)
-    return QuickAckProtocol
+
+        def on_message_begin(self):
+            self.header_begun = True
+            super().on_message_begin()
+
+        def on_headers_complete(self):
+            self._cancel_header_timer()
+            self.header_begun = False
+            if len(self.connections) > max_connections or len(self.tasks) >= max_connections:
+                self.logger.warning('503: over --max-connections')
+                app, self.app = self.app, over_limit
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
+            else:
+                super().on_headers_complete()
+
+        def on_response_complete(self):
+            pipelined = bool(self.pipeline)  # the next request's headers are in already
+            super().on_response_complete()
+            if not pipelined and not self.transport.is_closing():
+                self._arm_header_timer()
+
+        def _arm_header_timer(self):
+            self._cancel_header_timer()
+            self.header_timer = self.loop.call_later(header_timeout, self._header_timeout)
+
+        def _cancel_header_timer(self):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _header_timeout(self):
+            self.header_timer = None
+            if self.transport.is_closing():
+                return
+            if self.header_begun:
+                head = [STATUS_LINE[408]]
+                for name, value in self.server_state.default_headers:
+                    head += [name, b': ', value, b'\r\n']
+                head += [b'content-type: application/json\r\ncontent-length: ', str(len(late)).encode(),
+                         b'\r\nconnection: close\r\n\r\n', late]
+                self.transport.write(b''.join(head))
+            self.transport.close()
+    return ServiceProtocol
 
 
 def serve(args) -> int:
@@ -82,7 +174,7 @@ def serve(args) -> int:
     service.on_reply = metrics.observe_reply
     model = oip.Model(service, args.model_name)
     app = build_app(service, model, metrics, args, tokens)
-    config = uvicorn.Config(app, http=quick_ack_protocol(), lifespan='on', log_level='warning', access_log=False,
+    config = uvicorn.Config(app, http=http_protocol(args), lifespan='on', log_level='warning', access_log=False,
                             limit_concurrency=args.max_connections, backlog=args.backlog,
                             timeout_keep_alive=args.header_timeout_s, timeout_graceful_shutdown=args.drain_s)
     server = uvicorn.Server(config)
