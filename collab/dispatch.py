@@ -139,9 +139,8 @@ class Dispatcher:
         self._poller = zmq.Poller()
         for s in (self.sock, self.mon, self._wake_r):
             self._poller.register(s, zmq.POLLIN)
-        self.thread = None
-        if threaded:
-            self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True)
+        self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True) if threaded else None
+        if self.thread is not None:
             self.thread.start()
 
     def _secure(self, keys_dir, num_slots):
@@ -229,8 +228,7 @@ class Dispatcher:
         self._wake()
 
     def _pause(self, seconds):
-        """Wait (holding `changed`) for news, at most `seconds`: on the I/O thread's notice, or caller-driven,
-        turning the loop in this thread."""
+        """Wait (holding `changed`) at most `seconds` for news: the I/O thread's, or caller-driven, the loop's."""
         if self.thread is None:
             self._step(max(0, int(seconds * 1e3)))
         else:
