@@ -189,9 +189,13 @@ def pull(ctx, endpoint, secure=None, max_message=None):
                    lambda err: OSError(f'cannot listen for the stage before at {endpoint}: {err}'), secure, max_message)
 
 
+PUSH_WAIT_MS = 5000  # how long a stage's send waits for its connection to the next stage
+
+
 def push(ctx, endpoint, secure=None):
-    """A layer-split stage's socket to the next stage."""
-    return _socket(ctx, zmq.PUSH, [(zmq.IMMEDIATE, 1)], 'connect', endpoint,
+    """A layer-split stage's socket to the next stage. A send waits (at most PUSH_WAIT_MS) for the connection,
+    which may still be opening when the first request comes right after the welcome."""
+    return _socket(ctx, zmq.PUSH, [(zmq.IMMEDIATE, 1), (zmq.SNDTIMEO, PUSH_WAIT_MS)], 'connect', endpoint,
                    lambda err: ValueError(f'bad address of the next stage {endpoint!r}: {err}'), secure)
 
 

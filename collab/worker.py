@@ -229,7 +229,8 @@ class Worker:
 
     def _send(self, header, arrays=(), sock=None):
         try:
-            (sock or self.sock).send_multipart(wire.pack(header, arrays), zmq.NOBLOCK, copy=False)
+            sock = sock or self.sock  # (the next stage's socket waits for its connection: wire.push)
+            sock.send_multipart(wire.pack(header, arrays), 0 if sock is self.push else zmq.NOBLOCK, copy=False)
             return True
         except (zmq.Again, zmq.ZMQError):
             return False  # not connected: the aggregator no longer waits for it, or the monitor says it is lost
