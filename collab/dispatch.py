@@ -118,8 +118,7 @@ class Dispatcher:
         self._calls = queue.Queue()
         self._closing = False
         self.stopping = False  # told the workers to stop: their leaving is expected, not news
-        self.broken = None
-        self.late_discarded = 0
+        self.broken, self.late_discarded = None, 0
         # Events counted over the dispatcher's life (the service's metrics read them): joins, rejoins, refused
         # (hellos), malformed (messages dropped), deadline_misses, timeouts.
         self.stats = collections.Counter()
@@ -360,10 +359,11 @@ class Dispatcher:
         i = self.by_peer.get(peer)
         return None if i is None or self.slots[i].peer != peer else self.slots[i]
 
-    def _send(self, peer, header, arrays=(), frames=None):
-        """(header, payload) bytes sent, or None when the peer is not reachable (gone, or its queue is full).
-        `frames`: the message packed already (one request to several devices is packed once)."""
-        frames = frames or wire.pack(header, arrays)
+    def _send(self, peer, header, arrays=()):
+        return self._send_frames(peer, wire.pack(header, arrays))
+
+    def _send_frames(self, peer, frames):
+        """(header, payload) bytes sent, or None when the peer is not reachable (gone, or its queue is full)."""
         try:
             self.sock.send_multipart([peer] + frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
@@ -502,7 +502,7 @@ class Dispatcher:
         self.open[req.id] = req
         for i in req.send_to:
             s = self.slots[i]
-            sent = self._send(s.peer, None, frames=frames)
+            sent = self._send_frames(s.peer, frames)  # (packed once for every device)
             if sent is None:
                 self._lose(s, 'closed the connection (process died?)')
                 continue

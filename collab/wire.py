@@ -41,7 +41,6 @@ import zmq
 PROTOCOL = 1
 DTYPES = ('|u1', '<f2', '<f4', '<f8', '<i8')
 WIRE_DTYPES = {'fp32': '<f4', 'fp16': '<f2'}
-ITEMSIZE = {'|u1': 1, '<f2': 2, '<f4': 4, '<f8': 8, '<i8': 8}
 _DTYPE = {name: np.dtype(name) for name in DTYPES}
 _encode = json.JSONEncoder(separators=(',', ':')).encode  # (json.dumps with options builds an encoder per call)
 INPUT_DTYPES = ('uint8', 'fp32')
