@@ -14,7 +14,7 @@ Suites, each in its own process and one after another, so that none disturbs ano
                                  collab_onnx_vs_torch (+ _demo): the collaborative runtime's p50 with onnxruntime
                                  workers and head / with PyTorch ones, on an export_onnx.py export.
 - serve:    bench/serve_bench.py, bench/transport_bench.py -- serve_fault_drill, serve_rejoin_s, serve_throughput,
-                                 serve_http_overhead_demo, oip_binary_vs_predict_demo,
+                                 serve_http_overhead (+ _demo), oip_binary_vs_predict (+ _demo),
                                  transport_zmq_vs_gloo (+ _demo): the service under faults and load, and the
                                  runtime's transport against gloo.
 - hetero:   bench/hetero_bench.py  -- hetero_plan_vs_uniform, plan_prediction_error (a planned fleet of unlike,

@@ -318,20 +318,21 @@ def closed_loop(url, bodies, clients, seconds):
     return sum(counts) / (time.monotonic() - start)
 
 
-def overhead(folder, model_path, data, backend='onnxruntime', requests=200, deadline_ms=1000, verbose=True):
+def overhead(folder, model_path, data, backend='onnxruntime', requests=200, deadline_ms=1000, verbose=True,
+             scale='demo'):
     """p50 latency of one image three ways, alternated over the same workers: a tritonclient binary infer over the
     HTTP stack (uvicorn, FastAPI, the Open Inference Protocol, the batcher), the same image sent straight through the
     dispatcher in this process (CollabClient: the workers and the head, no HTTP), and POST /predict of its PNG. The
-    HTTP stack runs in this process on a thread of its own, around the same Service."""
+    HTTP stack runs in this process on a thread of its own, around the same Service, built as collab_infer.py --serve
+    builds it. scale 'demo': real Fashion-MNIST test images; 'paper': random 224x224 RGB pixels (and their PNGs)."""
     import tritonclient.http as httpclient
-    import uvicorn
     from PIL import Image
 
     from collab.host import infer as flags
     from collab.host import oip
     from collab.host.http_api import build_app
     from collab.host.metrics import Metrics
-    from collab.host.server import listen
+    from collab.host.server import http_server, listen
     from collab.host.service import Service as Core
     from tests.helpers import free_port, kill_group
 
@@ -343,8 +344,7 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
     metrics = Metrics(core)
     core.on_reply = metrics.observe_reply
     sock = listen('127.0.0.1', 0, args.backlog)
-    server = uvicorn.Server(uvicorn.Config(build_app(core, oip.Model(core), metrics, args), http='httptools',
-                                           lifespan='on', log_level='warning', access_log=False))
+    server = http_server(args, build_app(core, oip.Model(core), metrics, args))  # as collab_infer.py --serve has it
     thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
     thread.start()
     workers = []
@@ -361,10 +361,19 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
             if time.monotonic() > end:
                 raise RuntimeError(f'the workers did not join within 300 s; logs in {folder}')
             time.sleep(0.05)
-        bodies, _ = test_images(data, 16)
         import io
 
-        pixels = [np.asarray(Image.open(io.BytesIO(b)))[None, None].astype(np.uint8) for b in bodies]
+        if scale == 'demo':
+            bodies, _ = test_images(data, 16)
+            pixels = [np.asarray(Image.open(io.BytesIO(b)))[None, None].astype(np.uint8) for b in bodies]
+        else:
+            rng = np.random.default_rng(0)
+            pixels = [rng.integers(0, 256, (1, core.chans, core.size, core.size), dtype=np.uint8) for _ in range(4)]
+            bodies = []
+            for px in pixels:
+                buf = io.BytesIO()
+                Image.fromarray(px[0].transpose(1, 2, 0)).save(buf, format='PNG')
+                bodies.append(buf.getvalue())
         tc = httpclient.InferenceServerClient(f'127.0.0.1:{sock.getsockname()[1]}')
         url = f'http://127.0.0.1:{sock.getsockname()[1]}'
         times = {'oip_binary': [], 'dispatcher': [], 'predict': []}
@@ -396,7 +405,21 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
     p50 = {k: statistics.median(v) for k, v in times.items()}
     if verbose:
         print('  one image, p50: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in p50.items()), flush=True)
-    return {'p50_ms': p50, 'requests': requests, 'workers': N, 'backend': backend}
+    return {'p50_ms': p50, 'requests': requests, 'workers': N, 'backend': backend, 'scale': scale}
+
+
+def paper_model(workdir, backend):
+    """A random-weight ensemble at the paper's scale (four DeiT-Tiny-shaped students at 224x224, a 1000-class head):
+    its export, or the checkpoint itself for --backend torch."""
+    from bench import collab_bench as collab
+
+    sc = collab.scales()['paper']
+    ckpt = collab.write_ensemble(os.path.join(workdir, 'paper.pth'), [sc.student] * N, sc.teacher, sc.num_classes)
+    if backend != 'onnxruntime':
+        return ckpt
+    from bench.onnx_bench import export
+
+    return export(ckpt, os.path.join(workdir, 'paper-export'))
 
 
 def overhead_results(o, scale):
@@ -446,6 +469,8 @@ def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True
         t = throughput(workdir, served, data, seconds=4.0 if quick else 10.0, rounds=1 if quick else 3,
                        backend=backend, verbose=verbose)
         o = overhead(workdir, served, data, backend, requests=50 if quick else 200, verbose=verbose)
+        o_paper = overhead(workdir, paper_model(workdir, backend), data, backend, requests=20 if quick else 60,
+                           deadline_ms=10000, verbose=verbose, scale='paper')
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     source = os.path.relpath(model_path, ROOT) if model_path else 'a demo-shaped ensemble trained here with device ' \
@@ -453,6 +478,7 @@ def bench(quick, model_path=None, data=DATA, backend='onnxruntime', verbose=True
     ratio = t['requests_per_s'][4] / t['requests_per_s'][1]
     return {
         **overhead_results(o, 'demo'),
+        **overhead_results(o_paper, 'paper'),
         'serve_fault_drill': {
             'ratio': d['answered'] / d['requests'] if d['answered_once'] else 0.0, 'target': 1.0, 'direction': 'min',
             'what': f'400 requests at {d["rate_per_s"]:g}/s to the service (4 {backend} workers, deadline '

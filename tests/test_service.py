@@ -500,3 +500,30 @@ def test_a_burst_over_max_connections_gets_200_or_503_with_retry_after(procs, mo
             assert json.loads(body)['top'][0]['class'] == model['expected'][0]
     print(f'{codes.count(200)} answered 200, {codes.count(503)} 503')
     assert client.predict(url, model['pngs'][1])['top'][0]['class'] == model['expected'][1]
+
+
+def test_the_http_socket_hands_asyncio_connections_it_sets_tcp_nodelay_on():
+    """An answer is written in parts (its headers, then its body); with Nagle's algorithm on the second part waits
+    for the client's delayed ACK, 40 ms on every request. asyncio turns Nagle off only on connections of a socket
+    made as IPPROTO_TCP, which collab.host.server.listen must therefore be."""
+    import asyncio
+
+    from collab.host.server import listen
+
+    async def accept_one():
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info('socket')
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listen('127.0.0.1', 0, 8))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection('127.0.0.1', port)
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+    assert asyncio.run(accept_one()) != 0

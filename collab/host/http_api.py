@@ -77,48 +77,65 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
                   description='The ensemble of the devices as an Open Inference Protocol model, and /predict.')
     state = {'inflight': 0, 'requests': 0}
 
-    def authorised(request: Request) -> bool:
+    def authorised(headers) -> bool:
         if tokens is None:
             return True
-        given = request.headers.get('authorization', '')
+        given = headers.get('authorization', '')
         return given.startswith('Bearer ') and token_ok(given[7:].strip().encode(), tokens)
 
-    @app.middleware('http')
-    async def frame(request: Request, call_next):
-        t0 = time.perf_counter()
-        rid = request.headers.get('x-request-id') or uuid.uuid4().hex
-        if len(rid) > 128 or not rid.isprintable():
-            rid = uuid.uuid4().hex
-        path = request.url.path
-        counted = path not in QUIET
-        if path not in PROBES and not authorised(request):
-            metrics.unauthorised.labels('http').inc()
-            response = error(401, 'this service needs a token: Authorization: Bearer TOKEN',
-                             {'WWW-Authenticate': 'Bearer'})
-        elif counted and state['inflight'] >= args.max_inflight:
-            response = error(503, f'the service is answering {args.max_inflight} requests (--max-inflight): '
-                                  'try again shortly', {'Retry-After': '1'})
-        else:
-            if counted:
-                state['inflight'] += 1
-                state['requests'] += 1
-                metrics.inflight.inc()
+    def headers_of(scope) -> dict:
+        return {k.decode('latin-1'): v.decode('latin-1') for k, v in scope['headers']}
+
+    def frame(inner):
+        """Every request, as plain ASGI (Starlette's BaseHTTPMiddleware runs each in a task of its own, with its
+        body and answer through memory streams): the token, --max-inflight, the X-Request-Id header, the metrics
+        and the log line."""
+        async def app_(scope, receive, send):
+            if scope['type'] != 'http':
+                return await inner(scope, receive, send)
+            t0 = time.perf_counter()
+            headers = headers_of(scope)
+            rid = headers.get('x-request-id') or uuid.uuid4().hex
+            if len(rid) > 128 or not rid.isprintable():
+                rid = uuid.uuid4().hex
+            path = scope['path']
+            counted = path not in QUIET
+            status = [500]
+
+            async def send_(message):
+                if message['type'] == 'http.response.start':
+                    status[0] = message['status']
+                    message['headers'] = list(message.get('headers', [])) + [(b'x-request-id', rid.encode())]
+                await send(message)
             try:
-                response = await call_next(request)
+                if path not in PROBES and not authorised(headers):
+                    metrics.unauthorised.labels('http').inc()
+                    await error(401, 'this service needs a token: Authorization: Bearer TOKEN',
+                                {'WWW-Authenticate': 'Bearer'})(scope, receive, send_)
+                elif counted and state['inflight'] >= args.max_inflight:
+                    await error(503, f'the service is answering {args.max_inflight} requests (--max-inflight): '
+                                     'try again shortly', {'Retry-After': '1'})(scope, receive, send_)
+                elif counted:
+                    state['inflight'] += 1
+                    state['requests'] += 1
+                    metrics.inflight.inc()
+                    try:
+                        await inner(scope, receive, send_)
+                    finally:
+                        state['inflight'] -= 1
+                        metrics.inflight.dec()
+                else:
+                    await inner(scope, receive, send_)
             finally:
-                if counted:
-                    state['inflight'] -= 1
-                    metrics.inflight.dec()
-        response.headers['X-Request-Id'] = rid
-        seconds = time.perf_counter() - t0
-        route = request.scope.get('route')
-        endpoint = getattr(route, 'path', None) or 'other'
-        metrics.observe(endpoint, response.status_code, seconds)
-        LOG.log(logging.DEBUG if path in QUIET else logging.INFO, json.dumps({
-            'time': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime()), 'request_id': rid, 'method': request.method,
-            'path': path, 'status': response.status_code, 'latency_ms': round(seconds * 1e3, 3),
-            'devices': request.scope.get('devit.devices')}))
-        return response
+                seconds = time.perf_counter() - t0
+                endpoint = getattr(scope.get('route'), 'path', None) or 'other'
+                metrics.observe(endpoint, status[0], seconds)
+                LOG.log(logging.DEBUG if path in QUIET else logging.INFO, json.dumps({
+                    'time': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime()), 'request_id': rid,
+                    'method': scope['method'], 'path': path, 'status': status[0],
+                    'latency_ms': round(seconds * 1e3, 3), 'devices': scope.get('devit.devices')}))
+        return app_
+    app.add_middleware(frame)
 
     @app.exception_handler(Refused)
     async def refused(request, exc: Refused):
@@ -187,7 +204,7 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
 
     @app.get('/health', summary='The devices and whether the ensemble can answer (503 when not)')
     async def health(request: Request):
-        h = service.health(authorised(request))
+        h = service.health(authorised(request.headers))
         return JSONResponse(h, 200 if h['ready'] else 503)
 
     @app.get('/v2/health/live', summary='OIP: the server is live')

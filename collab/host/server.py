@@ -27,7 +27,9 @@ from .service import Service
 def listen(host: str, port: int, backlog: int) -> socket.socket:
     """The HTTP socket, bound and listening with --backlog (so that a burst of connections waits, not resets)."""
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on connections of a socket that says it is TCP (proto 0 is
+    # not), and without it an answer written in two parts waits for the client's delayed ACK, 40 ms
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -51,10 +53,7 @@ def http_protocol(args):
       dribbled in do not extend it (uvicorn's own keep-alive timer restarts on every read);
     - --max-connections: a request on a connection beyond that many open ones, or while that many requests run,
       gets a JSON 503 with Retry-After (uvicorn's limit_concurrency answers text without Retry-After), after its
-      body is read (closing on an unread body would reset the connection before the client reads the answer);
-    - TCP_QUICKACK on every read (Linux clears it after each ACK). A client that writes its headers and a small
-      body in two writes with Nagle's algorithm on (tritonclient.http does) otherwise waits for the server's delayed
-      ACK, 40 ms, on every request.
+      body is read (closing on an unread body would reset the connection before the client reads the answer).
     """
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -94,15 +93,6 @@ def http_protocol(args):
         def connection_lost(self, exc):
             self._cancel_header_timer()
             super().connection_lost(exc)
-
-        def data_received(self, data):
-            sock = self.transport.get_extra_info('socket')
-            if sock is not None and hasattr(socket, 'TCP_QUICKACK'):
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                except OSError:
-                    pass
-            super().data_received(data)
 
         def on_message_begin(self):
             self.header_begun = True
@@ -151,10 +141,19 @@ def http_protocol(args):
     return ServiceProtocol
 
 
-def serve(args) -> int:
-    """Run the service until SIGINT / SIGTERM; then drain, stop the workers and return 0."""
+def http_server(args, app):
+    """The uvicorn server of `app` with the service's protocol (http_protocol) and limits; run it with
+    `server.run(sockets=[listen(...)])`."""
     import uvicorn
 
+    return uvicorn.Server(uvicorn.Config(app, http=http_protocol(args), lifespan='on', log_level='warning',
+                                         access_log=False, limit_concurrency=args.max_connections,
+                                         backlog=args.backlog, timeout_keep_alive=args.header_timeout_s,
+                                         timeout_graceful_shutdown=args.drain_s))
+
+
+def serve(args) -> int:
+    """Run the service until SIGINT / SIGTERM; then drain, stop the workers and return 0."""
     from .http_api import build_app
 
     try:
@@ -174,10 +173,7 @@ def serve(args) -> int:
     service.on_reply = metrics.observe_reply
     model = oip.Model(service, args.model_name)
     app = build_app(service, model, metrics, args, tokens)
-    config = uvicorn.Config(app, http=http_protocol(args), lifespan='on', log_level='warning', access_log=False,
-                            limit_concurrency=args.max_connections, backlog=args.backlog,
-                            timeout_keep_alive=args.header_timeout_s, timeout_graceful_shutdown=args.drain_s)
-    server = uvicorn.Server(config)
+    server = http_server(args, app)
     grpc_server = None
     if args.grpc_port:
         from .grpc_api import start_grpc
