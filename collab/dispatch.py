@@ -115,7 +115,7 @@ class Dispatcher:
         self.open = {}  # request id -> Request
         self.changed = threading.Condition()  # (an RLock: a caller-driven wait turns the loop while holding it)
         self._ids = itertools.count(1)
-        self._calls = queue.Queue()
+        self._calls = queue.SimpleQueue()
         self._closing = False
         self.stopping = False  # told the workers to stop: their leaving is expected, not news
         self.broken, self.late_discarded = None, 0
@@ -596,5 +596,4 @@ class Dispatcher:
             req.error = 'no device answered: ' + '; '.join(f'{self.slots[i].name} {r}'
                                                           for i, r in sorted(req.missing.items()))
         req.done_at = _now()
-        req.done.set()
-        self._notify()
+        req.done.set()  # (its waiter waits on this alone: nothing waits on `changed` for a request)

@@ -200,7 +200,7 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
         body = await image_of(request)
         answer = await run_in_threadpool(service.predict, body, topk)
         request.scope['devit.devices'] = answer['devices']
-        return answer
+        return JSONResponse(answer)  # (a dict returned would go through FastAPI's jsonable_encoder first)
 
     @app.get('/health', summary='The devices and whether the ensemble can answer (503 when not)')
     async def health(request: Request):

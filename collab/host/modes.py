@@ -114,6 +114,7 @@ class Preprocess:
 
     def __init__(self, args, size: int, chans: int, mean=None, std=None):
         self.transform = build_transform(False, size, chans, args.tiny_transforms, args, mean=mean, std=std)
+        self.grey_as_is = bool(args.tiny_transforms)  # TinyTransform takes one grey channel as it is
 
     def file(self, path: str) -> torch.Tensor:
         return self.transform(load_image(path))
@@ -132,7 +133,7 @@ class Preprocess:
                 if max_pixels and img.size[0] * img.size[1] > max_pixels:
                     raise DatasetError(f'the image has {img.size[0] * img.size[1]} pixels; at most {max_pixels} '
                                        'are taken')
-                return self.transform(img.convert('RGB'))
+                return self.transform(img if self.grey_as_is and img.mode == 'L' else img.convert('RGB'))
         except UnidentifiedImageError:
             raise DatasetError(f'the body ({len(data)} bytes) is not an image file PIL can read (send a PNG or '
                                'JPEG)') from None
