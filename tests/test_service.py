@@ -527,3 +527,57 @@ def test_the_http_socket_hands_asyncio_connections_it_sets_tcp_nodelay_on():
             writer.close()
             server.close()
     assert asyncio.run(accept_one()) != 0
+
+
+def test_the_batcher_answers_every_caller_with_its_own_rows_and_keeps_to_its_lanes():
+    """24 threads, 40 jobs each of 1-3 images, against a client that takes a little while: each caller gets its own
+    images back (the rows of its job in the batch), batches hold at most max_batch images unless a job is bigger,
+    at most LANES batches run at once, and some batches do hold several jobs."""
+    import random
+
+    import numpy as np
+
+    from collab.host.service import Batcher
+
+    running, most, sizes, lock = [0], [0], [], threading.Lock()
+
+    class Reply:
+        def __init__(self, x):
+            self.logits = x
+
+    def client(x, index):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            sizes.append(len(x))
+        time.sleep(random.uniform(0, 0.003))
+        with lock:
+            running[0] -= 1
+        if index == -7:
+            raise RuntimeError('this batch failed')
+        return Reply(x.copy())
+
+    batcher = Batcher(client, max_batch=4)
+    errors = []
+
+    def caller(t):
+        rng = random.Random(t)
+        for k in range(40):
+            x = np.full((rng.randint(1, 3), 1), t * 1000 + k, np.float32)
+            reply, row, size = batcher(x, t)
+            got = reply.logits[row:row + len(x)]
+            if not (got == x).all() or size != len(reply.logits):
+                errors.append((t, k, got.ravel().tolist(), x.ravel().tolist()))
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), 'a caller never got its answer'
+    assert not errors, errors[:3]
+    assert most[0] <= Batcher.LANES
+    assert max(sizes) <= 4 and sum(sizes) > 0 and len(sizes) < 24 * 40  # some batches held several jobs
+    with pytest.raises(RuntimeError, match='this batch failed'):
+        batcher(np.zeros((1, 1), np.float32), -7)
+    reply, row, size = batcher(np.ones((6, 1), np.float32), 0)  # bigger than max_batch: alone
+    assert size == 6 and row == 0

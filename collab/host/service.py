@@ -10,9 +10,9 @@ device; a request that finds none waiting goes out at once), and two such batche
 at a time; each is one request of the same dispatcher the batch evaluation uses. A request of B images (an Open
 Inference Protocol tensor [B, C, S, S]) is one dispatcher request of its own.
 """
+import collections
 import io
 import os
-import queue
 import sys
 import threading
 import time
@@ -47,60 +47,72 @@ def default_max_pixels(size: int) -> int:
 
 
 class Batcher:
-    """Images waiting for the devices go out together: a lane takes the oldest waiting job and every other one
-    already waiting (up to `max_batch` images; a job of more images goes alone), sends them as one batch and hands
-    each caller its rows of the answer. A lone job never waits for company. `LANES` batches are in flight."""
+    """Images waiting for the devices go out together: a batch is the oldest waiting job and every other one already
+    waiting (up to `max_batch` images; a job of more images goes alone); each caller gets its rows of the answer. A
+    lone job never waits for company. At most `LANES` batches are in flight.
+
+    The callers run the batches themselves (no thread of the batcher's own, so no hop to one and back): a caller
+    that finds a lane free takes the next batch, sends it, and hands out the rows; a caller whose job is waiting
+    for a lane sleeps until its job is answered or, when a lane frees up while jobs still wait, is woken to run the
+    next batch."""
 
     LANES = 2
 
     def __init__(self, client, max_batch: int):
         self.client, self.max_batch = client, max_batch
-        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
-        self._held = None  # a job taken from the queue that did not fit the batch being built
-        self._take = threading.Lock()
-        for i in range(self.LANES):
-            threading.Thread(target=self._lane, name=f'collab-batch-{i}', daemon=True).start()
+        self.waiting: collections.deque = collections.deque()
+        self.running = 0
+        self._lock = threading.Lock()
 
     def __call__(self, x: np.ndarray, index: int):
         """(the batch's Reply, this job's first row in it, the batch size) for B×C×H×W images."""
-        job = {'x': x, 'index': index, 'done': threading.Event()}
-        self.waiting.put(job)
-        job['done'].wait()
+        job = {'x': x, 'index': index, 'finished': False, 'wake': threading.Event()}
+        with self._lock:
+            self.waiting.append(job)
+        while not job['finished']:
+            jobs = self._take()
+            if jobs is None:
+                job['wake'].wait()
+                job['wake'].clear()  # (then the state is looked at again: a wake-up in between is not lost)
+            else:
+                self._run(jobs)
         if 'error' in job:
             raise job['error']
         return job['reply'], job['row'], job['size']
 
-    def _next_jobs(self) -> list:
-        with self._take:
-            first, self._held = (self._held, None) if self._held else (self.waiting.get(), None)
-            jobs, n = [first], len(first['x'])
-            while n < self.max_batch:
-                try:
-                    job = self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if n + len(job['x']) > self.max_batch:
-                    self._held = job
-                    break
-                jobs.append(job)
-                n += len(job['x'])
+    def _take(self):
+        """The next batch, taken from the waiting jobs, or None (every lane busy, or nothing waits)."""
+        with self._lock:
+            if self.running >= self.LANES or not self.waiting:
+                return None
+            self.running += 1
+            jobs = [self.waiting.popleft()]
+            n = len(jobs[0]['x'])
+            while self.waiting and n + len(self.waiting[0]['x']) <= self.max_batch:
+                jobs.append(self.waiting.popleft())
+                n += len(jobs[-1]['x'])
             return jobs
 
-    def _lane(self) -> None:
-        while True:
-            jobs = self._next_jobs()
-            try:
-                x = jobs[0]['x'] if len(jobs) == 1 else np.concatenate([j['x'] for j in jobs])
-                reply = self.client(x, jobs[0]['index'])
-                row = 0
-                for j in jobs:
-                    j.update(reply=reply, row=row, size=len(x))
-                    row += len(j['x'])
-            except Exception as err:  # CollabError, or a bug: every caller of the batch gets it, the lane lives on
-                for j in jobs:
-                    j['error'] = err
+    def _run(self, jobs: list) -> None:
+        try:
+            x = jobs[0]['x'] if len(jobs) == 1 else np.concatenate([j['x'] for j in jobs])
+            reply = self.client(x, jobs[0]['index'])
+            row = 0
             for j in jobs:
-                j['done'].set()
+                j.update(reply=reply, row=row, size=len(x))
+                row += len(j['x'])
+        except Exception as err:  # CollabError, or a bug: every caller of the batch gets it
+            for j in jobs:
+                j['error'] = err
+        finally:
+            with self._lock:
+                self.running -= 1
+                head = self.waiting[0] if self.waiting else None
+            for j in jobs:
+                j['finished'] = True
+                j['wake'].set()
+            if head is not None:
+                head['wake'].set()  # a lane is free and jobs wait: the oldest one's caller runs the next batch
 
 
 class Service:
