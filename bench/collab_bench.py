@@ -31,7 +31,6 @@ On this 2-core machine N workers share the cores: with N > 2 every forward runs 
 which the worker's own time includes; the overhead ratio is still latency over the slowest of those times.
 """
 import argparse
-import ast
 import csv
 import json
 import math
@@ -253,7 +252,7 @@ def floor_ratio(reports: Sequence[Mapping], raw_ms: float, cores: int) -> dict:
     ratios, floors = [], []
     for rep in reports:
         for r in rep['rows']:
-            ms = [float(v) for v in ast.literal_eval(r['worker_ms']).values()]
+            ms = [float(v) for v in r['worker_ms'].split()]
             floors.append(max(max(ms), sum(ms) / cores) + raw_ms)
             ratios.append(float(r['latency_ms']) / floors[-1])
     return {'ratio': statistics.median(ratios), 'ratio_p90': _percentile(ratios, 90),

@@ -498,6 +498,7 @@ def measure(client, source: ImageSource, warmup: int, keep_logits: bool = False,
             images.append({**record, 'image': image, 'label': label, 'pred': pred,
                            'correct': None if label is None else int(pred == label),
                            'bytes': results / len(ids), 'input_bytes': reply.nbytes.get('input', 0) / len(ids),
+                           'worker_ms': ' '.join(f'{ms:.3f}' for _, ms in sorted(reply.worker_ms.items())),
                            **({'logits': reply.logits[j]} if keep_logits else {})})
     seconds = time.perf_counter() - t0
     bar.close()

@@ -20,7 +20,7 @@ import fileio
 
 RESULT_KINDS = ('tokens', 'activations', 'output')
 CSV_FIELDS = ('image', 'label', 'pred', 'correct', 'request', 'latency_ms', 'send_ms', 'compute_ms', 'gather_ms',
-              'head_ms', 'bytes', 'input_bytes', 'devices')
+              'head_ms', 'worker_ms', 'bytes', 'input_bytes', 'devices')  # worker_ms: each device's forward, by rank
 
 
 def stats(values: list[float]) -> dict[str, float]:
