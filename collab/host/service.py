@@ -56,7 +56,7 @@ class Batcher:
     for a lane sleeps until its job is answered or, when a lane frees up while jobs still wait, is woken to run the
     next batch."""
 
-    LANES = 1  # (measured: one batch in flight lets the next grow, fewer messages per image; 1.1x the 4-client rate of 2)
+    LANES = 1  # (measured: with one batch in flight the next grows, fewer messages per image: 1.1x the rate of 2)
 
     def __init__(self, client, max_batch: int):
         self.client, self.max_batch = client, max_batch
