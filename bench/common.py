@@ -1,7 +1,10 @@
-"""What every benchmark shares: the verdict of a result against its target, the printed table, and how a benchmark
-script run alone ends (`finish`). A result is {"ratio", "target", "what", "direction"} (see bench/run.py)."""
+"""What every benchmark shares: the verdict of a result against its target, the printed table, how a benchmark
+script run alone ends (`finish`), and the transport benchmarks' message sizes and device model (PAYLOADS, NullModel).
+A result is {"ratio", "target", "what", "direction"} (see bench/run.py)."""
 import os
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,3 +41,25 @@ def finish(results, json_path=None):
 
         fileio.write_json_atomic(json_path, results)
     return results
+
+
+# The transport benchmarks (transport_bench.py, wire_bench.py): message sizes and a device that computes nothing
+
+PAYLOADS = {'demo': ((1, 1, 28, 28), 128), 'paper': ((1, 3, 224, 224), 384)}  # image shape, token floats
+
+
+class NullModel:
+    """A device model that computes nothing: the transport alone."""
+    backend, source = 'none', 'none'
+
+    def __init__(self, width, image_shape):
+        self.token_width = width
+        self.input = {'size': image_shape[-1], 'channels': image_shape[1], 'mean': [0.5], 'std': [0.5]}
+        self.spec = {'model': 'none', 'kwargs': {}}
+
+    def run(self, x):
+        return np.zeros((x.shape[0], self.token_width), dtype=np.float32)
+
+    def describe(self):
+        return {'backend': 'none', 'source': 'none', 'model': self.spec, 'token_width': self.token_width,
+                'input': self.input}

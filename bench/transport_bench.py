@@ -30,24 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PAYLOADS = {'demo': ((1, 1, 28, 28), 128), 'paper': ((1, 3, 224, 224), 384)}  # image shape, token floats
-
-
-class NullModel:
-    """A device model that computes nothing: the transport alone."""
-    backend, source = 'none', 'none'
-
-    def __init__(self, width, image_shape):
-        self.token_width = width
-        self.input = {'size': image_shape[-1], 'channels': image_shape[1], 'mean': [0.5], 'std': [0.5]}
-        self.spec = {'model': 'none', 'kwargs': {}}
-
-    def run(self, x):
-        return np.zeros((x.shape[0], self.token_width), dtype=np.float32)
-
-    def describe(self):
-        return {'backend': 'none', 'source': 'none', 'model': self.spec, 'token_width': self.token_width,
-                'input': self.input}
+from bench.common import PAYLOADS, NullModel  # noqa: E402
 
 
 def _gloo_groups(rank, world):

@@ -36,7 +36,7 @@ import zmq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.transport_bench import PAYLOADS, NullModel  # noqa: E402
+from bench.common import PAYLOADS, NullModel  # noqa: E402
 from collab import dispatch, keys, wire, worker  # noqa: E402
 
 SETTINGS = {'input_dtype': 'uint8', 'wire_dtype': 'fp32', 'mean': [0.5], 'std': [0.5], 'num_classes': 10}
