@@ -54,6 +54,13 @@ class Fleet:
         self.threads.append(t)
         return w
 
+    def up(self, *models):
+        """Start a worker for each model and wait until all are up; returns the models."""
+        for m in models:
+            self.add(m)
+        self.d.wait_ready(30)
+        return models
+
     def until(self, condition, timeout=10):
         """Wait for `condition()`, the dispatcher's news read meanwhile (health() turns a caller-driven loop)."""
         deadline = time.time() + timeout
@@ -87,9 +94,7 @@ def fleet(request):
 
 def test_answers_come_from_every_device_with_bytes_counted(fleet):
     f = fleet(3)
-    for i in range(3):
-        f.add(Model(i))
-    f.d.wait_ready(30)
+    f.up(*(Model(i) for i in range(3)))
     req = f.ask()
     assert sorted(req.results) == [0, 1, 2] and not req.missing
     assert [int(req.results[i][0][0, 0]) for i in range(3)] == [0, 1, 2]
@@ -101,10 +106,7 @@ def test_answers_come_from_every_device_with_bytes_counted(fleet):
 
 def test_deadline_answers_without_the_slow_device_cancels_and_discards_its_late_reply(fleet):
     f = fleet(2, deadline_ms=200)
-    f.add(Model(0))
-    slow = Model(1, delay=0.6)
-    f.add(slow)
-    f.d.wait_ready(30)
+    _, slow = f.up(Model(0), Model(1, delay=0.6))
     t0 = time.perf_counter()
     req = f.ask(1)
     assert time.perf_counter() - t0 < 0.55  # at the deadline, not when the slow device answers
@@ -122,10 +124,7 @@ def test_deadline_answers_without_the_slow_device_cancels_and_discards_its_late_
 
 def test_strict_and_dropout_tolerant_timeouts(fleet):
     f = fleet(2, timeout=0.3)
-    f.add(Model(0))
-    stalled = Model(1, delay=1.0)
-    f.add(stalled)
-    f.d.wait_ready(30)
+    _, stalled = f.up(Model(0), Model(1, delay=1.0))
     with pytest.raises(dispatch.CollabError, match=r'device 1 did not answer within 0.3 s \(stalled\?\)'):
         f.ask()
     g = fleet(2, timeout=0.3, dropout_tolerant=True)
