@@ -115,7 +115,7 @@ class Dispatcher:
         self.open = {}  # request id -> Request
         self.changed = threading.Condition()  # (an RLock: a caller-driven wait turns the loop while holding it)
         self._ids = itertools.count(1)
-        self._calls = queue.SimpleQueue()
+        self._calls = queue.Queue()  # (SimpleQueue is 3.7+: this module runs on the boards too)
         self._closing = False
         self.stopping = False  # told the workers to stop: their leaving is expected, not news
         self.broken, self.late_discarded = None, 0

@@ -90,5 +90,5 @@ class _DispatcherCollector:
                 state.add_metric([str(dev['index']), s], 1.0 if dev['state'] == s else 0.0)
         yield state
         queued = GaugeMetricFamily('devit_queue_depth', 'requests waiting for a batch lane')
-        queued.add_metric([], self.service.batcher.waiting.qsize())
+        queued.add_metric([], len(self.service.batcher.waiting))
         yield queued
