@@ -147,21 +147,23 @@ class Service:
                 kill_group(p)
 
 
-def test_images(data, k):
-    """k real test images as PNG bytes, and their labels."""
+def png(pixels):
+    """H×W (grey) or H×W×3 uint8 pixels -> the bytes of a PNG file."""
     import io
 
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def test_images(data, k):
+    """k real test images as PNG bytes, and their labels."""
     from datasets import read_samples
 
     samples = read_samples('fashion_mnist', data, 'val')
-    bodies = []
-    for i in range(k):
-        buf = io.BytesIO()
-        Image.fromarray(samples.images[i, 0].numpy()).save(buf, format='PNG')
-        bodies.append(buf.getvalue())
-    return bodies, [int(t) for t in samples.targets[:k]]
+    return [png(samples.images[i, 0].numpy()) for i in range(k)], [int(t) for t in samples.targets[:k]]
 
 
 def _stats(rows, labels):
@@ -369,11 +371,7 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
         else:
             rng = np.random.default_rng(0)
             pixels = [rng.integers(0, 256, (1, core.chans, core.size, core.size), dtype=np.uint8) for _ in range(4)]
-            bodies = []
-            for px in pixels:
-                buf = io.BytesIO()
-                Image.fromarray(px[0].transpose(1, 2, 0)).save(buf, format='PNG')
-                bodies.append(buf.getvalue())
+            bodies = [png(px[0].transpose(1, 2, 0)) for px in pixels]
         tc = httpclient.InferenceServerClient(f'127.0.0.1:{sock.getsockname()[1]}')
         url = f'http://127.0.0.1:{sock.getsockname()[1]}'
         times = {'oip_binary': [], 'dispatcher': [], 'predict': []}

@@ -27,6 +27,7 @@ import uuid
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -87,9 +88,6 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
         given = headers.get('authorization', '')
         return given.startswith('Bearer ') and token_ok(given[7:].strip().encode(), tokens)
 
-    def headers_of(scope) -> dict:
-        return {k.decode('latin-1'): v.decode('latin-1') for k, v in scope['headers']}
-
     def frame(inner):
         """Every request, as plain ASGI (Starlette's BaseHTTPMiddleware runs each in a task of its own, with its
         body and answer through memory streams): the token, --max-inflight, the X-Request-Id header, the metrics
@@ -98,7 +96,7 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
             if scope['type'] != 'http':
                 return await inner(scope, receive, send)
             t0 = time.perf_counter()
-            headers = headers_of(scope)
+            headers = Headers(scope=scope)
             rid = headers.get('x-request-id') or uuid.uuid4().hex
             if len(rid) > 128 or not rid.isprintable():
                 rid = uuid.uuid4().hex

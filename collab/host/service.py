@@ -6,8 +6,8 @@ Workers join whenever they start (`python -m collab.worker --aggregator tcp://HO
 launcher's ranks 1..N), leave, and join again; the service answers with the devices that are up.
 
 Images that arrive while the devices are busy go out together (`--max-batch`, default 8 images in one message per
-device; a request that finds none waiting goes out at once), and two such batches are in flight across the devices
-at a time; each is one request of the same dispatcher the batch evaluation uses. A request of B images (an Open
+device; a request that finds none waiting goes out at once), one such batch in flight across the devices at a
+time; each is one request of the same dispatcher the batch evaluation uses. A request of B images (an Open
 Inference Protocol tensor [B, C, S, S]) is one dispatcher request of its own.
 """
 import collections
