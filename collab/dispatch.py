@@ -61,7 +61,7 @@ class Request:
     """One image (or batch) in flight. After `wait()`: results {slot: (array, header)}, missing {slot: reason},
     times (perf_counter: submitted, sent, done) and nbytes by kind (payload; 'control' is the JSON headers)."""
 
-    def __init__(self, rid, payload, index, drive=None):
+    def __init__(self, rid, payload, index, drive=None, done=None):
         self.id, self.payload, self.index, self._drive = rid, payload, index, drive
         self.batch = int(payload.shape[0])
         self.send_to, self.expect = [], []
@@ -70,7 +70,7 @@ class Request:
         self.nbytes = collections.Counter()
         self.submitted = _now()
         self.sent = self.done_at = self.expires = None
-        self.done = threading.Event()
+        self.done = done or threading.Event()
 
     def complete(self):
         return all(i in self.results or i in self.missing for i in self.expect)
@@ -164,11 +164,12 @@ class Dispatcher:
 
     # -- called from any thread
 
-    def submit(self, payload, index=-1):
-        """Send `payload` (the encoded image batch, B×C×H×W) to the workers; returns the Request to wait() on."""
+    def submit(self, payload, index=-1, done=None):
+        """Send `payload` (the encoded image batch, B×C×H×W) to the workers; returns the Request to wait() on.
+        done: a threading.Event (or subclass) to set when it is answered, for a caller that waits otherwise."""
         if self.broken:
             raise CollabError(self.broken)
-        req = Request(next(self._ids), payload, index, None if self.thread else self._drive)
+        req = Request(next(self._ids), payload, index, None if self.thread else self._drive, done)
         self._call(lambda: self._start(req))
         return req
 

@@ -67,8 +67,8 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
     """The FastAPI application around `service`; `tokens` (bytes) when a --token-file is given."""
     max_body = int(args.max_body_mb * 1024 * 1024)
 
-    # a thread for each request in flight (inference blocks); a plain executor, a cheaper hop than anyio's to_thread
-    pool = concurrent.futures.ThreadPoolExecutor(args.max_inflight + 8, thread_name_prefix='http-infer')
+    # inference is awaited on the event loop; what takes long (a big image's decoding, a long JSON tensor) runs here
+    pool = concurrent.futures.ThreadPoolExecutor(args.max_inflight + 8, thread_name_prefix='http-work')
 
     async def blocking(fn, *a):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *a)
@@ -201,7 +201,7 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
     @app.post('/predict', openapi_extra=IMAGE_BODY, summary='Classify one PNG or JPEG image')
     async def predict(request: Request, topk: int | None = Query(None, ge=1, le=1000)):
         body = await image_of(request)
-        answer = await blocking(service.predict, body, topk)
+        answer = await service.predict(body, topk, blocking)
         request.scope['devit.devices'] = answer['devices']
         return JSONResponse(answer)  # (a dict returned would go through FastAPI's jsonable_encoder first)
 
@@ -244,7 +244,7 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
         req, tail = oip.parse_request(body, request.headers.get('inference-header-content-length'))
         if not service.ready():
             raise Refused(503, 'the ensemble cannot answer now: no device up (GET /health)')
-        answer, blob = await blocking(oip.infer_json, model, req, tail)
+        answer, blob = await oip.infer_json(model, req, tail, blocking)
         request.scope['devit.devices'] = answer['parameters']['devices']
         if not blob:
             return JSONResponse(answer)

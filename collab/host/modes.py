@@ -12,6 +12,7 @@
 `setup` builds what the batch evaluation (`run`) and the service (collab/host/service.py) share: the head, the
 dispatcher with its workers, the preprocessing. A client's `__call__(x, index)` is one request.
 """
+import asyncio
 import itertools
 import os
 import sys
@@ -188,6 +189,45 @@ class ImageSource:
 # ---------------------------------------------------------------------------------------------------------------
 # Clients
 
+class LoopEvent(threading.Event):
+    """A threading.Event that a coroutine of the running event loop can also await: `set` from any thread wakes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.loop = asyncio.get_running_loop()
+        self.future = self.loop.create_future()
+
+    def set(self):
+        super().set()
+        try:
+            if asyncio.get_running_loop() is self.loop:
+                return self._resolve()
+        except RuntimeError:  # (another thread, with no loop running)
+            pass
+        try:
+            self.loop.call_soon_threadsafe(self._resolve)
+        except RuntimeError:  # the loop has closed: nobody awaits it any more
+            pass
+
+    def clear(self):
+        super().clear()
+        if self.future.done():
+            self.future = self.loop.create_future()
+
+    def _resolve(self):
+        if not self.future.done():
+            self.future.set_result(None)
+
+    async def wait_async(self, timeout=None) -> bool:
+        """True once set, False after `timeout` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.future
+        except TimeoutError:
+            return self.is_set()
+        return True
+
+
 class CollabClient:
     """DeViT: the image to every device, tokens back, the ensemble head here. Thread-safe (the service calls it
     from one thread per HTTP request)."""
@@ -200,8 +240,23 @@ class CollabClient:
         self._lock = threading.Lock()
 
     def __call__(self, x, index: int) -> Reply:
-        payload = self.codec.encode(np.asarray(x, dtype=np.float32))
-        req = self.dispatcher.submit(payload, index)
+        return self.gather(self.submit(x, index), index)
+
+    async def acall(self, x, index: int) -> Reply:
+        """The same from a coroutine: the dispatcher's thread wakes the event loop itself (no thread in between)."""
+        done = LoopEvent()
+        req = self.submit(x, index, done)
+        timeout = self.dispatcher.timeout + 60
+        if not await done.wait_async(timeout):
+            raise CollabError(f'request {req.id} got no answer within {timeout:g} s (the dispatcher is stuck?) '
+                              f'{where(index)}')
+        return self.gather(req, index)
+
+    def submit(self, x, index: int, done=None):
+        return self.dispatcher.submit(self.codec.encode(np.asarray(x, dtype=np.float32)), index, done)
+
+    def gather(self, req, index: int) -> Reply:
+        """The ensemble's answer to a submitted request (waiting for it), the head run here."""
         try:
             req.wait(self.dispatcher.timeout + 60)
         except CollabError as err:

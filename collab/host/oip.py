@@ -97,12 +97,23 @@ class Model:
     def run(self, x: np.ndarray, outputs: list) -> tuple[list, dict]:
         """Infer B images; `outputs` [(name, classification K or 0)] (empty: both, as tensors). Returns
         ([(name, datatype, shape, numpy array)], the devices' part of the answer)."""
+        self.check_outputs(outputs)
+        return self.tensors(outputs, *self.service.infer(x))
+
+    async def run_async(self, x: np.ndarray, outputs: list) -> tuple[list, dict]:
+        """The same, awaited on the running event loop."""
+        self.check_outputs(outputs)
+        return self.tensors(outputs, *await self.service.infer_async(x))
+
+    @staticmethod
+    def check_outputs(outputs: list) -> None:
         for name, k in outputs:
             if name not in OUTPUTS:
                 raise Refused(400, f'no output {name!r}: the outputs are {", ".join(OUTPUTS)}')
             if k < 0:
                 raise Refused(400, f'classification must be a positive count, got {k}')
-        logits, reply, batch = self.service.infer(x)
+
+    def tensors(self, outputs: list, logits: np.ndarray, reply, batch: int) -> tuple[list, dict]:
         probs = softmax(logits.astype(np.float64)).astype(np.float32)
         tensors = []
         for name, k in outputs or [(o, 0) for o in OUTPUTS]:
@@ -163,8 +174,32 @@ def _params(obj) -> dict:
     return p
 
 
-def infer_json(model: Model, request: dict, tail: bytes) -> tuple[dict, bytes]:
-    """One REST infer: the answer's JSON header and its binary tail (empty when every output is JSON)."""
+async def infer_json(model: Model, request: dict, tail: bytes, offload) -> tuple[dict, bytes]:
+    """One REST infer: the answer's JSON header and its binary tail (empty when every output is JSON). An input in
+    JSON `data` is read by `await offload(fn, *args)` (a thread pool's: a long list takes a while), a binary one on
+    the event loop."""
+    x, asked, binary = infer_inputs(model, request, tail) if tail else await offload(infer_inputs, model, request, tail)
+    tensors, extra = await model.run_async(x, asked)
+    answer = {'model_name': model.name, 'model_version': VERSION, 'outputs': [], 'parameters': extra}
+    if 'id' in request and isinstance(request['id'], str):
+        answer['id'] = request['id']
+    blobs = []
+    for name, dtype, shape, values in tensors:
+        out = {'name': name, 'datatype': dtype, 'shape': shape}
+        if binary(name):
+            blob = bytes_tensor(values) if dtype == 'BYTES' else np.ascontiguousarray(values, '<f4').tobytes()
+            out['parameters'] = {'binary_data_size': len(blob)}
+            blobs.append(blob)
+        else:
+            out['data'] = [v.decode() for v in values.reshape(-1)] if dtype == 'BYTES' else \
+                [float(v) for v in values.reshape(-1)]
+        answer['outputs'].append(out)
+    return answer, b''.join(blobs)
+
+
+def infer_inputs(model: Model, request: dict, tail: bytes):
+    """A REST infer request read: (the images, the outputs asked [(name, classification K)], whether an output is
+    answered binary: a function of its name)."""
     inputs = request.get('inputs')
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise Refused(400, f'the request must hold one input, {INPUT!r}')
@@ -195,19 +230,4 @@ def infer_json(model: Model, request: dict, tail: bytes) -> tuple[dict, bytes]:
                 raise Refused(400, f'classification must be an integer, got {k!r}')
             asked.append((o.get('name'), k))
             binary[o.get('name')] = bool(p.get('binary_data', binary_all))
-    tensors, extra = model.run(x, asked)
-    answer = {'model_name': model.name, 'model_version': VERSION, 'outputs': [], 'parameters': extra}
-    if 'id' in request and isinstance(request['id'], str):
-        answer['id'] = request['id']
-    blobs = []
-    for name, dtype, shape, values in tensors:
-        out = {'name': name, 'datatype': dtype, 'shape': shape}
-        if binary.get(name, binary_all):
-            blob = bytes_tensor(values) if dtype == 'BYTES' else np.ascontiguousarray(values, '<f4').tobytes()
-            out['parameters'] = {'binary_data_size': len(blob)}
-            blobs.append(blob)
-        else:
-            out['data'] = [v.decode() for v in values.reshape(-1)] if dtype == 'BYTES' else \
-                [float(v) for v in values.reshape(-1)]
-        answer['outputs'].append(out)
-    return answer, b''.join(blobs)
+    return x, asked, lambda name: binary.get(name, binary_all)

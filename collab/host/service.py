@@ -11,6 +11,7 @@ time; each is one request of the same dispatcher the batch evaluation uses. A re
 Inference Protocol tensor [B, C, S, S]) is one dispatcher request of its own.
 """
 import collections
+import contextlib
 import io
 import os
 import sys
@@ -22,9 +23,10 @@ import numpy as np
 from fileio import DatasetError
 
 from ..dispatch import CollabError
-from .modes import Preprocess, class_names_for, setup_collab
+from .modes import LoopEvent, Preprocess, class_names_for, setup_collab
 
 FORMATS = ('PNG', 'JPEG')
+INLINE_PIXELS = 65536  # an image of at most this many pixels is decoded on the event loop
 
 
 class Refused(Exception):
@@ -54,7 +56,8 @@ class Batcher:
     The callers run the batches themselves (no thread of the batcher's own, so no hop to one and back): a caller
     that finds a lane free takes the next batch, sends it, and hands out the rows; a caller whose job is waiting
     for a lane sleeps until its job is answered or, when a lane frees up while jobs still wait, is woken to run the
-    next batch."""
+    next batch. A caller is a thread (`batcher(x, index)`, the gRPC front end's) or a coroutine of the event loop
+    (`await batcher.run(x, index)`, the HTTP front end's: no thread hop at all), in one queue."""
 
     LANES = 1  # (measured: with one batch in flight the next grows, fewer messages per image: 1.1x the rate of 2)
 
@@ -66,19 +69,58 @@ class Batcher:
 
     def __call__(self, x: np.ndarray, index: int):
         """(the batch's Reply, this job's first row in it, the batch size) for B×C×H×W images."""
-        job = {'x': x, 'index': index, 'finished': False, 'wake': threading.Event()}
-        with self._lock:
-            self.waiting.append(job)
+        job = self._queue(x, index, threading.Event())
         while not job['finished']:
             jobs = self._take()
             if jobs is None:
                 job['wake'].wait()
                 job['wake'].clear()  # (then the state is looked at again: a wake-up in between is not lost)
             else:
-                self._run(jobs)
+                x = self._stack(jobs)
+                try:
+                    reply = self.client(x, jobs[0]['index'])
+                except Exception as err:  # CollabError, or a bug: every caller of the batch gets it
+                    self._release(jobs, x, error=err)
+                else:
+                    self._release(jobs, x, reply)
+        return self._answer(job)
+
+    async def run(self, x: np.ndarray, index: int):
+        """The same, awaited on the running event loop."""
+        job = self._queue(x, index, LoopEvent())
+        while not job['finished']:
+            jobs = self._take()
+            if jobs is None:
+                await job['wake'].wait_async()
+                job['wake'].clear()
+            else:
+                x = self._stack(jobs)
+                try:
+                    reply = await self.client.acall(x, jobs[0]['index'])
+                except Exception as err:
+                    self._release(jobs, x, error=err)
+                except BaseException:  # cancelled: the lane is freed all the same, and the batch's callers told
+                    self._release(jobs, x, error=CollabError('the request was cancelled'))
+                    raise
+                else:
+                    self._release(jobs, x, reply)
+        return self._answer(job)
+
+    def _queue(self, x, index, wake) -> dict:
+        job = {'x': x, 'index': index, 'finished': False, 'wake': wake}
+        with self._lock:
+            self.waiting.append(job)
+        return job
+
+    @staticmethod
+    def _answer(job):
         if 'error' in job:
             raise job['error']
         return job['reply'], job['row'], job['size']
+
+    @staticmethod
+    def _stack(jobs: list) -> np.ndarray:
+        return jobs[0]['x'] if len(jobs) == 1 else np.concatenate([j['x'] for j in jobs])
 
     def _take(self):
         """The next batch, taken from the waiting jobs, or None (every lane busy, or nothing waits)."""
@@ -93,26 +135,23 @@ class Batcher:
                 n += len(jobs[-1]['x'])
             return jobs
 
-    def _run(self, jobs: list) -> None:
-        try:
-            x = jobs[0]['x'] if len(jobs) == 1 else np.concatenate([j['x'] for j in jobs])
-            reply = self.client(x, jobs[0]['index'])
-            row = 0
-            for j in jobs:
+    def _release(self, jobs: list, x: np.ndarray, reply=None, error=None) -> None:
+        """Every job of a batch answered (its rows of `reply`, or `error`), and the lane freed."""
+        row = 0
+        for j in jobs:
+            if error is None:
                 j.update(reply=reply, row=row, size=len(x))
                 row += len(j['x'])
-        except Exception as err:  # CollabError, or a bug: every caller of the batch gets it
-            for j in jobs:
-                j['error'] = err
-        finally:
-            with self._lock:
-                self.running -= 1
-                head = self.waiting[0] if self.waiting else None
-            for j in jobs:
-                j['finished'] = True
-                j['wake'].set()
-            if head is not None:
-                head['wake'].set()  # a lane is free and jobs wait: the oldest one's caller runs the next batch
+            else:
+                j['error'] = error
+        with self._lock:
+            self.running -= 1
+            head = self.waiting[0] if self.waiting else None
+        for j in jobs:
+            j['finished'] = True
+            j['wake'].set()
+        if head is not None:
+            head['wake'].set()  # a lane is free and jobs wait: the oldest one's caller runs the next batch
 
 
 class Service:
@@ -159,8 +198,9 @@ class Service:
 
     # -- input ----------------------------------------------------------------------------------------------------
 
-    def check_header(self, data: bytes) -> None:
-        """Refuse (413/400) an image by its header alone: its format and its pixel count, before decoding."""
+    def check_header(self, data: bytes) -> int:
+        """Refuse (413/400) an image by its header alone: its format and its pixel count, before decoding. Returns
+        the pixel count."""
         from PIL import Image, UnidentifiedImageError
 
         if not data:
@@ -176,11 +216,12 @@ class Service:
         if w * h > self.max_pixels:
             raise Refused(413, f'the image is {w}x{h} = {w * h} pixels; at most {self.max_pixels} are taken '
                                '(--max-pixels)')
+        return w * h
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """A PNG or JPEG file -> 1×C×S×S normalised float32 (the dataset's evaluation transform)."""
-        self.check_header(data)
-        with self.decoding:
+    def decode(self, data: bytes, bounded: bool = True) -> np.ndarray:
+        """An image file whose header passed `check_header` -> 1×C×S×S normalised float32 (the dataset's evaluation
+        transform). bounded: one of --decode-concurrency decodes at a time."""
+        with self.decoding if bounded else contextlib.nullcontext():
             try:
                 x = self.preprocess.bytes(data, max_pixels=self.max_pixels)
             except DatasetError as err:
@@ -196,32 +237,50 @@ class Service:
     def infer(self, x: np.ndarray, index: int | None = None):
         """B×C×S×S normalised float32 -> (logits B×K float32, the batch's Reply, batch size). Refused(503)
         when the ensemble cannot answer."""
-        index = self.next_id() if index is None else index
+        x = np.ascontiguousarray(x, dtype=np.float32)
         try:
-            reply, row, batch = self.batcher(np.ascontiguousarray(x, dtype=np.float32), index)
+            got = self.batcher(x, self.next_id() if index is None else index)
         except CollabError as err:
-            self._count('unavailable')
-            raise Refused(503, str(err)) from None
+            raise self._unavailable(str(err)) from None
+        return self._logits(len(x), *got)
+
+    async def infer_async(self, x: np.ndarray, index: int | None = None):
+        """The same, awaited on the running event loop (the HTTP front end's)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        try:
+            got = await self.batcher.run(x, self.next_id() if index is None else index)
+        except CollabError as err:
+            raise self._unavailable(str(err)) from None
+        return self._logits(len(x), *got)
+
+    def _unavailable(self, why: str) -> Refused:
+        self._count('unavailable')
+        return Refused(503, why)
+
+    def _logits(self, n: int, reply, row: int, batch: int):
         if self.on_reply is not None:
             self.on_reply(reply, batch)
-        logits = np.asarray(reply.logits[row:row + len(x)], dtype=np.float32)
+        logits = np.asarray(reply.logits[row:row + n], dtype=np.float32)
         if not np.isfinite(logits).all():
-            self._count('unavailable')
-            raise Refused(503, 'the ensemble produced a non-finite logit')
+            raise self._unavailable('the ensemble produced a non-finite logit')
         self._count('answered')
         return logits, reply, batch
 
-    def predict(self, body: bytes, topk: int | None = None) -> dict:
-        """POST /predict's answer for one image file."""
+    async def predict(self, body: bytes, topk: int | None, offload) -> dict:
+        """POST /predict's answer for one image file. An image of at most INLINE_PIXELS is decoded on the event loop
+        (quicker than a hop to a thread); a bigger one by `await offload(fn, *args)` (a thread pool's)."""
         t0 = time.perf_counter()
         index = self.next_id()
         try:
-            x = self.decode(body)
+            if self.check_header(body) <= INLINE_PIXELS:
+                x = self.decode(body, bounded=False)
+            else:
+                x = await offload(self.decode, body)
         except Refused:
             self._count('bad_request')
             raise
         t1 = time.perf_counter()
-        logits, reply, batch = self.infer(x, index)
+        logits, reply, batch = await self.infer_async(x, index)
         probs = softmax(logits[0].astype(np.float64))
         k = max(1, min(topk or self.topk, len(probs)))
         top = np.argsort(-probs)[:k]
