@@ -79,6 +79,7 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
         pool.shutdown(wait=False)
 
     app = FastAPI(title='DeViT collaborative inference', version='1', lifespan=lifespan,
+                  telemetry={'tracing': False, 'metrics': False, 'logs': False},  # (its own metrics and log lines)
                   description='The ensemble of the devices as an Open Inference Protocol model, and /predict.')
     state = {'inflight': 0, 'requests': 0}
 
@@ -198,12 +199,29 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
             body = await part.read()
         return body
 
+    # (the routes are matched in turn: the two that carry the traffic first)
     @app.post('/predict', openapi_extra=IMAGE_BODY, summary='Classify one PNG or JPEG image')
     async def predict(request: Request, topk: int | None = Query(None, ge=1, le=1000)):
         body = await image_of(request)
         answer = await service.predict(body, topk, blocking)
         request.scope['devit.devices'] = answer['devices']
         return JSONResponse(answer)  # (a dict returned would go through FastAPI's jsonable_encoder first)
+
+    @app.post('/v2/models/{name}/infer', openapi_extra=INFER_BODY, summary='OIP: infer')
+    @app.post('/v2/models/{name}/versions/{version}/infer', openapi_extra=INFER_BODY, summary='OIP: infer')
+    async def infer(request: Request, name: str, version: str | None = None):
+        model.check(name, version)
+        body = await body_of(request)
+        req, tail = oip.parse_request(body, request.headers.get('inference-header-content-length'))
+        if not service.ready():
+            raise Refused(503, 'the ensemble cannot answer now: no device up (GET /health)')
+        answer, blob = await oip.infer_json(model, req, tail, blocking)
+        request.scope['devit.devices'] = answer['parameters']['devices']
+        if not blob:
+            return JSONResponse(answer)
+        head = json.dumps(answer).encode()
+        return Response(head + blob, media_type='application/octet-stream',
+                        headers={'Inference-Header-Content-Length': str(len(head))})
 
     @app.get('/health', summary='The devices and whether the ensemble can answer (503 when not)')
     async def health(request: Request):
@@ -235,22 +253,6 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
         model.check(name, version)
         ok = service.ready()
         return JSONResponse({'name': name, 'ready': ok}, 200 if ok else 503)
-
-    @app.post('/v2/models/{name}/infer', openapi_extra=INFER_BODY, summary='OIP: infer')
-    @app.post('/v2/models/{name}/versions/{version}/infer', openapi_extra=INFER_BODY, summary='OIP: infer')
-    async def infer(request: Request, name: str, version: str | None = None):
-        model.check(name, version)
-        body = await body_of(request)
-        req, tail = oip.parse_request(body, request.headers.get('inference-header-content-length'))
-        if not service.ready():
-            raise Refused(503, 'the ensemble cannot answer now: no device up (GET /health)')
-        answer, blob = await oip.infer_json(model, req, tail, blocking)
-        request.scope['devit.devices'] = answer['parameters']['devices']
-        if not blob:
-            return JSONResponse(answer)
-        head = json.dumps(answer).encode()
-        return Response(head + blob, media_type='application/octet-stream',
-                        headers={'Inference-Header-Content-Length': str(len(head))})
 
     @app.get('/metrics', summary='Prometheus metrics')
     async def prometheus():
