@@ -6,6 +6,7 @@ collab.worker`, the command a board runs, with the onnxruntime backend), on a ti
 Fashion-MNIST test images sent as PNG files. Every process is started in a session of its own and killed at the
 end whatever happens.
 """
+import collections
 import contextlib
 import http.client
 import json
@@ -530,13 +531,16 @@ def test_the_http_socket_hands_asyncio_connections_it_sets_tcp_nodelay_on():
 
 
 def test_the_batcher_answers_every_caller_with_its_own_rows_and_keeps_to_its_lanes():
-    """24 threads, 40 jobs each of 1-3 images, against a client that takes a little while: each caller gets its own
-    images back (the rows of its job in the batch), batches hold at most max_batch images unless a job is bigger,
-    at most LANES batches run at once, and some batches do hold several jobs."""
+    """16 threads and 16 coroutines of one event loop, 40 jobs each of 1-3 images, against a client that takes a
+    little while (its answer to a coroutine set from another thread, as the dispatcher's thread does): each caller
+    gets its own images back (the rows of its job in the batch), batches hold at most max_batch images unless a
+    job is bigger, at most LANES batches run at once, and some batches do hold several jobs."""
+    import asyncio
     import random
 
     import numpy as np
 
+    from collab.host.modes import LoopEvent
     from collab.host.service import Batcher
 
     running, most, sizes, lock = [0], [0], [], threading.Lock()
@@ -545,30 +549,62 @@ def test_the_batcher_answers_every_caller_with_its_own_rows_and_keeps_to_its_lan
         def __init__(self, x):
             self.logits = x
 
-    def client(x, index):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-            sizes.append(len(x))
-        time.sleep(random.uniform(0, 0.003))
-        with lock:
-            running[0] -= 1
-        if index == -7:
-            raise RuntimeError('this batch failed')
-        return Reply(x.copy())
+    class Client:
+        def __call__(self, x, index):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                sizes.append(len(x))
+            time.sleep(random.uniform(0, 0.003))
+            with lock:
+                running[0] -= 1
+            if index == -7:
+                raise RuntimeError('this batch failed')
+            return Reply(x.copy())
 
-    batcher = Batcher(client, max_batch=4)
-    errors = []
+        async def acall(self, x, index):
+            done, out = LoopEvent(), {}
+
+            def work():
+                try:
+                    out['reply'] = self(x, index)
+                except RuntimeError as err:
+                    out['error'] = err
+                done.set()
+            threading.Thread(target=work).start()
+            assert await done.wait_async(30)
+            if 'error' in out:
+                raise out['error']
+            return out['reply']
+
+    batcher = Batcher(Client(), max_batch=4)
+    errors, answered = [], collections.Counter()
+
+    def check(t, k, x, reply, row, size):
+        answered[t] += 1
+        got = reply.logits[row:row + len(x)]
+        if not (got == x).all() or size != len(reply.logits):
+            errors.append((t, k, got.ravel().tolist(), x.ravel().tolist()))
+
+    def job(t, k, rng):
+        return np.full((rng.randint(1, 3), 1), t * 1000 + k, np.float32)
 
     def caller(t):
         rng = random.Random(t)
         for k in range(40):
-            x = np.full((rng.randint(1, 3), 1), t * 1000 + k, np.float32)
-            reply, row, size = batcher(x, t)
-            got = reply.logits[row:row + len(x)]
-            if not (got == x).all() or size != len(reply.logits):
-                errors.append((t, k, got.ravel().tolist(), x.ravel().tolist()))
-    threads = [threading.Thread(target=caller, args=(t,)) for t in range(24)]
+            x = job(t, k, rng)
+            check(t, k, x, *batcher(x, t))
+
+    async def coroutine(t):
+        rng = random.Random(t)
+        for k in range(40):
+            x = job(t, k, rng)
+            check(t, k, x, *await batcher.run(x, t))
+
+    async def coroutines():
+        await asyncio.wait_for(asyncio.gather(*(coroutine(t) for t in range(16, 32))), 120)
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(16)]
+    threads.append(threading.Thread(target=asyncio.run, args=(coroutines(),)))
     for t in threads:
         t.start()
     for t in threads:
@@ -576,7 +612,10 @@ def test_the_batcher_answers_every_caller_with_its_own_rows_and_keeps_to_its_lan
     assert not any(t.is_alive() for t in threads), 'a caller never got its answer'
     assert not errors, errors[:3]
     assert most[0] <= Batcher.LANES
-    assert max(sizes) <= 4 and sum(sizes) > 0 and len(sizes) < 24 * 40  # some batches held several jobs
+    assert max(sizes) <= 4 and sum(sizes) > 0 and len(sizes) < 32 * 40  # some batches held several jobs
+    assert answered == dict.fromkeys(range(32), 40) and not batcher.waiting and batcher.running == 0
+    with pytest.raises(RuntimeError, match='this batch failed'):
+        asyncio.run(batcher.run(np.zeros((1, 1), np.float32), -7))
     with pytest.raises(RuntimeError, match='this batch failed'):
         batcher(np.zeros((1, 1), np.float32), -7)
     reply, row, size = batcher(np.ones((6, 1), np.float32), 0)  # bigger than max_batch: alone

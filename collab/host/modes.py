@@ -229,8 +229,8 @@ class LoopEvent(threading.Event):
 
 
 class CollabClient:
-    """DeViT: the image to every device, tokens back, the ensemble head here. Thread-safe (the service calls it
-    from one thread per HTTP request)."""
+    """DeViT: the image to every device, tokens back, the ensemble head here. Thread-safe (the gRPC front end
+    calls it from its threads); `acall` for a coroutine (the HTTP front end's)."""
 
     def __init__(self, dispatcher: Dispatcher, spec: HeadSpec, codec: wire.ImageCodec):
         self.dispatcher, self.spec, self.codec = dispatcher, spec, codec
