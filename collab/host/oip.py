@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 
-from .service import Refused, Service, softmax
+from .service import INLINE_BYTES, Refused, Service, softmax
 
 VERSION = '1'
 INPUT = 'image'
@@ -175,10 +175,12 @@ def _params(obj) -> dict:
 
 
 async def infer_json(model: Model, request: dict, tail: bytes, offload) -> tuple[dict, bytes]:
-    """One REST infer: the answer's JSON header and its binary tail (empty when every output is JSON). An input in
-    JSON `data` is read by `await offload(fn, *args)` (a thread pool's: a long list takes a while), a binary one on
-    the event loop."""
-    x, asked, binary = infer_inputs(model, request, tail) if tail else await offload(infer_inputs, model, request, tail)
+    """One REST infer: the answer's JSON header and its binary tail (empty when every output is JSON). A binary
+    input of at most INLINE_BYTES is read (checked, normalised) on the event loop; a bigger one, or one in JSON
+    `data` (a long list takes a while), by `await offload(fn, *args)` (a thread pool's)."""
+    inline = 0 < len(tail) <= INLINE_BYTES
+    x, asked, binary = (infer_inputs(model, request, tail) if inline
+                        else await offload(infer_inputs, model, request, tail))
     tensors, extra = await model.run_async(x, asked)
     answer = {'model_name': model.name, 'model_version': VERSION, 'outputs': [], 'parameters': extra}
     if 'id' in request and isinstance(request['id'], str):

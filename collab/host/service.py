@@ -27,6 +27,7 @@ from .modes import LoopEvent, Preprocess, class_names_for, setup_collab
 
 FORMATS = ('PNG', 'JPEG')
 INLINE_PIXELS = 65536  # an image of at most this many pixels is decoded on the event loop
+INLINE_BYTES = 4 * INLINE_PIXELS  # and a binary tensor of at most this many bytes read there (a 224x224 RGB uint8 one)
 
 
 class Refused(Exception):
