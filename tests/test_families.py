@@ -257,6 +257,7 @@ def family_runs(tmp_path_factory, fmnist_root):
     return out
 
 
+@pytest.mark.slow  # (the family runs: two launcher chains, about a minute)
 @pytest.mark.parametrize('family', list(FAMILY))
 def test_family_stages(family_runs, family):
     student, _, _, t_kw, _ = FAMILY[family]
@@ -273,6 +274,7 @@ def test_family_stages(family_runs, family):
     assert ens(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_mixed_family_stage3_with_distilled_teacher(family_runs, fmnist_root):
     """Stage 3 of one `devit` and one `decct` student against a DeiT teacher (cls + dist tokens)."""
     mixed = family_runs / 'mixed2'

@@ -97,6 +97,7 @@ def test_truncated_image_stops_training_naming_the_file(truncated, tmp_path):
     assert not list(out.rglob('*.pth'))
 
 
+@pytest.mark.slow
 def test_skip_bad_images_logs_counts_and_trains(truncated, tmp_path):
     split, bad = truncated
     out = tmp_path / 'out'

@@ -300,6 +300,7 @@ def tiny_profile(name, speed):
                    model_kwargs=TINY_KW, params=tiny_params)
 
 
+@pytest.mark.slow
 def test_distill_follows_the_plan_and_the_ensemble_takes_unlike_students(tmp_path, fmnist_root):
     paths = write(tmp_path, [tiny_profile('fast', 1.0), tiny_profile('slow', 0.25)])
     plan_path = tmp_path / 'plan.json'
