@@ -326,8 +326,9 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
     HTTP stack (uvicorn, FastAPI, the Open Inference Protocol, the batcher), the same image sent straight through the
     dispatcher in this process (CollabClient: the workers and the head, no HTTP), and POST /predict of its PNG. The
     HTTP stack runs in this process on a thread of its own, around the same Service, built as collab_infer.py --serve
-    builds it. scale 'demo': real Fashion-MNIST test images; 'paper': random 224x224 RGB pixels (and their PNGs)."""
-    import tritonclient.http as httpclient
+    builds it; the HTTP calls come from a client process of their own (`http_caller`), as an application's do (a client
+    thread in the server's process would share its interpreter lock, and its waits would count as the server's).
+    scale 'demo': real Fashion-MNIST test images; 'paper': random 224x224 RGB pixels (and their PNGs)."""
     from PIL import Image
 
     from collab.host import infer as flags
@@ -372,25 +373,37 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
             rng = np.random.default_rng(0)
             pixels = [rng.integers(0, 256, (1, core.chans, core.size, core.size), dtype=np.uint8) for _ in range(4)]
             bodies = [png(px[0].transpose(1, 2, 0)) for px in pixels]
-        tc = httpclient.InferenceServerClient(f'127.0.0.1:{sock.getsockname()[1]}')
-        url = f'http://127.0.0.1:{sock.getsockname()[1]}'
+        images = os.path.join(folder, f'overhead-{scale}-images')
+        os.makedirs(images, exist_ok=True)
+        for i, (px, body) in enumerate(zip(pixels, bodies)):
+            np.save(os.path.join(images, f'{i}.npy'), px)
+            with open(os.path.join(images, f'{i}.png'), 'wb') as f:
+                f.write(body)
+        caller = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--client',
+                                   f'127.0.0.1:{sock.getsockname()[1]}', '--images', images], cwd=ROOT, env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def ask(what, k):
+            caller.stdin.write(f'{what} {k}\n')
+            caller.stdin.flush()
+            line = caller.stdout.readline()
+            if not line:
+                raise RuntimeError(f'the HTTP client process ended (exit code {caller.wait()})')
+            return float(line)
         times = {'oip_binary': [], 'dispatcher': [], 'predict': []}
-        with client.Client(url) as c:
+        try:
             for k in range(requests + 10):
-                px = pixels[k % len(pixels)]
-                inp = httpclient.InferInput('image', list(px.shape), 'UINT8')
+                oip_ms = ask('oip', k)
                 t0 = time.perf_counter()
-                inp.set_data_from_numpy(px, binary_data=True)
-                tc.infer('devit', [inp], outputs=[httpclient.InferRequestedOutput('logits', binary_data=True)])
-                t1 = time.perf_counter()
-                core.client(core.normalise(px), k)
-                t2 = time.perf_counter()
-                c.predict(bodies[k % len(bodies)])
-                t3 = time.perf_counter()
+                core.client(core.normalise(pixels[k % len(pixels)]), k)
+                dispatcher_ms = (time.perf_counter() - t0) * 1e3
+                predict_ms = ask('predict', k)
                 if k >= 10:
-                    for key, dt in (('oip_binary', t1 - t0), ('dispatcher', t2 - t1), ('predict', t3 - t2)):
-                        times[key].append(dt * 1e3)
-        tc.close()
+                    for key, ms in (('oip_binary', oip_ms), ('dispatcher', dispatcher_ms), ('predict', predict_ms)):
+                        times[key].append(ms)
+        finally:
+            caller.stdin.close()
+            caller.wait(30)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -404,6 +417,36 @@ def overhead(folder, model_path, data, backend='onnxruntime', requests=200, dead
     if verbose:
         print('  one image, p50: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in p50.items()), flush=True)
     return {'p50_ms': p50, 'requests': requests, 'workers': N, 'backend': backend, 'scale': scale}
+
+
+def http_caller(url, images):
+    """The HTTP side of `overhead`: reads `oip K` or `predict K` lines, sends image K % n of the folder `images`
+    (K.npy pixels, K.png the same image as a PNG file) as a tritonclient binary infer or a POST /predict, and writes
+    the milliseconds the call took."""
+    import tritonclient.http as httpclient
+
+    n = len([name for name in os.listdir(images) if name.endswith('.npy')])
+    pixels = [np.load(os.path.join(images, f'{i}.npy')) for i in range(n)]
+    bodies = []
+    for i in range(n):
+        with open(os.path.join(images, f'{i}.png'), 'rb') as f:
+            bodies.append(f.read())
+    tc = httpclient.InferenceServerClient(url)
+    out = [httpclient.InferRequestedOutput('logits', binary_data=True)]
+    with client.Client(f'http://{url}') as c:
+        for line in sys.stdin:
+            what, k = line.split()
+            i = int(k) % n
+            t0 = time.perf_counter()
+            if what == 'oip':
+                inp = httpclient.InferInput('image', list(pixels[i].shape), 'UINT8')
+                inp.set_data_from_numpy(pixels[i], binary_data=True)
+                tc.infer('devit', [inp], outputs=out)
+            else:
+                c.predict(bodies[i])
+            print((time.perf_counter() - t0) * 1e3, flush=True)
+    tc.close()
+    return 0
 
 
 def paper_model(workdir, backend):
@@ -506,7 +549,11 @@ def main(argv=None):
     p.add_argument('--backend', default='onnxruntime', choices=['onnxruntime', 'torch'],
                    help="the workers' (and the head's) backend: onnxruntime, as on a board (default), or torch")
     p.add_argument('--json', default=None)
+    p.add_argument('--client', metavar='HOST:PORT', help=argparse.SUPPRESS)  # (overhead's client process)
+    p.add_argument('--images', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.client:
+        return http_caller(args.client, args.images)
     results = bench(args.quick, args.model_path, args.data_path, args.backend)
     from bench.common import finish
 
