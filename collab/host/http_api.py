@@ -61,7 +61,7 @@ INFER_BODY = {'requestBody': {'required': True, 'content': {
 
 def path_parameters(*names: str) -> dict:
     """The OpenAPI description of a route's path parameters, for the routes that read them from the request's
-    path_params themselves (FastAPI's parameter solving is a fifth of a small request's cost in the application)."""
+    path_params themselves (FastAPI's solving of parameters costs about 50 µs a request)."""
     return {'parameters': [{'name': n, 'in': 'path', 'required': True, 'schema': {'type': 'string'}} for n in names]}
 
 
