@@ -38,6 +38,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -73,10 +74,37 @@ def write_rgb_folder(root, num_classes=10, n_train=24, n_val=6, size=32, seed=0)
     return str(root)
 
 
+_GIVEN_PORTS = set()
+
+
+def _ephemeral_low():
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) may be handed again to any outgoing connection (gloo's, another test
+    suite's) between this call and the server's bind; one below that range is only ever taken by an explicit bind.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, low) if low > 21000 else rng.randrange(low // 2, low)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError('no free loopback port found below the ephemeral range')
 
 
 def env():
