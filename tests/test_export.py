@@ -191,6 +191,7 @@ def _agreement(a, b):
     return sum(p == q for p, q in zip(a['preds'], b['preds'], strict=True)) / LIMIT
 
 
+@pytest.mark.slow  # five served runs of 2,000 images: with the slow cases, which CI runs beside the rest
 def test_runtime_on_the_export_predicts_as_on_the_checkpoint(served, capsys):
     """collab_infer.py --backend onnxruntime --model-path EXPORT gives --backend torch's predictions on >= 99.9% of
     the test images: plain, and with --dropout-tolerant --fp16-tokens while device 0 leaves half-way."""
@@ -213,6 +214,7 @@ def test_runtime_on_the_export_predicts_as_on_the_checkpoint(served, capsys):
     assert served['torch_dropout']['preds'][DROP_AT:] != served['torch']['preds'][DROP_AT:]
 
 
+@pytest.mark.slow  # five served runs of 2,000 images: with the slow cases, which CI runs beside the rest
 def test_runtime_runs_the_fp16_graphs(served, trained, capsys):
     """--fp16-model: the workers and the head run device{i}.fp16.onnx and head.fp16.onnx."""
     half = served['onnxruntime_fp16']
