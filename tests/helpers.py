@@ -74,15 +74,18 @@ def write_rgb_folder(root, num_classes=10, n_train=24, n_val=6, size=32, seed=0)
     return str(root)
 
 
-_GIVEN_PORTS = set()
-
-
-def _ephemeral_low():
+def _unassigned_ports():
+    """The ports below the range the kernel hands out (bind to 0, outgoing connections)."""
     try:
         with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
-            return int(f.read().split()[0])
+            low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return 32768
+        low = 32768
+    return range(min(20000, low // 2), low)
+
+
+_PORTS = _unassigned_ports()
+_GIVEN_PORTS = set()
 
 
 def free_port():
@@ -91,10 +94,9 @@ def free_port():
     A port the kernel hands out (bind to 0) may be handed again to any outgoing connection (gloo's, another test
     suite's) between this call and the server's bind; one below that range is only ever taken by an explicit bind.
     """
-    low = _ephemeral_low()
     rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(20000, low) if low > 21000 else rng.randrange(low // 2, low)
+        port = rng.choice(_PORTS)
         if port in _GIVEN_PORTS:
             continue
         with socket.socket() as s:
