@@ -3,8 +3,8 @@
     python bench/wire_bench.py [--quick]
 
 One aggregator (this process) and one worker (a child process), no compute: the image out, the tokens back, at the
-demo's sizes (28x28 uint8, 128 fp32 tokens) and the paper's (224x224x3 uint8, 384 tokens). Three ways, alternated
-in rounds over fresh workers so that all see the same load:
+demo's sizes (28x28 uint8, 128 fp32 tokens) and the paper's (224x224x3 uint8, 384 tokens). Each way has its own
+worker, all up at once and taking turns request by request, so that all see the same load:
 - raw: pyzmq ROUTER/DEALER, a literal JSON header frame + the buffer each way, the worker an echo loop;
 - wire: the aggregator's loop on collab.wire.pack/unpack (with every check of a received message), the worker
   collab.worker.Worker itself;
@@ -158,20 +158,27 @@ CASES = [('raw', False), ('raw', True), ('wire', False), ('dispatcher', False), 
 
 
 def bench(quick=False):
-    rounds, per_round, warmup = (2, 300, 30) if quick else (4, 1000, 100)
+    """p50 round trips of every case at both scales. All cases of a round are up at once and take turns request by
+    request (one request in flight at a time), so a drift of the machine's load between them does not show up as a
+    difference between cases; rounds start fresh processes."""
+    rounds, per_round, warmup = (2, 600, 50) if quick else (4, 1500, 100)
     out = {}
     with tempfile.TemporaryDirectory(prefix='devit-wire-') as tmp:
         keys.init(tmp, 1)
         for scale in ('demo', 'paper'):
             times = {case: [] for case in CASES}
             for _ in range(rounds):
-                for case in CASES:
-                    agg = Aggregator(case[0], scale, tmp if case[1] else None)
-                    try:
-                        for _ in range(warmup):
-                            agg.round_trip()
-                        times[case] += [agg.round_trip() for _ in range(per_round)]
-                    finally:
+                aggs = {}
+                try:
+                    for case in CASES:
+                        aggs[case] = Aggregator(case[0], scale, tmp if case[1] else None)
+                    for i in range(warmup + per_round):
+                        for case, agg in aggs.items():
+                            t = agg.round_trip()
+                            if i >= warmup:
+                                times[case].append(t)
+                finally:
+                    for agg in aggs.values():
                         agg.close()
             p50 = {f'{kind}{"_curve" if curve else ""}': statistics.median(t) for (kind, curve), t in times.items()}
             out[scale] = {'p50_us': p50, 'requests': rounds * per_round, 'rounds': rounds,

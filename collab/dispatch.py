@@ -320,7 +320,8 @@ class Dispatcher:
                     self._lose(s, 'closed the connection (process died?)')
 
     def _on_messages(self):
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        """Every message waiting on the socket (which the poller said is readable)."""
+        while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -329,6 +330,8 @@ class Dispatcher:
                 self._on_message(frames)
             except Exception as err:  # past every check and still wrong: dropped, never the end of the dispatcher
                 self._malformed(frames[0].bytes, f'{type(err).__name__}: {err}')
+            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _malformed(self, peer, why):
         self.stats['malformed'] += 1

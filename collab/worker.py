@@ -40,6 +40,7 @@ from .manifest import first_line
 JOIN_RESEND_S = 1.0
 FP16_MODEL_NEEDS = ('--fp16-model runs the half-precision graphs of an export (export_onnx.py --fp16): it needs '
                     '--backend onnxruntime')
+RUN_FIELDS = {'id': int, 'batch': int, 'index': int}  # (and one array: Worker._bad_run)
 WARMUP = -1  # the image index of warm-up requests (not counted by the fault hooks)
 
 
@@ -217,7 +218,8 @@ class Worker:
                     raise Stopped(header.get('reason', 'stop'))
 
     def _drain(self, sock):
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a zmq.Again raised at the end)
+        """The messages waiting on `sock` (which the poller said is readable), unpacked; malformed ones dropped."""
+        while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -226,6 +228,8 @@ class Worker:
                 yield wire.unpack(frames)
             except wire.ProtocolError as err:
                 self.warn_once('malformed', f'dropped a malformed message: {err}')
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a zmq.Again raised at the end)
+                return
 
     def _send(self, header, arrays=(), sock=None):
         try:
@@ -302,10 +306,10 @@ class Worker:
         """Why a `run` cannot be served (None: it can): an int id, a batch of 1..MAX_BATCH images, one array of
         the declared dtype and shape, finite."""
         try:
-            wire.check(header, {'id': int, 'batch': int, 'index': int})
+            wire.check(header, RUN_FIELDS)
             if not 1 <= header['batch'] <= wire.MAX_BATCH:
                 raise wire.ProtocolError(f'a batch of {header["batch"]} (1..{wire.MAX_BATCH} are served)')
-            wire.check(header, {}, arrays, dtype, (header['batch'],) + tuple(shape))
+            wire.check(header, {}, arrays, dtype, (header['batch'],) + shape)
         except wire.ProtocolError as err:
             return str(err)
         return None

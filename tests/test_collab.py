@@ -202,6 +202,49 @@ def test_wire_messages_round_trip_and_malformed_ones_are_refused():
         wire.unpack([b'{"type": "run", "arrays": [["|O", [1]]]}', b'12345678'])
 
 
+@pytest.mark.parametrize('dtype', ['<f2', '<f4'])
+def test_wire_check_refuses_every_non_finite_value(dtype):
+    """check's finiteness test (a dot product with zeros) against numpy's isfinite: finite values as large as the
+    dtype holds pass; a NaN or an infinity anywhere is refused."""
+    big = float(np.finfo(dtype).max)
+    for n in (1, 2, 7, 16, 33, 128, 385):
+        a = (np.random.default_rng(n).uniform(-1, 1, (1, n)) * big).astype(dtype)
+        a[0, -1] = big
+        header = {'type': 'result'}
+        wire.check(header, {}, [a], dtype, (1, n))
+        for pos in sorted({0, n // 2, n - 1}):
+            for bad in (np.nan, np.inf, -np.inf):
+                b = a.copy()
+                b[0, pos] = bad
+                with pytest.raises(wire.ProtocolError, match='NaN or infinite'):
+                    wire.check(header, {}, [b], dtype, (1, n))
+
+
+def test_wire_headers_parse_as_json_does():
+    """Compact headers take the scanner's fast path; whitespace, trailing bytes or an 'arrays' key in the header
+    given to pack behave as json.loads and pack always did."""
+    image = np.arange(4, dtype=np.uint8).reshape(1, 1, 2, 2)
+    frames = wire.pack({'type': 'run', 'arrays': 'ignored', 'id': 1}, [image])
+    header, arrays = wire.unpack(frames)
+    assert header == {'type': 'run', 'id': 1, 'arrays': [['|u1', [1, 1, 2, 2]]]} and np.array_equal(arrays[0], image)
+    assert wire.unpack([b' {"type": "bye"}\n'])[0] == {'type': 'bye'}
+    for bad in (b'{"type":"bye"}x', b'{"type":"bye"', b'', b'[1]'):
+        with pytest.raises(wire.ProtocolError):
+            wire.unpack([bad])
+
+
+@pytest.mark.parametrize('mean,std,shape', [([0.5], [0.5], (2, 1, 28, 28)), ([0.449], [0.226], (1, 3, 96, 96)),
+                                            ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], (1, 3, 8, 8))])
+def test_image_decode_is_the_normalisation(mean, std, shape):
+    """decode (a table lookup for a small gray image, arithmetic otherwise) gives the float32 values of
+    (pixel / 255 - mean) / std computed as the cast, multiply and add."""
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    m, s = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+    expected = pixels.astype(np.float32) * (1 / (255 * s)) + (-m / s)
+    out = wire.ImageCodec('uint8', mean, std).decode(pixels)
+    assert out.dtype == np.float32 and np.array_equal(out, expected)
+
+
 def test_worker_with_wrong_model_is_refused(ckpts):
     """What the aggregator checks in each worker's hello (the same check over real processes:
     tests/test_service.py::test_refused_join_says_why_on_both_sides)."""
