@@ -138,9 +138,12 @@ class Dispatcher:
         self._poller = zmq.Poller()
         for s in (self.sock, self.mon, self._wake_r):
             self._poller.register(s, zmq.POLLIN)
-        self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True) if threaded else None
-        if self.thread is not None:
-            self.thread.start()
+        self.caller_driven = not threaded
+        self.aloop = self._loop_thread = self._timer = None  # attached to an asyncio loop (`attach`)
+        self._handing_over = False
+        self.thread = None
+        if threaded:
+            self._start_thread()
 
     def _secure(self, keys_dir, num_slots):
         """CURVE server with a ZAP handler admitting the devices' keys in `keys_dir` (each as its own index)."""
@@ -169,7 +172,7 @@ class Dispatcher:
         done: a threading.Event (or subclass) to set when it is answered, for a caller that waits otherwise."""
         if self.broken:
             raise CollabError(self.broken)
-        req = Request(next(self._ids), payload, index, None if self.thread else self._drive, done)
+        req = Request(next(self._ids), payload, index, self._drive if self.caller_driven else None, done)
         self._call(lambda: self._start(req))
         return req
 
@@ -195,7 +198,7 @@ class Dispatcher:
                 self._pause(min(left, 0.5))
 
     def health(self):
-        if self.thread is None:
+        if self.caller_driven:
             self._step(0)  # caller-driven: what arrived since the last call first
         return [s.health() for s in self.slots]
 
@@ -211,6 +214,7 @@ class Dispatcher:
         if self._closing:
             return
         self._closing = True
+        self.aloop = None  # (an attached loop that is still running must not turn it any more)
         if self.thread is not None:
             self._wake()
             self.thread.join(5)
@@ -222,14 +226,25 @@ class Dispatcher:
         os.close(self._wake_w)
 
     def _call(self, fn):
-        if self.thread is None:
-            return fn()  # caller-driven: this is the thread that owns the socket
+        if self.caller_driven:
+            return fn()  # this is the thread that owns the socket
+        loop = self.aloop
+        if loop is not None and threading.get_ident() == self._loop_thread:
+            fn()  # a coroutine on the attached loop: no thread in between
+            return self._recheck()
         self._calls.put(fn)
-        self._wake()
+        loop = self.aloop  # (read after the put: a detach in between restarts the thread, which finds it queued)
+        if loop is None:
+            return self._wake()
+        try:
+            loop.call_soon_threadsafe(self._loop_turn)
+        except RuntimeError:  # the loop has closed without detaching: the dispatcher is closing
+            pass
 
     def _pause(self, seconds):
-        """Wait (holding `changed`) at most `seconds` for news: the I/O thread's, or caller-driven, the loop's."""
-        if self.thread is None:
+        """Wait (holding `changed`) at most `seconds` for news: the I/O thread's (or the attached loop's), or
+        caller-driven, the loop's."""
+        if self.caller_driven:
             self._step(max(0, int(seconds * 1e3)))
         else:
             self.changed.wait(seconds)
@@ -254,11 +269,65 @@ class Dispatcher:
         except OSError:
             pass
 
-    # -- the I/O thread
+    # -- the I/O thread, or an asyncio loop
+
+    def _start_thread(self):
+        self.thread = threading.Thread(target=self._loop, name='collab-dispatcher', daemon=True)
+        self.thread.start()
 
     def _loop(self):
-        while not self._closing and self._step(self._poll_ms()):
+        while not self._closing and not self._handing_over and self._step(self._poll_ms()):
             pass
+
+    def attach(self, loop):
+        """Hand the socket from the I/O thread to the running asyncio `loop` (call this on it): the loop's reader
+        callbacks turn the dispatcher from then on, so a coroutine's request costs no thread switch, to the I/O
+        thread or back; other threads' calls reach it through the loop. `detach` (on the loop, before it stops)
+        gives the socket back to a new I/O thread."""
+        if self.caller_driven or self.aloop is not None or self._closing:
+            return
+        self._handing_over = True
+        self._wake()
+        self.thread.join()
+        self._handing_over, self.thread = False, None
+        self._loop_thread = threading.get_ident()
+        self.aloop = loop
+        for s in (self.sock, self.mon):
+            loop.add_reader(s.getsockopt(zmq.FD), self._loop_turn)
+        self._loop_turn()  # what arrived, or was called, during the hand-over
+
+    def detach(self):
+        """The socket back to an I/O thread of its own (on the attached loop; nothing when not attached)."""
+        loop = self.aloop
+        if loop is None or self._closing:
+            return
+        for s in (self.sock, self.mon):
+            loop.remove_reader(s.getsockopt(zmq.FD))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.aloop = None
+        self._start_thread()  # (its first turn takes what was queued for the loop meanwhile)
+
+    def _loop_turn(self):
+        """One turn on the attached loop: a socket became readable, another thread called, or a deadline came."""
+        if self.aloop is not None and not self._closing and self._step(0):
+            self._recheck()
+
+    def _on_timer(self):
+        self._timer = None
+        self._loop_turn()
+
+    def _recheck(self):
+        """After the attached loop used the socket: ZeroMQ's file descriptor signals only changes, so what is
+        already waiting is looked at again now; and the next deadline gets a timer."""
+        loop = self.aloop
+        if loop is None:
+            return
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN or self.mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            loop.call_soon(self._loop_turn)
+        elif self.open and self._timer is None:
+            self._timer = loop.call_later(self._poll_ms() / 1e3, self._on_timer)
 
     def _step(self, timeout_ms):
         """One turn of the loop: wait up to `timeout_ms` for a socket, then handle what is ready. False once the

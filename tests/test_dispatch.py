@@ -1,6 +1,7 @@
 """The dispatcher's policies with workers in threads of this process (real ZeroMQ sockets on loopback, models that
 compute nothing): ids and late replies, deadlines and cancels, strict and dropout-tolerant answers, refusals,
 replacement. The same code with real processes: tests/test_collab.py and tests/test_service.py."""
+import asyncio
 import threading
 import time
 
@@ -36,14 +37,27 @@ class Model:
 
 
 class Fleet:
-    """A dispatcher and worker threads; everything stopped at the end."""
+    """A dispatcher and worker threads; everything stopped at the end. attached: the dispatcher's socket handed to
+    an asyncio loop running in a thread of its own (as the HTTP service has it), this test's calls reaching it from
+    another thread."""
 
-    def __init__(self, n, **kw):
+    def __init__(self, n, attached=False, **kw):
         self.port = free_port()
         self.lines = []
         self.d = dispatch.Dispatcher(n, lambda i: {'input': INPUT, 'token_width': WIDTH, 'model': {'model': 'm'}},
                                      SETTINGS, f'tcp://127.0.0.1:{self.port}', log=self.lines.append, **kw)
         self.threads, self.codes = [], []
+        self.loop = None
+        if attached:
+            self.loop = asyncio.new_event_loop()
+            self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+            self.loop_thread.start()
+            self.on_loop(self.d.attach, self.loop)
+
+    def on_loop(self, fn, *args):
+        async def call():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
 
     def add(self, model, index=None):
         w = worker.Worker(model, f'tcp://127.0.0.1:{self.port}', model.index if index is None else index,
@@ -73,19 +87,24 @@ class Fleet:
         return self.d.submit(np.zeros((1, 1, 4, 4), dtype=np.float32), k).wait(30)
 
     def close(self):
+        if self.loop is not None and self.loop.is_running():
+            self.on_loop(self.d.detach)  # (the workers' goodbyes go to the I/O thread again)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop_thread.join(10)
         self.d.stop_workers()
         for t in self.threads:
             t.join(10)
         self.d.close()
 
 
-@pytest.fixture(params=[True, False], ids=['threaded', 'caller-driven'])
+@pytest.fixture(params=['threaded', 'caller-driven', 'attached'])
 def fleet(request):
-    """Each policy twice: on the dispatcher's own I/O thread (the service) and caller-driven (the batch run)."""
+    """Each policy three times: on the dispatcher's own I/O thread (the gRPC service), caller-driven (the batch run)
+    and attached to an asyncio loop (the HTTP service)."""
     made = []
 
     def make(n, **kw):
-        made.append(Fleet(n, threaded=request.param, **kw))
+        made.append(Fleet(n, threaded=request.param != 'caller-driven', attached=request.param == 'attached', **kw))
         return made[-1]
     yield make
     for f in made:
@@ -176,3 +195,37 @@ def test_protocol_mismatch_is_refused(fleet):
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_coroutines_on_the_attached_loop_turn_the_dispatcher_themselves():
+    """Attached to an asyncio loop: a coroutine's request is sent from the loop's own thread and answered by its
+    reader callbacks (no I/O thread exists meanwhile); a deadline comes from the loop's timer; requests from another
+    thread go through the loop; after detach an I/O thread serves again."""
+    from collab.host.modes import LoopEvent
+
+    f = Fleet(2, attached=True, deadline_ms=300)
+    try:
+        f.up(Model(0), Model(1))
+        assert f.d.thread is None
+
+        async def ask(k):
+            done = LoopEvent()
+            req = f.d.submit(np.zeros((1, 1, 4, 4), dtype=np.float32), k, done)
+            assert await done.wait_async(10)
+            return req
+
+        async def many():
+            return await asyncio.gather(*(ask(k) for k in range(8)))
+        reqs = asyncio.run_coroutine_threadsafe(many(), f.loop).result(30)
+        assert all(sorted(r.results) == [0, 1] and not r.missing for r in reqs)
+        assert sorted(f.ask(9).results) == [0, 1]  # from this thread, through the loop
+        f.add(Model(1, delay=0.8))  # replaces device 1 with a slow worker
+        f.until(lambda: f.d.slots[1].joins == 2)
+        t0 = time.perf_counter()
+        slow = asyncio.run_coroutine_threadsafe(ask(10), f.loop).result(30)
+        assert slow.missing == {1: 'missed the 300 ms deadline'} and time.perf_counter() - t0 < 0.75
+        f.on_loop(f.d.detach)
+        assert f.d.thread is not None and f.d.thread.is_alive()
+        assert sorted(f.ask(11).results) == [0]  # (device 1 is late until its late reply comes)
+    finally:
+        f.close()

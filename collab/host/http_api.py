@@ -95,8 +95,12 @@ def build_app(service, model: oip.Model, metrics, args, tokens=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield
-        pool.shutdown(wait=False)
+        service.dispatcher.attach(asyncio.get_running_loop())  # requests turn the dispatcher on this loop
+        try:
+            yield
+        finally:
+            service.dispatcher.detach()  # (the gRPC front end and the workers' goodbyes still need it)
+            pool.shutdown(wait=False)
 
     app = FastAPI(title='DeViT collaborative inference', version='1', lifespan=lifespan,
                   telemetry={'tracing': False, 'metrics': False, 'logs': False},  # (its own metrics and log lines)
