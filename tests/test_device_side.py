@@ -24,7 +24,7 @@ from data_transforms import default_mean_std
 # one of the two lists.
 DEVICE_SIDE = ['collab/__init__.py', 'collab/wire.py', 'collab/worker.py', 'collab/backends.py', 'collab/manifest.py',
                'collab/sessions.py', 'collab/quota.py', 'collab/launcher.py', 'collab/client.py', 'collab/dispatch.py',
-               'collab/profiles.py', 'collab/keys.py', 'collab/slots.py', 'collab/logs.py']
+               'collab/profiles.py', 'collab/keys.py', 'collab/slots.py', 'collab/logs.py', 'collab/owner.py']
 AGGREGATOR_SIDE = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'collab', 'host', '*.py')))
 JETSON = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'jetson', '*.py'))) + ['fileio.py']
 HIDDEN = ('torch', 'timm', 'torchvision')
