@@ -140,12 +140,7 @@ class Dispatcher(SocketOwner):
         self._poller = zmq.Poller()
         for s in (self.sock, self.mon, self._wake_r):
             self._poller.register(s, zmq.POLLIN)
-        self.caller_driven = not threaded
-        self.aloop = self._loop_thread = self._timer = None  # attached to an asyncio loop (`attach`)
-        self._handing_over = False
-        self.thread = None
-        if threaded:
-            self._start_thread()
+        self._own(threaded)
 
     def _secure(self, keys_dir, num_slots):
         """CURVE server with a ZAP handler admitting the devices' keys in `keys_dir` (each as its own index)."""
@@ -290,17 +285,11 @@ class Dispatcher(SocketOwner):
 
     def _on_messages(self):
         """Every message waiting on the socket (which the poller said is readable)."""
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in wire.waiting(self.sock):
             try:
                 self._on_message(frames)
             except Exception as err:  # past every check and still wrong: dropped, never the end of the dispatcher
                 self._malformed(frames[0].bytes, f'{type(err).__name__}: {err}')
-            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
 
     def _malformed(self, peer, why):
         self.stats['malformed'] += 1

@@ -21,6 +21,15 @@ import zmq
 class SocketOwner:
     """The part of collab.dispatch.Dispatcher that decides which thread turns its loop (see the module's doc)."""
 
+    def _own(self, threaded):
+        """Start as the I/O thread's (threaded) or the caller's: once the socket, the poller and the wake pipe exist."""
+        self.caller_driven = not threaded
+        self.aloop = self._loop_thread = self._timer = None  # attached to an asyncio loop (`attach`)
+        self._handing_over = False
+        self.thread = None
+        if threaded:
+            self._start_thread()
+
     def _call(self, fn):
         if self.caller_driven:
             return fn()  # this is the thread that owns the socket

@@ -219,17 +219,11 @@ class Worker:
 
     def _drain(self, sock):
         """The messages waiting on `sock` (which the poller said is readable), unpacked; malformed ones dropped."""
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in wire.waiting(sock):
             try:
                 yield wire.unpack(frames)
             except wire.ProtocolError as err:
                 self.warn_once('malformed', f'dropped a malformed message: {err}')
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than a zmq.Again raised at the end)
-                return
 
     def _send(self, header, arrays=(), sock=None):
         try:
